@@ -1,0 +1,41 @@
+"""The few exception types users catch.
+
+Every error that bad input can cause (a wrong spec, a rule that matches
+nothing, an unreadable or untrusted model file) derives from
+:class:`UserInputError`; the CLI turns those into a message and exit code 2,
+never a traceback. Anything else is a bug (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class TnsurgeryError(Exception):
+    """Base class of every error raised on purpose by tnsurgery."""
+
+
+class UserInputError(TnsurgeryError):
+    """The input (spec, file, model, option) is wrong; the message says how to fix it."""
+
+
+class SpecError(UserInputError):
+    """A spec failed validation. ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        n = len(self.problems)
+        head = f"invalid spec{where}: {n} problem{'s' if n != 1 else ''}"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class MatchError(SpecError):
+    """A rule matched no module of the model (and did not set ``allow_empty``)."""
+
+
+class ModelLoadError(UserInputError):
+    """A model file could not be read safely (missing, truncated, untrusted classes...)."""
+
+
+class SurgeryError(TnsurgeryError):
+    """A transform failed while building a replacement; the model was left untouched."""

@@ -1,0 +1,75 @@
+"""The plugin hooks of tnsurgery: this module is the plugin author's reference.
+
+A plugin is a module (or object) with functions decorated by
+``tnsurgery.hookimpl`` whose names match the hookspecs below, exposed through
+the ``tnsurgery`` entry-point group of its package::
+
+    [project.entry-points.tnsurgery]
+    myplugin = "my_package.my_module"
+
+The built-in transforms are registered through the very same entry-point
+group, so anything they do a third-party plugin can do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    from torch import nn
+
+    from tnsurgery.plan import Plan
+    from tnsurgery.transform import Transform
+
+hookspec = pluggy.HookspecMarker("tnsurgery")
+hookimpl = pluggy.HookimplMarker("tnsurgery")
+
+
+@hookspec
+def register_transforms(register: Callable[[Transform], None]) -> None:
+    """Register the transforms this plugin provides.
+
+    Called once when the plugin manager is built. Call ``register`` once per
+    transform with a :class:`tnsurgery.transform.Transform`: its ``name``
+    (the spec's ``"transform"``), its ``params_model`` (a pydantic model with
+    ``extra="forbid"`` that validates the rule's ``"params"``), the
+    ``module_types`` it accepts, ``build(module, params, ctx)`` that returns
+    the replacement module made from the trained one, and optionally
+    ``plan(module, params, ctx)`` that predicts the result without building,
+    and ``layers``, the classes ``build`` may return (needed by
+    :func:`tnsurgery.load`). Registering a name twice is an error.
+    """
+
+
+@hookspec
+def before_surgery(model: nn.Module, plan: Plan) -> None:
+    """Called by :func:`tnsurgery.surgery.apply` before any module is replaced.
+
+    ``model`` is the model about to be modified (the copy unless
+    ``inplace=True``) and ``plan`` the full :class:`tnsurgery.plan.Plan`.
+    Observe only: raising here aborts the surgery and leaves the model as it was.
+    """
+
+
+@hookspec
+def after_surgery(model: nn.Module, plan: Plan, manifest: dict[str, Any]) -> None:
+    """Called by :func:`tnsurgery.surgery.apply` once every replacement is in place
+    and verified.
+
+    ``plan`` now carries measured errors; ``manifest`` is the JSON-compatible
+    record of what was done (the same that is attached to the model and
+    written beside every saved file). Observe only.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add commands to the ``tnsurgery`` command line.
+
+    Called once when the CLI starts, with the top-level ``click.Group``;
+    use ``@cli.command()`` to add commands.
+    """

@@ -1,0 +1,211 @@
+"""Low-rank replacements for ``nn.Linear`` and ``nn.Conv2d``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnsurgery.layers.base import SurgeryLayer
+
+
+def _rows(input_shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in input_shape[:-1]:
+        n *= int(d)
+    return n
+
+
+class LowRankLinear(SurgeryLayer):
+    """``y = x @ V @ Uᵀ + b``: two thin matmuls through rank ``r``, never the dense weight.
+
+    Shapes: ``v`` is ``(rank, in_features)``, ``u`` is ``(out_features, rank)``,
+    so ``u @ v`` is the dense weight it replaces.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.v = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.u = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init for training from scratch, scaled so ``u @ v`` has the variance of
+        a Kaiming-uniform dense weight (surgery overwrites it with the trained factors)."""
+        with torch.no_grad():
+            nn.init.normal_(self.v, std=(1.0 / self.in_features) ** 0.5)
+            nn.init.normal_(self.u, std=(1.0 / (3 * self.rank)) ** 0.5)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    @classmethod
+    def from_factors(
+        cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> LowRankLinear:
+        """Build from ``u (out, r)``, ``v (r, in)`` and an optional bias, keeping their dtype/device."""
+        layer = cls(v.shape[1], u.shape[0], v.shape[0], bias is not None, u.device, u.dtype)
+        with torch.no_grad():
+            layer.u.copy_(u)
+            layer.v.copy_(v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.u @ self.v
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        return 2 * _rows(input_shape) * self.rank * (self.in_features + self.out_features)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        dense = self.in_features * self.out_features
+        kept = self.rank * (self.in_features + self.out_features)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, "
+            f"weight params {kept}/{dense} ({kept / dense:.1%})"
+        )
+
+
+class LowRankConv2d(SurgeryLayer):
+    """A k×k conv into ``rank`` channels, then a 1×1 conv to ``out_channels`` (with the bias).
+
+    Stride, padding, dilation and padding mode stay on the first conv, so the
+    output has the original shape; only ``groups=1`` convolutions are factorized.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        rank: int,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] | str = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        padding_mode: str = "zeros",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.rank = rank
+        self.first = nn.Conv2d(
+            in_channels,
+            rank,
+            tuple(kernel_size),
+            stride=tuple(stride),
+            padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(dilation),
+            padding_mode=padding_mode,
+            bias=False,
+            **kw,
+        )
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
+
+    @classmethod
+    def from_factors(
+        cls, conv: nn.Conv2d, u: torch.Tensor, v: torch.Tensor
+    ) -> LowRankConv2d:
+        """Build from the conv it replaces and the factors of its ``(out, in·kh·kw)`` weight."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            v.shape[0],
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+            bias=conv.bias is not None,
+            device=u.device,
+            dtype=u.dtype,
+        )
+        with torch.no_grad():
+            layer.first.weight.copy_(v.reshape(layer.first.weight.shape))
+            layer.second.weight.copy_(u.reshape(layer.second.weight.shape))
+            if conv.bias is not None:
+                layer.second.bias.copy_(conv.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def to_dense(self) -> torch.Tensor:
+        u = self.second.weight.reshape(self.out_channels, self.rank)
+        v = self.first.weight.reshape(self.rank, -1)
+        return (u @ v).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        n = input_shape[0] if len(input_shape) == 4 else 1
+        h, w = conv2d_output_hw(self.first, input_shape[-2:])
+        kh, kw = self.kernel_size
+        per_pixel = self.rank * (self.in_channels * kh * kw + self.out_channels)
+        return 2 * n * h * w * per_pixel
+
+    def config(self) -> dict[str, Any]:
+        c = self.first
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "rank": self.rank,
+            "stride": list(c.stride),
+            "padding": c.padding if isinstance(c.padding, str) else list(c.padding),
+            "dilation": list(c.dilation),
+            "padding_mode": c.padding_mode,
+            "bias": self.second.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        kh, kw = self.kernel_size
+        dense = self.out_channels * self.in_channels * kh * kw
+        kept = self.rank * (self.in_channels * kh * kw + self.out_channels)
+        return (
+            f"{self.in_channels}->{self.rank}->{self.out_channels}, kernel={kh}x{kw}, "
+            f"rank={self.rank}, weight params {kept}/{dense} ({kept / dense:.1%})"
+        )
+
+
+def conv2d_output_hw(conv: nn.Conv2d, hw: tuple[int, int] | torch.Size) -> tuple[int, int]:
+    """Spatial output size of ``conv`` on an input of spatial size ``hw``."""
+    out = []
+    for i in range(2):
+        size = int(hw[i])
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if isinstance(conv.padding, str):
+            out.append(size if conv.padding == "same" else (size - d * (k - 1) - 1) // s + 1)
+        else:
+            p = conv.padding[i]
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]

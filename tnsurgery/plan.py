@@ -1,0 +1,108 @@
+"""The plan: what surgery will do (or did) to each target, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TargetPlan:
+    """One target module of one rule pass.
+
+    ``status`` is ``"replace"`` (the transform builds a replacement),
+    ``"skip"`` (the transform declined, e.g. the layer would not shrink) or
+    ``"refuse"`` (the pipeline will not touch it: tied weights, called more
+    than once, not called by forward...). ``reason`` says why for the last two.
+    Errors are relative Frobenius norms: ``predicted_error`` on the weight as
+    the transform predicts it, ``weight_error`` measured on the built layer,
+    ``output_error`` of the layer's output on the sample input.
+    """
+
+    rule_index: int
+    rule: str
+    name: str
+    module_type: str
+    transform: str
+    status: str = "replace"
+    reason: str | None = None
+    resolved: dict[str, Any] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+    predicted_error: float | None = None
+    weight_error: float | None = None
+    output_error: float | None = None
+    call_order: int | None = None
+    calls: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class PassInfo:
+    """One rule pass: how the model was traced and what the rule selected."""
+
+    rule_index: int
+    rule: str
+    transform: str
+    trace: str
+    trace_error: str | None
+    matched: int
+    wrong_type: int
+    excluded: int
+
+
+@dataclass
+class Plan:
+    """Per-target plans of every rule pass, with totals (see :meth:`totals`)."""
+
+    targets: list[TargetPlan] = field(default_factory=list)
+    passes: list[PassInfo] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int | None = None
+    output_error: float | None = None
+    output_error_name: str | None = None
+    applied: bool = False
+
+    def replaced(self) -> list[TargetPlan]:
+        """Targets that get (or got) a replacement."""
+        return [t for t in self.targets if t.status == "replace"]
+
+    def totals(self) -> dict[str, Any]:
+        """Sums over the targets, and the whole model's parameter counts."""
+        rep = self.replaced()
+
+        def total(attr: str, rows: list[TargetPlan]) -> int | None:
+            vals = [getattr(t, attr) for t in rows]
+            return None if any(v is None for v in vals) else sum(vals)
+
+        before = total("params_before", rep)
+        after = total("params_after", rep)
+        model_after = self.model_params_after
+        if model_after is None and before is not None and after is not None:
+            model_after = self.model_params_before - before + after
+        return {
+            "targets": len(self.targets),
+            "replaced": len(rep),
+            "skipped": sum(t.status == "skip" for t in self.targets),
+            "refused": sum(t.status == "refuse" for t in self.targets),
+            "params_before": before,
+            "params_after": after,
+            "flops_before": total("flops_before", rep),
+            "flops_after": total("flops_after", rep),
+            "model_params_before": self.model_params_before,
+            "model_params_after": model_after,
+            "output_error": self.output_error,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form (what ``--json`` prints)."""
+        return {
+            "targets": [asdict(t) for t in self.targets],
+            "passes": [asdict(p) for p in self.passes],
+            "totals": self.totals(),
+            "output_error_name": self.output_error_name,
+            "applied": self.applied,
+        }

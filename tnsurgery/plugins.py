@@ -1,0 +1,144 @@
+"""The plugin manager: built-in and third-party plugins, found one way.
+
+Every plugin, the built-in transforms included, is a module named by an
+entry point in the ``tnsurgery`` group. When tnsurgery runs from a source
+tree that was not installed (no entry-point metadata), its own built-ins are
+registered from :data:`DEFAULT_PLUGINS` through the same manager.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import warnings
+from dataclasses import dataclass, field
+
+import pluggy
+
+from tnsurgery import hookspecs
+from tnsurgery.transform import Transform
+
+GROUP = "tnsurgery"
+DEFAULT_PLUGINS = ("tnsurgery.transforms.factorize",)
+
+
+@dataclass
+class PluginFailure:
+    """A plugin whose module could not be imported or registered."""
+
+    name: str
+    origin: str
+    error: str
+
+
+@dataclass
+class Registry:
+    """Everything the installed plugins provide, by name."""
+
+    transforms: dict[str, Transform] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    failures: list[PluginFailure] = field(default_factory=list)
+
+    def get(self, name: str) -> Transform:
+        """The transform called ``name``; ``KeyError`` with the closest names otherwise."""
+        try:
+            return self.transforms[name]
+        except KeyError:
+            raise KeyError(unknown_name_message("transform", name, self.transforms)) from None
+
+    def layer_classes(self) -> dict[str, type]:
+        """Every layer class a registered transform may build, by qualified name."""
+        out: dict[str, type] = {}
+        for t in self.transforms.values():
+            for cls in t.layers:
+                out[qualified_name(cls)] = cls
+        return out
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def unknown_name_message(kind: str, name: str, valid) -> str:
+    """``unknown transform 'fatorize'; did you mean 'factorize'? (valid: ...)``."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown {kind} '{name}'{hint} (valid: {', '.join(valid) or 'none installed'})"
+
+
+_manager: pluggy.PluginManager | None = None
+
+
+def get_plugin_manager(refresh: bool = False) -> pluggy.PluginManager:
+    """The process-wide plugin manager with every installed plugin registered.
+
+    Entry points that fail to import are recorded (see :func:`get_registry`)
+    and warned about, never raised: a broken plugin must not break the CLI.
+    """
+    global _manager
+    if _manager is not None and not refresh:
+        return _manager
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    pm._tnsurgery_failures = []  # type: ignore[attr-defined]
+    pm._tnsurgery_origins = {}  # type: ignore[attr-defined]
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        origin = "builtin" if dist == "tnsurgery" else dist
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        try:
+            pm.register(ep.load(), name=ep.name)
+        except Exception as exc:  # a third party's import error must not stop us
+            _record_failure(pm, ep.name, origin, exc)
+            continue
+        pm._tnsurgery_origins[ep.name] = origin  # type: ignore[attr-defined]
+    for modname in DEFAULT_PLUGINS:
+        module = importlib.import_module(modname)
+        if not pm.is_registered(module):
+            name = modname.rsplit(".", 1)[-1]
+            pm.register(module, name=name if not pm.has_plugin(name) else modname)
+            pm._tnsurgery_origins[pm.get_name(module)] = "builtin"  # type: ignore[attr-defined]
+    _manager = pm
+    return pm
+
+
+def _record_failure(pm: pluggy.PluginManager, name: str, origin: str, exc: BaseException) -> None:
+    error = f"{type(exc).__name__}: {exc}"
+    pm._tnsurgery_failures.append(PluginFailure(name, origin, error))  # type: ignore[attr-defined]
+    warnings.warn(f"tnsurgery plugin '{name}' ({origin}) failed to load: {error}", stacklevel=3)
+
+
+def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
+    """Ask every registered plugin for its transforms and return them by name.
+
+    Each plugin's ``register_transforms`` is called separately so that each
+    transform's origin is known, and so that one plugin that fails while
+    registering is reported without hiding the others.
+    """
+    pm = pm or get_plugin_manager()
+    reg = Registry(failures=list(getattr(pm, "_tnsurgery_failures", [])))
+    origins = getattr(pm, "_tnsurgery_origins", {})
+    for impl in pm.hook.register_transforms.get_hookimpls():
+        origin = origins.get(impl.plugin_name, impl.plugin_name)
+        found: list[Transform] = []
+        try:
+            impl.function(register=found.append)
+            for t in found:
+                if not isinstance(t, Transform):
+                    raise TypeError(f"register() expects a Transform, got {type(t).__name__}")
+                if t.name in reg.transforms:
+                    raise ValueError(
+                        f"transform '{t.name}' is already registered by "
+                        f"{reg.origins[t.name]}"
+                    )
+        except Exception as exc:
+            reg.failures.append(PluginFailure(impl.plugin_name, origin, f"{type(exc).__name__}: {exc}"))
+            continue
+        for t in found:
+            reg.transforms[t.name] = t
+            reg.origins[t.name] = origin
+    return reg

@@ -1,0 +1,426 @@
+"""``plan()`` and ``apply()``: the surgery pipeline, and nothing else.
+
+One straight path: spec -> targets (per rule pass) -> plan (trace + each
+transform's own estimate) -> replacements built from the trained weights and
+swapped in -> verification on the sample input -> manifest. ``plan()`` is
+``apply()`` stopped before anything is built on the caller's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tnsurgery._version import __version__
+from tnsurgery.errors import MatchError, SurgeryError
+from tnsurgery.matching import select
+from tnsurgery.plan import PassInfo, Plan, TargetPlan
+from tnsurgery.plugins import Registry, get_plugin_manager, get_registry, qualified_name
+from tnsurgery.spec import Rule, Spec, load_spec
+from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, trace
+from tnsurgery.transform import Context, Decision, Transform
+
+MANIFEST_ATTR = "_tnsurgery_manifest"
+MANIFEST_FORMAT = "tnsurgery.manifest"
+
+Progress = Callable[[int, int, str], None]
+
+
+def get_manifest(model: nn.Module) -> dict[str, Any] | None:
+    """The record of the surgery done on ``model`` (spec, resolved params, errors,
+    versions), or ``None`` if it was never surgered."""
+    return getattr(model, MANIFEST_ATTR, None)
+
+
+def plan(
+    model: nn.Module,
+    spec: Spec | dict | str | Path,
+    sample_input: Any = None,
+    *,
+    allow_empty: bool = False,
+    registry: Registry | None = None,
+) -> Plan:
+    """What :func:`apply` would do, without touching ``model``.
+
+    Per target: the rule, the transform, the resolved settings (e.g. rank),
+    params and FLOPs before/after, the predicted relative error, or the
+    reason it is skipped or refused; :meth:`Plan.totals` sums them up.
+    Later rules see the model as earlier rules would leave it (planned on a
+    copy when the spec has several rules).
+
+    Raises:
+        SpecError: invalid spec (every problem listed).
+        MatchError: a rule matched no module (unless ``allow_empty``).
+    """
+    spec = load_spec(spec, registry)
+    work = copy.deepcopy(model) if len(spec.rules) > 1 else model
+    result, _ = _run(work, spec, sample_input, allow_empty, registry, build_last=False)
+    return result
+
+
+def apply(
+    model: nn.Module,
+    spec: Spec | dict | str | Path,
+    sample_input: Any = None,
+    *,
+    inplace: bool = False,
+    allow_empty: bool = False,
+    registry: Registry | None = None,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """Perform the surgery described by ``spec`` and return the surgered model.
+
+    Args:
+        model: the trained model; copied first unless ``inplace=True``.
+        spec: a :class:`Spec`, a dict, or the path of a JSON/YAML spec.
+        sample_input: a tensor, a tuple of positional args or a dict of
+            kwargs. When given, call shapes and FLOPs are recorded and the
+            surgered model is checked against the original: the output error
+            (and each layer's output error) goes into the manifest.
+        inplace: modify ``model`` itself. On failure every swap is undone.
+        allow_empty: do not fail on rules that match nothing.
+        registry: the transforms to use (installed plugins by default).
+        progress: called as ``progress(done, total, message)`` before each
+            replacement of a rule pass.
+
+    Returns:
+        The model (same class, device and dtype as the input) with its
+        targets replaced; :func:`get_manifest` on it returns the record
+        (``"replacements"``, ``"not_replaced"``, ``"output_error"``, and the
+        full plan under ``"plan"``).
+
+    Raises:
+        SpecError / MatchError: bad spec; the model is untouched.
+        SurgeryError: a transform failed; the model is untouched.
+    """
+    spec = load_spec(spec, registry)
+    work = model if inplace else copy.deepcopy(model)
+    # the original is needed only to verify; with inplace it is the pre-surgery copy
+    original = copy.deepcopy(model) if (inplace and sample_input is not None) else model
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        result, new_modules = _run(
+            work, spec, sample_input, allow_empty, registry, True, undo, progress
+        )
+        if sample_input is not None:
+            _verify(original, work, result, sample_input)
+        result.model_params_after = sum(p.numel() for p in work.parameters())
+        result.applied = True
+        manifest = _manifest(work, spec, result, new_modules)
+        get_plugin_manager().hook.after_surgery(model=work, plan=result, manifest=manifest)
+    except BaseException:
+        for parent, attr, old in reversed(undo):
+            parent._modules[attr] = old
+        raise
+    object.__setattr__(work, MANIFEST_ATTR, manifest)
+    return work
+
+
+def _run(
+    work: nn.Module,
+    spec: Spec,
+    sample_input: Any,
+    allow_empty: bool,
+    registry: Registry | None,
+    build_last: bool,
+    undo: list | None = None,
+    progress: Progress | None = None,
+) -> tuple[Plan, dict[str, nn.Module]]:
+    registry = registry or get_registry()
+    result = Plan(model_params_before=sum(p.numel() for p in work.parameters()))
+    built: dict[str, nn.Module] = {}
+    undo = undo if undo is not None else []
+    for index, rule in enumerate(spec.rules):
+        transform = registry.get(rule.transform)
+        last = index == len(spec.rules) - 1
+        building = build_last or not last
+        targets, info = _select(work, rule, index, transform, allow_empty or rule.allow_empty)
+        traced = trace(work, targets, sample_input) if targets else None
+        if traced is not None:
+            info.trace, info.trace_error = traced.describe(), traced.error
+        result.passes.append(info)
+        aliases, tied = sharing(work)
+        modules = dict(work.named_modules())
+        decisions: dict[str, Decision] = {}
+        for name in targets:
+            module = modules[name]
+            call = traced.calls[name] if traced else None
+            tp = TargetPlan(
+                rule_index=index,
+                rule=rule.label(index),
+                name=name,
+                module_type=type(module).__name__,
+                transform=rule.transform,
+                params_before=sum(p.numel() for p in module.parameters()),
+                call_order=call.order if call else None,
+                calls=call.calls if call else None,
+                input_shape=call.input_shape if call else None,
+                output_shape=call.output_shape if call else None,
+            )
+            tp.flops_before = module_flops(module, tp.input_shape)
+            tp.reason = _refusal(name, call, aliases, tied, traced.method if traced else "none")
+            if tp.reason:
+                tp.status = "refuse"
+            else:
+                ctx = Context(name=name, input_shape=tp.input_shape)
+                ctx.extras["plan_only"] = not building
+                decision = _decide(transform, module, rule, ctx)
+                tp.resolved = decision.resolved
+                if decision.skip_reason:
+                    tp.status, tp.reason = "skip", decision.skip_reason
+                else:
+                    tp.params_after = decision.params_after
+                    tp.flops_after = decision.flops_after
+                    tp.predicted_error = decision.predicted_error
+                    decisions[name] = decision
+            result.targets.append(tp)
+        if not building:
+            continue
+        if build_last and index == 0:  # applying (not planning): observers see it once
+            get_plugin_manager().hook.before_surgery(model=work, plan=result)
+        todo = [tp for tp in result.targets if tp.rule_index == index and tp.status == "replace"]
+        for done, tp in enumerate(todo):
+            if progress:
+                progress(done, len(todo), f"{rule.transform} {tp.name}")
+            old = modules[tp.name]
+            new = _build(transform, old, rule, tp, decisions[tp.name])
+            _swap(work, tp.name, new, undo)
+            built[tp.name] = new
+            tp.weight_error = _weight_error(old, new)
+            if tp.params_after is None:
+                tp.params_after = sum(p.numel() for p in new.parameters())
+    return result, built
+
+
+def _select(work, rule: Rule, index: int, transform: Transform, allow_empty: bool):
+    found = select(work, rule.match, rule.exclude, rule.types, transform.module_types)
+    info = PassInfo(
+        rule_index=index,
+        rule=rule.label(index),
+        transform=rule.transform,
+        trace="not traced (no target)",
+        trace_error=None,
+        matched=len(found.names),
+        wrong_type=len(found.wrong_type),
+        excluded=len(found.excluded),
+    )
+    if found.names or allow_empty:
+        return found.names, info
+    all_names = [n for n, _ in work.named_modules() if n]
+    accepted = ", ".join(t.__name__ for t in transform.module_types)
+    parts = [f"{rule.label(index)}: matches no {accepted} module"]
+    if found.wrong_type:
+        shown = ", ".join(found.wrong_type[:5]) + (" ..." if len(found.wrong_type) > 5 else "")
+        parts.append(f"matched only modules of other types: {shown}")
+    if found.excluded:
+        parts.append(f"{len(found.excluded)} matching module(s) removed by 'exclude'")
+    near = found.near_misses(all_names, rule.match)
+    if near:
+        parts.append("closest module names: " + ", ".join(near))
+    parts.append("set \"allow_empty\": true on the rule to allow this")
+    raise MatchError(["; ".join(parts)])
+
+
+def _refusal(name, call, aliases, tied, method) -> str | None:
+    if aliases.get(name):
+        return f"the same module is also registered as {', '.join(aliases[name])}; never split"
+    if tied.get(name):
+        return f"shares its parameters with {', '.join(tied[name])} (tied weights); never split"
+    if call is None:
+        return None
+    if call.weight_read_directly:
+        return "the model reads this module's weight directly (outside its forward)"
+    if call.calls is not None and call.calls > 1:
+        return f"called {call.calls} times per forward; replacing it would change every call"
+    if call.calls == 0 and method != "none":
+        where = "in the traced graph" if method == "fx" else "on the sample input"
+        return (
+            f"never called {where} (its parent may use its weight directly, "
+            "e.g. nn.MultiheadAttention.out_proj)"
+        )
+    return None
+
+
+def _decide(transform: Transform, module: nn.Module, rule: Rule, ctx: Context) -> Decision:
+    try:
+        if transform.plan is not None:
+            return transform.plan(module, rule.parsed_params, ctx)
+        new = transform.build(module, rule.parsed_params, ctx)
+    except Exception as exc:
+        raise SurgeryError(
+            f"transform '{transform.name}' failed to plan {ctx.name}: {type(exc).__name__}: {exc}"
+        ) from exc
+    params = sum(p.numel() for p in new.parameters())
+    return Decision(params_after=params, flops_after=module_flops(new, ctx.input_shape), state=new)
+
+
+def _build(
+    transform: Transform, old: nn.Module, rule: Rule, tp: TargetPlan, decision: Decision
+) -> nn.Module:
+    ctx = Context(name=tp.name, input_shape=tp.input_shape, decision=decision)
+    try:
+        if transform.plan is None and isinstance(decision.state, nn.Module):
+            new = decision.state
+        else:
+            new = transform.build(old, rule.parsed_params, ctx)
+    except Exception as exc:
+        raise SurgeryError(
+            f"transform '{transform.name}' failed to build {tp.name}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(new, transform.layers) or not hasattr(new, "config"):
+        declared = ", ".join(c.__name__ for c in transform.layers) or "none"
+        raise SurgeryError(
+            f"transform '{transform.name}' built a {type(new).__name__} for {tp.name}, "
+            f"which is not one of its declared layers ({declared})"
+        )
+    ref = next(iter(old.parameters()), None)
+    if ref is not None:
+        new = new.to(device=ref.device)
+        if ref.is_floating_point():
+            new = new.to(dtype=ref.dtype)
+    new.train(old.training)
+    return new
+
+
+def _swap(root: nn.Module, name: str, new: nn.Module, undo: list) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = parent._modules[attr]
+    parent._modules[attr] = new
+    undo.append((parent, attr, old))
+
+
+def _weight_error(old: nn.Module, new: nn.Module) -> float | None:
+    w = getattr(old, "weight", None)
+    if not isinstance(w, torch.Tensor) or not hasattr(new, "to_dense"):
+        return None
+    with torch.no_grad():
+        try:
+            dense = new.to_dense()
+        except NotImplementedError:
+            return None
+        if dense.shape != w.shape:
+            return None
+        return _rel_error(dense, w)
+
+
+def _rel_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    a, r = approx.detach().double(), ref.detach().double()
+    denom = float(r.norm())
+    diff = float((a - r).norm())
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / denom
+
+
+def float_leaves(value: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Floating-point tensors in a model output (tensor, tuple, dict, HF ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)] if value.is_floating_point() else []
+    if isinstance(value, dict) or hasattr(value, "items"):
+        out = []
+        for k, v in value.items():
+            out.extend(float_leaves(v, f"{prefix}.{k}"))
+        return out
+    if isinstance(value, (tuple, list)):
+        out = []
+        for i, v in enumerate(value):
+            out.extend(float_leaves(v, f"{prefix}[{i}]"))
+        return out
+    return []
+
+
+def output_error(reference: Any, output: Any) -> tuple[float, str]:
+    """Largest relative error over the floating-point tensors of two model outputs."""
+    ref, out = float_leaves(reference), float_leaves(output)
+    worst, where = 0.0, "output"
+    for (name, r), (_, o) in zip(ref, out):
+        if r.shape != o.shape:
+            return math.inf, name
+        err = _rel_error(o, r)
+        if err > worst or where == "output":
+            worst, where = err, name
+    return worst, where
+
+
+def _verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any) -> None:
+    names = [t.name for t in result.replaced()]
+    captured: dict[str, tuple] = {}
+    modules = dict(original.named_modules())
+    handles = []
+
+    def make_hook(name):
+        def hook(mod, args, kwargs, output):
+            captured.setdefault(name, (args, kwargs, output))
+
+        return hook
+
+    try:
+        for n in set(names):
+            handles.append(modules[n].register_forward_hook(make_hook(n), with_kwargs=True))
+        with eval_mode(original, work):
+            reference = call_model(original, sample_input)
+    finally:
+        for h in handles:
+            h.remove()
+    with eval_mode(original, work):
+        surgered = call_model(work, sample_input)
+        new_modules = dict(work.named_modules())
+        for t in result.replaced():
+            if t.name in captured and t.name in new_modules:
+                args, kwargs, out = captured[t.name]
+                if isinstance(out, torch.Tensor):
+                    t.output_error = _rel_error(new_modules[t.name](*args, **kwargs), out)
+    result.output_error, result.output_error_name = output_error(reference, surgered)
+
+
+def _manifest(work: nn.Module, spec: Spec, result: Plan, built: dict[str, nn.Module]) -> dict:
+    replacements = []
+    for t in result.replaced():
+        new = built[t.name]
+        replacements.append(
+            {
+                "name": t.name,
+                "rule_index": t.rule_index,
+                "transform": t.transform,
+                "layer": qualified_name(type(new)),
+                "config": new.config(),
+                "resolved": t.resolved,
+                "params_before": t.params_before,
+                "params_after": t.params_after,
+                "predicted_error": t.predicted_error,
+                "weight_error": t.weight_error,
+                "output_error": t.output_error,
+            }
+        )
+    previous = get_manifest(work)
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "tnsurgery_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": qualified_name(type(work)),
+        "spec": spec.to_dict(),
+        "replacements": replacements,
+        "not_replaced": [
+            {"name": t.name, "rule_index": t.rule_index, "status": t.status, "reason": t.reason}
+            for t in result.targets
+            if t.status != "replace"
+        ],
+        "output_error": result.output_error,
+        "output_error_name": result.output_error_name,
+        "plan": result.to_dict(),
+        "history": ([*previous.get("history", []), _strip_history(previous)] if previous else []),
+    }
+
+
+def _strip_history(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "history"}

@@ -1,0 +1,235 @@
+"""How the model uses its target modules: torch.fx trace, or a hooked forward pass.
+
+:func:`trace` first tries ``torch.fx.symbolic_trace`` with the targets kept
+as leaves; the graph gives the call order and count of every target, and
+whether the model reads a target's weight directly (a tied weight used
+outside the module). Many real models do not trace (data-dependent control
+flow, Hugging Face models under transformers 5): then it falls back to
+forward hooks on a run of the sample input, and says so with the tracing
+error. With a sample input, both paths record input and output shapes, from
+which FLOPs are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from tnsurgery.layers.lowrank import conv2d_output_hw
+
+
+@dataclass
+class CallInfo:
+    """How one target module is used. ``None`` means unknown."""
+
+    order: int | None = None
+    calls: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    weight_read_directly: bool = False
+
+
+@dataclass
+class TraceResult:
+    """Result of :func:`trace` for a set of targets."""
+
+    method: str  # "fx", "hooks" (fallback with a sample input) or "none"
+    error: str | None = None  # why torch.fx failed, when it did
+    calls: dict[str, CallInfo] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for the plan."""
+        if self.method == "fx":
+            return "torch.fx symbolic trace"
+        reason = f" (torch.fx failed: {self.error})" if self.error else ""
+        if self.method == "hooks":
+            return f"forward hooks on the sample input{reason}"
+        return f"no trace{reason}; give a sample input to see calls and shapes"
+
+
+def call_model(model: nn.Module, sample_input: Any) -> Any:
+    """Call ``model`` on a sample input: a tensor, a tuple of positional args, or a dict of kwargs."""
+    if isinstance(sample_input, dict):
+        return model(**sample_input)
+    if isinstance(sample_input, (tuple, list)):
+        return model(*sample_input)
+    return model(sample_input)
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode (dropout off) and no-grad, restoring their modes after."""
+    modes = [{m: m.training for m in model.modules()} for model in models]
+    try:
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for saved in modes:
+            for m, training in saved.items():
+                m.training = training
+
+
+def _first_shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)) and value:
+        return _first_shape(value[0])
+    if isinstance(value, dict) and value:
+        return _first_shape(next(iter(value.values())))
+    return None
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _fx_calls(model: nn.Module, targets: list[str]) -> tuple[torch.fx.GraphModule, dict]:
+    tracer = _LeafTracer(set(targets))
+    graph = tracer.trace(model)
+    gm = torch.fx.GraphModule(tracer.root, graph)
+    calls = {t: CallInfo(calls=0) for t in targets}
+    order = 0
+    target_set = set(targets)
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in target_set:
+            info = calls[node.target]
+            if info.order is None:
+                info.order = order
+                order += 1
+            info.calls = (info.calls or 0) + 1
+        elif node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            if owner in target_set:
+                calls[owner].weight_read_directly = True
+    return gm, calls
+
+
+def _hooked_run(
+    model: nn.Module, run_on: nn.Module, targets: list[str], sample_input: Any
+) -> dict[str, CallInfo]:
+    modules = dict(model.named_modules())
+    calls = {t: CallInfo(calls=0) for t in targets}
+    counter = [0]
+    handles = []
+
+    def make_hook(name: str):
+        def hook(mod, args, kwargs, output):
+            info = calls[name]
+            if info.order is None:
+                info.order = counter[0]
+                counter[0] += 1
+                info.input_shape = _first_shape(args) or _first_shape(kwargs)
+                info.output_shape = _first_shape(output)
+            info.calls += 1
+
+        return hook
+
+    try:
+        for t in targets:
+            handles.append(modules[t].register_forward_hook(make_hook(t), with_kwargs=True))
+        with eval_mode(run_on):
+            call_model(run_on, sample_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def trace(
+    model: nn.Module,
+    targets: list[str],
+    sample_input: Any = None,
+    method: str = "auto",
+) -> TraceResult:
+    """Record call order, call count and shapes of each target module.
+
+    Args:
+        model: the model; it is run (in eval mode, no grad) only when
+            ``sample_input`` is given, and never modified.
+        targets: dotted module names.
+        sample_input: a tensor, a tuple of positional args or a dict of kwargs.
+        method: ``"auto"`` (fx, else hooks), ``"fx"`` or ``"hooks"`` (tests
+            use the last two to check that both paths agree).
+    """
+    error = None
+    if method in ("auto", "fx"):
+        try:
+            gm, calls = _fx_calls(model, targets)
+        except Exception as exc:  # any tracing failure means: fall back
+            if method == "fx":
+                raise
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            if sample_input is not None:
+                shapes = _hooked_run(model, gm, targets, sample_input)
+                for t, info in calls.items():
+                    info.input_shape = shapes[t].input_shape
+                    info.output_shape = shapes[t].output_shape
+            return TraceResult("fx", None, calls)
+    if sample_input is None:
+        return TraceResult("none", error, {t: CallInfo() for t in targets})
+    return TraceResult("hooks", error, _hooked_run(model, model, targets, sample_input))
+
+
+def module_flops(module: nn.Module, input_shape: tuple[int, ...] | None) -> int | None:
+    """FLOPs (2 per multiply-add) of one call; a Linear without shape counts one row."""
+    if hasattr(module, "flops") and callable(module.flops):
+        if input_shape is None and hasattr(module, "in_features"):
+            input_shape = (1, module.in_features)
+        return module.flops(input_shape) if input_shape is not None else None
+    if isinstance(module, nn.Linear):
+        rows = 1
+        for d in (input_shape or (1, module.in_features))[:-1]:
+            rows *= int(d)
+        return 2 * rows * module.in_features * module.out_features
+    if isinstance(module, nn.Conv2d) and input_shape is not None:
+        n = input_shape[0] if len(input_shape) == 4 else 1
+        h, w = conv2d_output_hw(module, input_shape[-2:])
+        kh, kw = module.kernel_size
+        per_out = (module.in_channels // module.groups) * kh * kw
+        return 2 * n * h * w * module.out_channels * per_out
+    return None
+
+
+def sharing(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Modules registered under several names, and parameters shared between modules.
+
+    Returns ``(aliases, tied)``: ``aliases[name]`` lists the other names of the
+    same module object; ``tied[name]`` lists the other modules that hold one
+    of its parameters (tied weights).
+    """
+    by_module: dict[int, list[str]] = {}
+    by_param: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name in by_module.get(id(module), []):
+            continue
+        by_module.setdefault(id(module), []).append(name)
+        for p in module._parameters.values():
+            if p is not None:
+                by_param.setdefault(id(p), []).append(name)
+    aliases: dict[str, list[str]] = {}
+    for names in by_module.values():
+        for n in names:
+            aliases[n] = [o for o in names if o != n]
+    tied: dict[str, list[str]] = {}
+    for owners in by_param.values():
+        distinct = sorted(set(owners))
+        for n in distinct:
+            others = [o for o in distinct if o != n and o not in aliases.get(n, [])]
+            if others:
+                tied.setdefault(n, [])
+                tied[n].extend(o for o in others if o not in tied[n])
+    return aliases, tied

@@ -1,0 +1,207 @@
+"""What a transform plugin provides: :class:`Transform`, :class:`Decision`, :class:`Context`.
+
+A plugin registers one :class:`Transform` per name through the
+``register_transforms`` hook (see :mod:`tnsurgery.hookspecs`). The surgery
+pipeline calls ``plan`` for every target module to learn what would happen
+(resolved settings, sizes, predicted error, or a reason to skip) without
+touching the model, then ``build`` to make the replacement module from the
+trained one. :class:`RankOptions` holds the rank options shared by every
+rank-based transform, so that they all read the same way in a spec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+RANK_OPTIONS = ("rank", "rank_ratio", "param_ratio", "energy", "max_error")
+
+
+@dataclass
+class Context:
+    """What the pipeline knows about one target when it calls a transform.
+
+    Attributes:
+        name: dotted module name of the target in the model.
+        input_shape: shape of the target's first input on the sample input,
+            or ``None`` when no sample input was given (or tracing could not
+            see the call).
+        decision: during ``build``, the :class:`Decision` that ``plan``
+            returned for this target (its ``state`` may carry work to reuse,
+            e.g. an SVD); ``None`` during ``plan``.
+        extras: free-form data for plugins that cooperate (e.g. calibration
+            statistics); the pipeline never interprets it.
+    """
+
+    name: str
+    input_shape: tuple[int, ...] | None = None
+    decision: Decision | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    """The outcome of planning one target.
+
+    Attributes:
+        resolved: the settings actually used, JSON-compatible (e.g.
+            ``{"rank": 64, "method": "randomized"}``); written in the plan and
+            the manifest.
+        params_after: parameter count of the replacement.
+        flops_after: FLOPs of the replacement on the target's input shape
+            (``None`` when unknown).
+        predicted_error: relative Frobenius error of the replacement's dense
+            weight against the original weight, when the transform can
+            predict it (``None`` otherwise).
+        skip_reason: set when the target is left as it is (e.g. it would not
+            shrink); the pipeline then reports it and never calls ``build``.
+        state: private to the transform: anything ``plan`` computed that
+            ``build`` can reuse (``ctx.decision.state``). Never serialized.
+    """
+
+    resolved: dict[str, Any] = field(default_factory=dict)
+    params_after: int | None = None
+    flops_after: int | None = None
+    predicted_error: float | None = None
+    skip_reason: str | None = None
+    state: Any = None
+
+
+PlanFn = Callable[[nn.Module, BaseModel, Context], Decision]
+BuildFn = Callable[[nn.Module, BaseModel, Context], nn.Module]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A named transform, as a plugin registers it.
+
+    Attributes:
+        name: the name used as ``"transform"`` in a spec rule.
+        params_model: pydantic model validating the rule's ``"params"``;
+            declare it with ``extra="forbid"`` so unknown keys are errors.
+        module_types: module classes the transform accepts; a rule only
+            targets modules that are instances of one of them.
+        build: ``build(module, params, ctx) -> nn.Module`` makes the
+            replacement from the trained module. It must not modify
+            ``module``. ``ctx.decision`` holds what ``plan`` returned.
+        plan: ``plan(module, params, ctx) -> Decision``; optional. Without
+            it the pipeline builds the replacement to measure it.
+        layers: the module classes ``build`` may return. They are what
+            :func:`tnsurgery.load` may instantiate from a manifest, so each
+            needs ``config()`` and ``from_config()`` (see
+            :class:`tnsurgery.layers.base.SurgeryLayer`).
+        description: one line for ``tnsurgery plugins``.
+    """
+
+    name: str
+    params_model: type[BaseModel]
+    module_types: tuple[type[nn.Module], ...]
+    build: BuildFn
+    plan: PlanFn | None = None
+    layers: tuple[type[nn.Module], ...] = ()
+    description: str = ""
+
+
+class RankOptions(BaseModel):
+    """Rank options shared by every rank-based transform: give exactly one.
+
+    - ``rank``: the rank itself.
+    - ``rank_ratio``: fraction of the full rank ``min(out, in)``.
+    - ``param_ratio``: fraction of the layer's weight parameters to keep.
+    - ``energy``: fraction of the squared singular values to keep.
+    - ``max_error``: relative Frobenius error allowed on the weight.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | None = Field(None, gt=0, description="Rank to keep.")
+    rank_ratio: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the full rank to keep."
+    )
+    param_ratio: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the layer's weight parameters to keep."
+    )
+    energy: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the squared singular values to keep."
+    )
+    max_error: float | None = Field(
+        None, ge=0, lt=1, description="Relative Frobenius error allowed on the weight."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RankOptions:
+        given = [k for k in RANK_OPTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            listed = ", ".join(RANK_OPTIONS)
+            got = f"got {', '.join(given)}" if given else "got none"
+            raise ValueError(f"give exactly one of {listed} ({got})")
+        return self
+
+    @property
+    def needs_spectrum(self) -> bool:
+        """True when the rank depends on the singular values (``energy``, ``max_error``)."""
+        return self.energy is not None or self.max_error is not None
+
+    def describe(self) -> dict[str, Any]:
+        """The one rank option given, as ``{name: value}``."""
+        return {k: getattr(self, k) for k in RANK_OPTIONS if getattr(self, k) is not None}
+
+
+def resolve_rank(
+    opts: RankOptions,
+    full_rank: int,
+    params_per_rank: int,
+    dense_params: int,
+    sq_singular_values: torch.Tensor | None = None,
+) -> int:
+    """Turn the rank option into a rank, clamped to ``[1, full_rank]``.
+
+    Args:
+        opts: the validated rank option.
+        full_rank: the largest meaningful rank (``min(out, in)`` for a matrix).
+        params_per_rank: parameters the replacement needs per unit of rank.
+        dense_params: parameters of the dense weight.
+        sq_singular_values: all squared singular values, in decreasing order;
+            required for ``energy`` and ``max_error``.
+    """
+    if opts.rank is not None:
+        r = opts.rank
+    elif opts.rank_ratio is not None:
+        r = round(opts.rank_ratio * full_rank)
+    elif opts.param_ratio is not None:
+        r = math.floor(opts.param_ratio * dense_params / params_per_rank)
+    else:
+        if sq_singular_values is None:
+            raise ValueError("energy/max_error need the singular values")
+        s2 = sq_singular_values.double()
+        total = float(s2.sum())
+        if total == 0.0:
+            return 1
+        kept = torch.cumsum(s2, 0) / total
+        if opts.energy is not None:
+            target = opts.energy - 1e-12
+            r = int(torch.searchsorted(kept, torch.tensor(target, dtype=kept.dtype))) + 1
+        else:
+            # error after keeping r values: sqrt(1 - kept[r-1]); smallest r meeting max_error
+            err = torch.sqrt(torch.clamp(1.0 - kept, min=0.0))
+            ok = torch.nonzero(err <= opts.max_error + 1e-12)
+            r = int(ok[0]) + 1 if len(ok) else full_rank
+    return max(1, min(int(r), full_rank))
+
+
+def truncation_error(sq_singular_values: torch.Tensor, rank: int, total_sq: float) -> float:
+    """Relative Frobenius error of the best rank-``rank`` approximation.
+
+    ``sq_singular_values`` may hold only the leading values (randomized SVD);
+    ``total_sq`` is the squared Frobenius norm of the whole matrix.
+    """
+    if total_sq <= 0:
+        return 0.0
+    kept = float(sq_singular_values[:rank].double().sum())
+    return math.sqrt(max(total_sq - kept, 0.0) / total_sq)
