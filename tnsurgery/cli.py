@@ -19,6 +19,7 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,7 +41,7 @@ class BadInput(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        err.print(f"[bold red]Error:[/] {self.format_message()}", highlight=False, markup=True)
+        err.print(f"[bold red]Error:[/] {escape(self.format_message())}", highlight=False)
 
 
 class Cli(click.Group):
@@ -57,7 +58,7 @@ class Cli(click.Group):
             if os.environ.get("TNSURGERY_DEBUG"):
                 raise
             err.print(
-                f"[bold red]Internal error:[/] {type(exc).__name__}: {exc}\n"
+                f"[bold red]Internal error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
                 "This is a bug in tnsurgery or a plugin; set TNSURGERY_DEBUG=1 for the traceback.",
                 highlight=False,
             )
@@ -77,10 +78,21 @@ def _emit_json(data: Any) -> None:
 def model_options(f):
     """--arch / --trust-pickle / --allow-class: every command that reads a model has them."""
 
-    @click.option("--arch", help="pkg.module:factory building the architecture (state dicts, .safetensors).")
-    @click.option("--trust-pickle", is_flag=True, help="Unpickle the model file with no restriction (only for files you trust).")
-    @click.option("--allow-class", "allow_class", multiple=True, metavar="pkg.Class",
-                  help="Allow this class (or package prefix) when unpickling; repeatable.")
+    @click.option(
+        "--arch", help="pkg.module:factory building the architecture (state dicts, .safetensors)."
+    )
+    @click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Unpickle the model file with no restriction (only for files you trust).",
+    )
+    @click.option(
+        "--allow-class",
+        "allow_class",
+        multiple=True,
+        metavar="pkg.Class",
+        help="Allow this class (or package prefix) when unpickling; repeatable.",
+    )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         return f(*args, **kwargs)
@@ -89,10 +101,14 @@ def model_options(f):
 
 
 def sample_options(f):
-    @click.option("--sample-input", "sample_input", metavar="SPEC",
-                  help="A .pt file of tensors (tensor, tuple or dict), a shape like 8x3x32x32 "
-                  "(random floats), int:2x16:VOCAB (random ids), or 'auto' (Hugging Face models; "
-                  "their default). Used to trace, count FLOPs and measure the output error.")
+    @click.option(
+        "--sample-input",
+        "sample_input",
+        metavar="SPEC",
+        help="A .pt file of tensors (tensor, tuple or dict), a shape like 8x3x32x32 "
+        "(random floats), int:2x16:VOCAB (random ids), or 'auto' (Hugging Face models; "
+        "their default). Used to trace, count FLOPs and measure the output error.",
+    )
     @click.option("--no-sample-input", is_flag=True, help="Do not use any sample input.")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -103,20 +119,26 @@ def sample_options(f):
 
 def _load(model_path: str, arch, trust_pickle, allow_class) -> io.LoadedModel:
     with err.status(f"loading {model_path}"):
-        return io.load_model(model_path, arch=arch, trust_pickle=trust_pickle, allow_classes=allow_class)
+        return io.load_model(
+            model_path, arch=arch, trust_pickle=trust_pickle, allow_classes=allow_class
+        )
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.lower().split("x"))
     except ValueError:
-        raise UserInputError(f"--sample-input: bad shape {text!r} (expected e.g. 8x3x32x32)") from None
+        raise UserInputError(
+            f"--sample-input: bad shape {text!r} (expected e.g. 8x3x32x32)"
+        ) from None
     if not dims or any(d <= 0 for d in dims):
         raise UserInputError(f"--sample-input: bad shape {text!r}")
     return dims
 
 
-def resolve_sample_input(text: str | None, loaded: io.LoadedModel | None, disabled: bool = False) -> Any:
+def resolve_sample_input(
+    text: str | None, loaded: io.LoadedModel | None, disabled: bool = False
+) -> Any:
     """Turn ``--sample-input`` into tensors (see the option's help)."""
     if disabled:
         return None
@@ -174,8 +196,17 @@ def _fmt_err(e: float | None) -> str:
 def plan_table(plan: Plan, title: str = "Plan") -> Table:
     """The plan as a rich table, totals in the last row."""
     t = Table(title=title, show_lines=False, header_style="bold")
-    for col in ("#", "module", "type", "transform", "resolved", "params", "FLOPs", "pred. err",
-                "status"):
+    for col in (
+        "#",
+        "module",
+        "type",
+        "transform",
+        "resolved",
+        "params",
+        "FLOPs",
+        "pred. err",
+        "status",
+    ):
         t.add_column(col, overflow="fold")
     measured = plan.applied
     if measured:
@@ -185,20 +216,34 @@ def plan_table(plan: Plan, title: str = "Plan") -> Table:
         resolved = ", ".join(f"{k}={v}" for k, v in tp.resolved.items())
         status = tp.status if not tp.reason else f"{tp.status}: {tp.reason}"
         row = [
-            str(tp.rule_index), tp.name, tp.module_type, tp.transform, resolved,
-            f"{_fmt_int(tp.params_before)} -> {_fmt_int(tp.params_after)}" if tp.status == "replace" else _fmt_int(tp.params_before),
-            f"{_fmt_int(tp.flops_before)} -> {_fmt_int(tp.flops_after)}" if tp.status == "replace" else _fmt_int(tp.flops_before),
-            _fmt_err(tp.predicted_error), status,
+            str(tp.rule_index),
+            tp.name,
+            tp.module_type,
+            tp.transform,
+            resolved,
+            f"{_fmt_int(tp.params_before)} -> {_fmt_int(tp.params_after)}"
+            if tp.status == "replace"
+            else _fmt_int(tp.params_before),
+            f"{_fmt_int(tp.flops_before)} -> {_fmt_int(tp.flops_after)}"
+            if tp.status == "replace"
+            else _fmt_int(tp.flops_before),
+            _fmt_err(tp.predicted_error),
+            status,
         ]
         if measured:
             row += [_fmt_err(tp.weight_error), _fmt_err(tp.output_error)]
-        t.add_row(*row, style=None if tp.status == "replace" else "yellow")
+        t.add_row(*map(escape, row), style=None if tp.status == "replace" else "yellow")
     tot = plan.totals()
     row = [
-        "", f"total: {tot['replaced']} replaced, {tot['skipped']} skipped, {tot['refused']} refused",
-        "", "", "",
+        "",
+        f"total: {tot['replaced']} replaced, {tot['skipped']} skipped, {tot['refused']} refused",
+        "",
+        "",
+        "",
         f"{_fmt_int(tot['params_before'])} -> {_fmt_int(tot['params_after'])}",
-        f"{_fmt_int(tot['flops_before'])} -> {_fmt_int(tot['flops_after'])}", "", "",
+        f"{_fmt_int(tot['flops_before'])} -> {_fmt_int(tot['flops_after'])}",
+        "",
+        "",
     ]
     if measured:
         row += ["", ""]
@@ -229,7 +274,9 @@ def _model_summary(plan: Plan) -> str:
 def validate(spec: str) -> None:
     """Check a spec file: structure, patterns, transform names and params."""
     s = load_spec(spec)
-    out.print(f"{spec}: valid ({len(s.rules)} rule{'s' if len(s.rules) != 1 else ''})", highlight=False)
+    out.print(
+        f"{spec}: valid ({len(s.rules)} rule{'s' if len(s.rules) != 1 else ''})", highlight=False
+    )
 
 
 @cli.command()
@@ -245,13 +292,15 @@ def plugins(as_json: bool) -> None:
     reg = get_registry()
     rows = []
     for name, t in sorted(reg.transforms.items()):
-        rows.append({
-            "name": name,
-            "origin": reg.origins[name],
-            "types": [c.__name__ for c in t.module_types],
-            "params": list(t.params_model.model_fields),
-            "description": t.description,
-        })
+        rows.append(
+            {
+                "name": name,
+                "origin": reg.origins[name],
+                "types": [c.__name__ for c in t.module_types],
+                "params": list(t.params_model.model_fields),
+                "description": t.description,
+            }
+        )
     failures = [f.__dict__ for f in reg.failures]
     if as_json:
         _emit_json({"transforms": rows, "failed": failures})
@@ -260,14 +309,19 @@ def plugins(as_json: bool) -> None:
     for col in ("name", "origin", "types", "params", "description"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["origin"], ", ".join(r["types"]), ", ".join(r["params"]), r["description"])
+        table.add_row(
+            r["name"], r["origin"], ", ".join(r["types"]), ", ".join(r["params"]), r["description"]
+        )
     out.print(table)
     for f in failures:
-        out.print(f"[red]failed to load[/] {f['name']} ({f['origin']}): {f['error']}", highlight=False)
+        line = f"{f['name']} ({f['origin']}): {f['error']}"
+        out.print(f"[red]failed to load[/] {escape(line)}", highlight=False)
 
 
 def _common_plan_args(f):
-    f = click.option("--allow-empty", is_flag=True, help="Do not fail on rules that match nothing.")(f)
+    f = click.option(
+        "--allow-empty", is_flag=True, help="Do not fail on rules that match nothing."
+    )(f)
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
     f = sample_options(f)
     f = model_options(f)
@@ -278,7 +332,17 @@ def _common_plan_args(f):
 
 @cli.command(name="plan")
 @_common_plan_args
-def plan_cmd(spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input, as_json, allow_empty):
+def plan_cmd(
+    spec,
+    model,
+    arch,
+    trust_pickle,
+    allow_class,
+    sample_input,
+    no_sample_input,
+    as_json,
+    allow_empty,
+):
     """Show what SPEC would do to MODEL, as a table; changes nothing."""
     s = load_spec(spec)
     loaded = _load(model, arch, trust_pickle, allow_class)
@@ -295,16 +359,39 @@ def plan_cmd(spec, model, arch, trust_pickle, allow_class, sample_input, no_samp
 
 @cli.command(name="apply")
 @_common_plan_args
-@click.option("-o", "--output", type=click.Path(), help="Where to write (default: beside the input, '.surgered').")
-def apply_cmd(spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input, as_json, allow_empty, output):
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write (default: beside the input, '.surgered').",
+)
+def apply_cmd(
+    spec,
+    model,
+    arch,
+    trust_pickle,
+    allow_class,
+    sample_input,
+    no_sample_input,
+    as_json,
+    allow_empty,
+    output,
+):
     """Apply SPEC to MODEL and write the surgered model (same kind as the input) with its
     manifest.json + .safetensors pair."""
     s = load_spec(spec)
     loaded = _load(model, arch, trust_pickle, allow_class)
     x = resolve_sample_input(sample_input, loaded, no_sample_input)
     target = Path(output) if output else io.default_output(loaded)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=as_json,
+    ) as bar:
         task = bar.add_task("planning", total=None)
 
         def progress(done: int, total: int, message: str) -> None:
@@ -316,15 +403,24 @@ def apply_cmd(spec, model, arch, trust_pickle, allow_class, sample_input, no_sam
     manifest = surgery.get_manifest(small)
     p = _plan_from_manifest(manifest)
     if as_json:
-        _emit_json({"plan": manifest["plan"], "output_error": manifest["output_error"],
-                    "output_error_name": manifest["output_error_name"], "written": [str(w) for w in written]})
+        _emit_json(
+            {
+                "plan": manifest["plan"],
+                "output_error": manifest["output_error"],
+                "output_error_name": manifest["output_error_name"],
+                "written": [str(w) for w in written],
+            }
+        )
         return
     _print_passes(p)
     out.print(plan_table(p, title="Surgery"))
     out.print(_model_summary(p), highlight=False)
     if manifest["output_error"] is not None:
-        out.print(f"output error on the sample input: {manifest['output_error']:.4g} "
-                  f"(relative, {manifest['output_error_name']})", highlight=False)
+        out.print(
+            f"output error on the sample input: {manifest['output_error']:.4g} "
+            f"(relative, {manifest['output_error_name']})",
+            highlight=False,
+        )
     else:
         out.print("output error: not measured (no sample input)", highlight=False)
     for w in written:
@@ -362,30 +458,56 @@ def effective_rank(weight: torch.Tensor, energy: float = 0.99) -> tuple[int, int
 @click.argument("model", type=click.Path())
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--energy", default=0.99, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Energy for the effective rank.")
+@click.option(
+    "--energy",
+    default=0.99,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Energy for the effective rank.",
+)
 def inspect(model, arch, trust_pickle, allow_class, as_json, energy):
     """List MODEL's modules with weights: type, shape, params, effective rank."""
     loaded = _load(model, arch, trust_pickle, allow_class)
     rows = []
-    modules = [(n, m) for n, m in loaded.model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
-    with Progress(TextColumn("{task.description}"), BarColumn(), console=err, transient=True, disable=as_json) as bar:
+    modules = [
+        (n, m)
+        for n, m in loaded.model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), console=err, transient=True, disable=as_json
+    ) as bar:
         task = bar.add_task("effective ranks", total=len(modules))
         for name, m in modules:
             w = m.weight
-            row = {"name": name, "type": type(m).__name__, "shape": list(w.shape),
-                   "params": sum(p.numel() for p in m.parameters(recurse=False)),
-                   "effective_rank": None, "full_rank": None}
+            row = {
+                "name": name,
+                "type": type(m).__name__,
+                "shape": list(w.shape),
+                "params": sum(p.numel() for p in m.parameters(recurse=False)),
+                "effective_rank": None,
+                "full_rank": None,
+            }
             if w.dim() >= 2 and w.is_floating_point():
                 row["effective_rank"], row["full_rank"] = effective_rank(w, energy)
             rows.append(row)
             bar.advance(task)
     total = sum(p.numel() for p in loaded.model.parameters())
     if as_json:
-        _emit_json({"model": type(loaded.model).__name__, "kind": loaded.kind, "params": total, "modules": rows,
-                    "manifest": surgery.get_manifest(loaded.model) is not None})
+        _emit_json(
+            {
+                "model": type(loaded.model).__name__,
+                "kind": loaded.kind,
+                "params": total,
+                "modules": rows,
+                "manifest": surgery.get_manifest(loaded.model) is not None,
+            }
+        )
         return
-    t = Table(title=f"{type(loaded.model).__name__} ({loaded.kind}), {_fmt_int(total)} parameters", header_style="bold")
+    t = Table(
+        title=f"{type(loaded.model).__name__} ({loaded.kind}), {_fmt_int(total)} parameters",
+        header_style="bold",
+    )
     for col in ("module", "type", "weight shape", "params", f"rank @ {energy:.0%} energy"):
         t.add_column(col, overflow="fold")
     for r in rows:
@@ -419,9 +541,12 @@ def demo(as_json: bool) -> None:
     after = sum(t.numel() * t.element_size() for t in small.state_dict().values())
     dense_ms, small_ms = _median_ms(model, x), _median_ms(small, x)
     result = {
-        "plan": p.to_dict(), "output_error": manifest["output_error"],
-        "bytes_before": before, "bytes_after": after,
-        "latency_ms_before": dense_ms, "latency_ms_after": small_ms,
+        "plan": p.to_dict(),
+        "output_error": manifest["output_error"],
+        "bytes_before": before,
+        "bytes_after": after,
+        "latency_ms_before": dense_ms,
+        "latency_ms_after": small_ms,
     }
     if as_json:
         _emit_json(result)
@@ -430,10 +555,20 @@ def demo(as_json: bool) -> None:
     out.print_json(data=spec)
     _print_passes(p)
     out.print(plan_table(p))
-    out.print(f"measured output error: {manifest['output_error']:.4f} (relative Frobenius, batch of {x.shape[0]})", highlight=False)
-    out.print(f"size: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({after / before:.1%})", highlight=False)
-    out.print(f"speed (median forward, batch {x.shape[0]}, {torch.get_num_threads()} threads): "
-              f"{dense_ms:.2f} ms -> {small_ms:.2f} ms ({dense_ms / small_ms:.2f}x faster)", highlight=False)
+    out.print(
+        f"measured output error: {manifest['output_error']:.4f} "
+        f"(relative Frobenius, batch of {x.shape[0]})",
+        highlight=False,
+    )
+    out.print(
+        f"size: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({after / before:.1%})",
+        highlight=False,
+    )
+    out.print(
+        f"speed (median forward, batch {x.shape[0]}, {torch.get_num_threads()} threads): "
+        f"{dense_ms:.2f} ms -> {small_ms:.2f} ms ({dense_ms / small_ms:.2f}x faster)",
+        highlight=False,
+    )
 
 
 def main() -> None:
@@ -442,7 +577,8 @@ def main() -> None:
         warnings.simplefilter("ignore")
         pm = get_plugin_manager()
     for f in getattr(pm, "_tnsurgery_failures", []):
-        err.print(f"[yellow]warning:[/] plugin '{f.name}' ({f.origin}) failed to load: {f.error}", highlight=False)
+        line = f"plugin '{f.name}' ({f.origin}) failed to load: {f.error}"
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
     pm.hook.register_commands(cli=cli)
     cli.main(prog_name="tnsurgery")
 

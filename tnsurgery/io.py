@@ -163,7 +163,9 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ModelLoadError(f"{source}: weights do not fit the architecture: {_short(exc)}") from None
+        raise ModelLoadError(
+            f"{source}: weights do not fit the architecture: {_short(exc)}"
+        ) from None
     if missing or unexpected:
         parts = []
         if missing:
@@ -240,7 +242,9 @@ def load_model(
             return LoadedModel(_load_hf(p), "hf", p)
         if (p / MANIFEST_NAME).exists():
             if not arch:
-                raise ModelLoadError(f"{p} holds a tnsurgery manifest: give --arch pkg.module:factory")
+                raise ModelLoadError(
+                    f"{p} holds a tnsurgery manifest: give --arch pkg.module:factory"
+                )
             return LoadedModel(load(p, build_arch(arch)), "safetensors", p, arch)
         raise ModelLoadError(f"{p}: a directory without config.json is not a model directory")
     if p.suffix == ".safetensors":
@@ -294,7 +298,7 @@ def atomic_files(*targets: Path) -> Iterator[list[Path]]:
             os.close(fd)
             temps.append(Path(name))
         yield temps
-        for tmp, t in zip(temps, targets):
+        for tmp, t in zip(temps, targets, strict=True):
             os.replace(tmp, t)
     finally:
         for tmp in temps:
@@ -408,7 +412,11 @@ def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> l
     if loaded.kind == "hf":
         with atomic_dir(out) as tmp:
             for item in loaded.path.iterdir():
-                if item.is_file() and not item.name.endswith(HF_WEIGHT_SUFFIXES) and item.name != MANIFEST_NAME:
+                if (
+                    item.is_file()
+                    and not item.name.endswith(HF_WEIGHT_SUFFIXES)
+                    and item.name != MANIFEST_NAME
+                ):
                     shutil.copy2(item, tmp / item.name)
                 elif item.is_dir() and not item.name.startswith("."):
                     shutil.copytree(item, tmp / item.name)
@@ -499,7 +507,11 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
         for parent, attr, old in reversed(undo):
             parent._modules[attr] = old
         raise
-    object.__setattr__(base_model, MANIFEST_ATTR, {k: v for k, v in manifest.items() if k not in ("weights", "aliases")})
+    object.__setattr__(
+        base_model,
+        MANIFEST_ATTR,
+        {k: v for k, v in manifest.items() if k not in ("weights", "aliases")},
+    )
     return base_model
 
 
@@ -516,7 +528,9 @@ def _replay(base: nn.Module, rep: dict, classes: dict[str, type], undo: list) ->
         parent = base.get_submodule(parent_name) if parent_name else base
         current = parent._modules[attr]
     except (AttributeError, KeyError):
-        raise ModelLoadError(f"the base model has no module {name}: is it the right architecture?") from None
+        raise ModelLoadError(
+            f"the base model has no module {name}: is it the right architecture?"
+        ) from None
     new = cls.from_config(rep["config"], current)
     ref = next(iter(current.parameters()), None) if current is not None else None
     if ref is not None:

@@ -132,11 +132,12 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
                     raise TypeError(f"register() expects a Transform, got {type(t).__name__}")
                 if t.name in reg.transforms:
                     raise ValueError(
-                        f"transform '{t.name}' is already registered by "
-                        f"{reg.origins[t.name]}"
+                        f"transform '{t.name}' is already registered by {reg.origins[t.name]}"
                     )
         except Exception as exc:
-            reg.failures.append(PluginFailure(impl.plugin_name, origin, f"{type(exc).__name__}: {exc}"))
+            reg.failures.append(
+                PluginFailure(impl.plugin_name, origin, f"{type(exc).__name__}: {exc}")
+            )
             continue
         for t in found:
             reg.transforms[t.name] = t

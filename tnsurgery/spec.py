@@ -27,14 +27,14 @@ from pydantic import (
 )
 
 from tnsurgery.errors import SpecError
-from tnsurgery.plugins import Registry, get_registry, unknown_name_message
+from tnsurgery.plugins import Registry, get_registry
 
 
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-PatternList = Annotated[list[str], BeforeValidator(_as_list)]
+PatternList = Annotated[list[str], BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
 
 
 class Rule(BaseModel):
@@ -59,9 +59,7 @@ class Rule(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Params of the transform, checked by its own model."
     )
-    allow_empty: bool = Field(
-        False, description="Do not fail when the rule matches no module."
-    )
+    allow_empty: bool = Field(False, description="Do not fail when the rule matches no module.")
 
     _params: BaseModel | None = PrivateAttr(default=None)
 

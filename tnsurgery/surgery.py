@@ -224,7 +224,7 @@ def _select(work, rule: Rule, index: int, transform: Transform, allow_empty: boo
     near = found.near_misses(all_names, rule.match)
     if near:
         parts.append("closest module names: " + ", ".join(near))
-    parts.append("set \"allow_empty\": true on the rule to allow this")
+    parts.append('set "allow_empty": true on the rule to allow this')
     raise MatchError(["; ".join(parts)])
 
 
@@ -341,7 +341,7 @@ def output_error(reference: Any, output: Any) -> tuple[float, str]:
     """Largest relative error over the floating-point tensors of two model outputs."""
     ref, out = float_leaves(reference), float_leaves(output)
     worst, where = 0.0, "output"
-    for (name, r), (_, o) in zip(ref, out):
+    for (name, r), (_, o) in zip(ref, out, strict=False):
         if r.shape != o.shape:
             return math.inf, name
         err = _rel_error(o, r)

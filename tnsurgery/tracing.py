@@ -54,7 +54,7 @@ class TraceResult:
 
 
 def call_model(model: nn.Module, sample_input: Any) -> Any:
-    """Call ``model`` on a sample input: a tensor, a tuple of positional args, or a dict of kwargs."""
+    """Call ``model`` on a sample input: a tensor, a tuple of positional args, or a dict."""
     if isinstance(sample_input, dict):
         return model(**sample_input)
     if isinstance(sample_input, (tuple, list)):

@@ -57,7 +57,7 @@ class LowRankLinear(SurgeryLayer):
     def from_factors(
         cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
     ) -> LowRankLinear:
-        """Build from ``u (out, r)``, ``v (r, in)`` and an optional bias, keeping their dtype/device."""
+        """Build from ``u (out, r)``, ``v (r, in)`` and an optional bias (their dtype/device)."""
         layer = cls(v.shape[1], u.shape[0], v.shape[0], bias is not None, u.device, u.dtype)
         with torch.no_grad():
             layer.u.copy_(u)
@@ -134,9 +134,7 @@ class LowRankConv2d(SurgeryLayer):
         self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
 
     @classmethod
-    def from_factors(
-        cls, conv: nn.Conv2d, u: torch.Tensor, v: torch.Tensor
-    ) -> LowRankConv2d:
+    def from_factors(cls, conv: nn.Conv2d, u: torch.Tensor, v: torch.Tensor) -> LowRankConv2d:
         """Build from the conv it replaces and the factors of its ``(out, in·kh·kw)`` weight."""
         layer = cls(
             conv.in_channels,

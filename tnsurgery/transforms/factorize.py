@@ -42,9 +42,7 @@ class FactorizeParams(RankOptions):
         "against the matrix, 'exact' otherwise; 'auto' chooses.",
     )
     niter: int = Field(4, ge=0, le=20, description="Power iterations of the randomized SVD.")
-    oversample: int = Field(
-        16, ge=0, description="Extra columns sketched by the randomized SVD."
-    )
+    oversample: int = Field(16, ge=0, description="Extra columns sketched by the randomized SVD.")
     seed: int = Field(0, description="Seed of the randomized SVD (results are deterministic).")
 
 
