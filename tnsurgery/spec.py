@@ -34,7 +34,9 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-PatternList = Annotated[list[str], BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
+PatternList = Annotated[
+    list[str], BeforeValidator(_as_list, json_schema_input_type=str | list[str])
+]
 
 
 class Rule(BaseModel):

@@ -113,7 +113,8 @@ class RankOptions(BaseModel):
 
     - ``rank``: the rank itself.
     - ``rank_ratio``: fraction of the full rank ``min(out, in)``.
-    - ``param_ratio``: fraction of the layer's weight parameters to keep.
+    - ``param_ratio``: fraction of the layer's parameters to keep (the bias, kept
+      as it is, counts on both sides).
     - ``energy``: fraction of the squared singular values to keep.
     - ``max_error``: relative Frobenius error allowed on the weight.
     """
@@ -125,7 +126,7 @@ class RankOptions(BaseModel):
         None, gt=0, le=1, description="Fraction of the full rank to keep."
     )
     param_ratio: float | None = Field(
-        None, gt=0, le=1, description="Fraction of the layer's weight parameters to keep."
+        None, gt=0, le=1, description="Fraction of the layer's parameters (bias included) to keep."
     )
     energy: float | None = Field(
         None, gt=0, le=1, description="Fraction of the squared singular values to keep."
@@ -159,6 +160,7 @@ def resolve_rank(
     params_per_rank: int,
     dense_params: int,
     sq_singular_values: torch.Tensor | None = None,
+    fixed_params: int = 0,
 ) -> int:
     """Turn the rank option into a rank, clamped to ``[1, full_rank]``.
 
@@ -169,13 +171,16 @@ def resolve_rank(
         dense_params: parameters of the dense weight.
         sq_singular_values: all squared singular values, in decreasing order;
             required for ``energy`` and ``max_error``.
+        fixed_params: parameters the replacement keeps unchanged (the bias);
+            ``param_ratio`` applies to ``dense_params + fixed_params``.
     """
     if opts.rank is not None:
         r = opts.rank
     elif opts.rank_ratio is not None:
         r = round(opts.rank_ratio * full_rank)
     elif opts.param_ratio is not None:
-        r = math.floor(opts.param_ratio * dense_params / params_per_rank)
+        budget = opts.param_ratio * (dense_params + fixed_params) - fixed_params
+        r = math.floor(budget / params_per_rank + 1e-9)
     else:
         if sq_singular_values is None:
             raise ValueError("energy/max_error need the singular values")

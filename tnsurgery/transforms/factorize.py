@@ -103,11 +103,12 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     full = min(m, n)
     dense = m * n
     per_rank = m + n
+    bias = module.bias.numel() if module.bias is not None else 0
     if params.needs_spectrum:
         dec = svd(w, None, params, values_only=ctx.extras.get("plan_only", False))
-        rank = resolve_rank(params, full, per_rank, dense, dec.s.square())
+        rank = resolve_rank(params, full, per_rank, dense, dec.s.square(), fixed_params=bias)
     else:
-        rank = resolve_rank(params, full, per_rank, dense)
+        rank = resolve_rank(params, full, per_rank, dense, fixed_params=bias)
         dec = None
     resolved = {"rank": rank, **params.describe()}
     if rank * per_rank >= dense:
@@ -123,7 +124,6 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     total_sq = float(w.to(_compute_dtype(w)).square().sum())
     err = truncation_error(dec.s.square(), rank, total_sq)
     resolved["method"] = dec.method
-    bias = module.bias.numel() if module.bias is not None else 0
     return Decision(
         resolved=resolved,
         params_after=rank * per_rank + bias,
