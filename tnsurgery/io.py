@@ -284,6 +284,18 @@ def _sidecar_manifest(path: Path) -> Path:
     return path.with_name(path.name.rsplit(".", 1)[0] + ".manifest.json")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """Give a temp file or dir (created 0600/0700) the mode a plain write would have."""
+    base = 0o777 if directory else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 @contextmanager
 def atomic_files(*targets: Path) -> Iterator[list[Path]]:
     """Temporary paths to write, renamed onto ``targets`` only if the block succeeds.
@@ -299,6 +311,7 @@ def atomic_files(*targets: Path) -> Iterator[list[Path]]:
             temps.append(Path(name))
         yield temps
         for tmp, t in zip(temps, targets, strict=True):
+            _publish_mode(tmp)
             os.replace(tmp, t)
     finally:
         for tmp in temps:
@@ -313,6 +326,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not (f.stat().st_mode & 0o044):
+                _publish_mode(f)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / "x")

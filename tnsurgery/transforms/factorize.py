@@ -38,7 +38,8 @@ class FactorizeParams(RankOptions):
 
     method: Literal["auto", "exact", "randomized"] = Field(
         "auto",
-        description="SVD algorithm: 'randomized' (torch.svd_lowrank) when the rank is small "
+        description="SVD algorithm: 'randomized' (Halko et al., as torch.svd_lowrank) when "
+        "the rank is small "
         "against the matrix, 'exact' otherwise; 'auto' chooses.",
     )
     niter: int = Field(4, ge=0, le=20, description="Power iterations of the randomized SVD.")
@@ -73,6 +74,40 @@ def _choose_method(params: FactorizeParams, rank: int | None, full_rank: int) ->
     return "randomized" if q <= RANDOMIZED_MAX_FRACTION * full_rank else "exact"
 
 
+def randomized_svd(
+    a: torch.Tensor, q: int, niter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, alg. 4.4 + 5.1).
+
+    The algorithm of ``torch.svd_lowrank``, with two changes that matter here:
+    a seeded generator (deterministic without touching the global RNG), and
+    the small SVD taken on the tall ``Aᵀ Q`` instead of the wide ``Qᵀ A``,
+    which LAPACK does several times faster. Returns ``U (m, q)``, ``S (q,)``,
+    ``V (n, q)`` with ``A ≈ U diag(S) Vᵀ``.
+    """
+    transpose = a.shape[0] < a.shape[1]
+    if transpose:  # work on the tall orientation
+        a = a.mT
+    g = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(a.shape[1], q, generator=g, device=a.device, dtype=a.dtype)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):  # power iterations, re-orthonormalized each half-step
+        basis = torch.linalg.qr(a.mT @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    ub, s, vbh = torch.linalg.svd(a.mT @ basis, full_matrices=False)  # (Qᵀ A)ᵀ, tall
+    u, v = basis @ vbh.mT, ub
+    return (v, s, u) if transpose else (u, s, v)
+
+
+def exact_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``A = U diag(S) Vᵀ`` computed on the tall orientation (faster in LAPACK)."""
+    if a.shape[0] < a.shape[1]:
+        u, s, vh = torch.linalg.svd(a.mT, full_matrices=False)
+        return vh.mT, s, u
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, s, vh.mT
+
+
 def svd(w: torch.Tensor, rank: int | None, params: FactorizeParams, values_only: bool = False):
     """Truncated SVD of ``w`` with the method ``params`` asks for (exact or randomized)."""
     m, n = w.shape
@@ -81,15 +116,10 @@ def svd(w: torch.Tensor, rank: int | None, params: FactorizeParams, values_only:
     a = w.to(_compute_dtype(w))
     if method == "randomized" and rank is not None:
         q = min(rank + params.oversample, full)
-        devices = [a.device] if a.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(params.seed)
-            u, s, v = torch.svd_lowrank(a, q=q, niter=params.niter)
-        return _Svd(u, s, v, "randomized")
+        return _Svd(*randomized_svd(a, q, params.niter, params.seed), "randomized")
     if values_only:
         return _Svd(None, torch.linalg.svdvals(a), None, "exact")  # type: ignore[arg-type]
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return _Svd(u, s, vh.mT, "exact")
+    return _Svd(*exact_svd(a), "exact")
 
 
 def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
