@@ -32,6 +32,11 @@ class SpecError(UserInputError):
 class MatchError(SpecError):
     """A rule matched no module of the model (and did not set ``allow_empty``)."""
 
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        UserInputError.__init__(self, "\n".join(self.problems))
+
 
 class ModelLoadError(UserInputError):
     """A model file could not be read safely (missing, truncated, untrusted classes...)."""

@@ -207,6 +207,7 @@ def _load_hf(path: Path) -> nn.Module:
         raise ModelLoadError(
             f"{path} is a Hugging Face model directory: pip install transformers"
         ) from None
+    transformers.utils.logging.disable_progress_bar()  # our CLI has its own status line
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         cls = _hf_class(config)

@@ -108,14 +108,25 @@ class MatchResult:
     excluded: list[str] = field(default_factory=list)
 
     def near_misses(self, all_names: list[str], patterns: list[str], n: int = 5) -> list[str]:
-        """Closest module names to the patterns (difflib), for 'matched nothing' errors."""
+        """Closest module names to the patterns (difflib), for 'matched nothing' errors.
+
+        ``all_names`` should be the candidates worth suggesting (e.g. the
+        modules the transform accepts); each pattern is compared with whole
+        names and with their last segment, so 'fc*' still finds 'head.fc'.
+        """
         scores: dict[str, float] = {}
         for p in patterns:
             probe = p[3:] if p.startswith("re:") else p
-            for cand in difflib.get_close_matches(probe, all_names, n=n, cutoff=0.3):
-                ratio = difflib.SequenceMatcher(None, probe, cand).ratio()
-                scores[cand] = max(scores.get(cand, 0.0), ratio)
-        return [k for k, _ in sorted(scores.items(), key=lambda kv: -kv[1])][:n]
+            probe_last = probe.rsplit(".", 1)[-1]
+            for cand in all_names:
+                ratio = max(
+                    difflib.SequenceMatcher(None, probe, cand).ratio(),
+                    difflib.SequenceMatcher(None, probe_last, cand.rsplit(".", 1)[-1]).ratio(),
+                )
+                if ratio >= 0.3:
+                    scores[cand] = max(scores.get(cand, 0.0), ratio)
+        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], all_names.index(kv[0])))
+        return [k for k, _ in ranked][:n]
 
 
 def select(

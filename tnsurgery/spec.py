@@ -110,7 +110,7 @@ def rule_label(index: int, match: Any) -> str:
     if isinstance(match, list):
         shown = ", ".join(repr(m) for m in match[:2]) + (", ..." if len(match) > 2 else "")
     elif match is None:
-        shown = "no match"
+        return f"rule {index} (no match)"
     else:
         shown = repr(match)
     return f"rule {index} (match {shown})"
@@ -237,9 +237,15 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
         if spec is not None:
             spec.rules[i]._params = parsed
     if problems:
-        raise SpecError(problems, source=name)
+        raise SpecError(sorted(problems, key=_problem_order), source=name)
     assert spec is not None
     return spec
+
+
+def _problem_order(line: str) -> int:
+    """Spec-level problems first, then by rule index (stable within a rule)."""
+    m = re.match(r"rule (\d+) ", line)
+    return int(m.group(1)) + 1 if m else 0
 
 
 def _format_params_error(label: str, tname: str, err: dict, model: type[BaseModel]) -> str:

@@ -213,17 +213,17 @@ def _select(work, rule: Rule, index: int, transform: Transform, allow_empty: boo
     )
     if found.names or allow_empty:
         return found.names, info
-    all_names = [n for n, _ in work.named_modules() if n]
-    accepted = ", ".join(t.__name__ for t in transform.module_types)
-    parts = [f"{rule.label(index)}: matches no {accepted} module"]
+    candidates = [n for n, m in work.named_modules() if n and isinstance(m, transform.module_types)]
+    accepted = " or ".join(t.__name__ for t in transform.module_types)
+    parts = [f"{rule.label(index)} matches no {accepted} module"]
     if found.wrong_type:
         shown = ", ".join(found.wrong_type[:5]) + (" ..." if len(found.wrong_type) > 5 else "")
         parts.append(f"matched only modules of other types: {shown}")
     if found.excluded:
         parts.append(f"{len(found.excluded)} matching module(s) removed by 'exclude'")
-    near = found.near_misses(all_names, rule.match)
+    near = found.near_misses(candidates, rule.match) or candidates[:5]
     if near:
-        parts.append("closest module names: " + ", ".join(near))
+        parts.append(f"closest {accepted} modules: " + ", ".join(near))
     parts.append('set "allow_empty": true on the rule to allow this')
     raise MatchError(["; ".join(parts)])
 
