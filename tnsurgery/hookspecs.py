@@ -47,10 +47,12 @@ def register_transforms(register: Callable[[Transform], None]) -> None:
 
 @hookspec
 def before_surgery(model: nn.Module, plan: Plan) -> None:
-    """Called by :func:`tnsurgery.surgery.apply` before any module is replaced.
+    """Called by :func:`tnsurgery.surgery.apply` once, before any module is replaced.
 
     ``model`` is the model about to be modified (the copy unless
-    ``inplace=True``) and ``plan`` the full :class:`tnsurgery.plan.Plan`.
+    ``inplace=True``) and ``plan`` the :class:`tnsurgery.plan.Plan` of the
+    first rule pass: rules are passes, so later ones are planned on the model
+    as earlier ones leave it, and appended to the same object as they run.
     Observe only: raising here aborts the surgery and leaves the model as it was.
     """
 

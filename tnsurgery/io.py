@@ -98,6 +98,7 @@ def torch_load_safely(
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        plugin_layers = set(get_registry().layer_classes())  # what tnsurgery.load trusts too
         allowed, refused = [], []
         for name in needed:
             try:
@@ -105,7 +106,11 @@ def torch_load_safely(
             except ImportError:
                 refused.append(f"{name} (cannot be imported)")
                 continue
-            if _trusted_by_default(name, obj) or _user_allows(name, allow_classes):
+            if (
+                _trusted_by_default(name, obj)
+                or name in plugin_layers
+                or _user_allows(name, allow_classes)
+            ):
                 allowed.append(obj)
             else:
                 refused.append(name)

@@ -122,7 +122,13 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     pm = pm or get_plugin_manager()
     reg = Registry(failures=list(getattr(pm, "_tnsurgery_failures", [])))
     origins = getattr(pm, "_tnsurgery_origins", {})
-    for impl in pm.hook.register_transforms.get_hookimpls():
+    # Built-ins first, so that a third party never takes a built-in's name,
+    # whatever order the entry points were found in.
+    impls = sorted(
+        pm.hook.register_transforms.get_hookimpls(),
+        key=lambda impl: origins.get(impl.plugin_name) != "builtin",
+    )
+    for impl in impls:
         origin = origins.get(impl.plugin_name, impl.plugin_name)
         found: list[Transform] = []
         try:

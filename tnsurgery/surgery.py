@@ -405,7 +405,7 @@ def _manifest(work: nn.Module, spec: Spec, result: Plan, built: dict[str, nn.Mod
         "format": MANIFEST_FORMAT,
         "format_version": 1,
         "tnsurgery_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": qualified_name(type(work)),
         "spec": spec.to_dict(),
