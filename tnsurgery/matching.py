@@ -45,13 +45,22 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 def _segment_regex(seg: str) -> str:
     # fnmatch within one segment: '*' and '?' never cross a dot
     body = []
-    for ch in seg:
+    i = 0
+    while i < len(seg):
+        ch = seg[i]
         if ch == "*":
             body.append("[^.]*")
         elif ch == "?":
             body.append("[^.]")
+        elif ch == "[" and (end := seg.find("]", i + 2)) != -1:  # [seq] / [!seq]
+            inner = seg[i + 1 : end]
+            neg = inner.startswith("!")
+            chars = re.escape(inner[1:] if neg else inner).replace(r"\-", "-")
+            body.append(f"[^.{chars}]" if neg else f"(?!\\.)[{chars}]")
+            i = end
         else:
             body.append(re.escape(ch))
+        i += 1
     return "".join(body)
 
 

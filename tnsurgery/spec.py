@@ -107,6 +107,8 @@ class Spec(BaseModel):
 
 def rule_label(index: int, match: Any) -> str:
     """How messages name a rule: its index and its first pattern(s)."""
+    if isinstance(match, list) and not match:
+        return f"rule {index} (match [])"
     if isinstance(match, list):
         shown = ", ".join(repr(m) for m in match[:2]) + (", ..." if len(match) > 2 else "")
     elif match is None:
@@ -175,7 +177,15 @@ def read_spec_file(path: str | Path) -> Any:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SpecError([f"not valid YAML: {exc}"], source=str(p)) from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            ctx_mark = getattr(exc, "context_mark", None)
+            if ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:
+                where += (
+                    f" (in what starts at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
+                )
+            raise SpecError([f"not valid YAML: {problem}{where}"], source=str(p)) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

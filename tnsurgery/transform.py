@@ -119,9 +119,13 @@ class RankOptions(BaseModel):
     - ``max_error``: relative Frobenius error allowed on the weight.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # editors see the "exactly one" rule too
+        json_schema_extra={"oneOf": [{"required": [k]} for k in RANK_OPTIONS]},
+    )
 
-    rank: int | None = Field(None, gt=0, description="Rank to keep.")
+    rank: int | None = Field(None, gt=0, strict=True, description="Rank to keep.")
     rank_ratio: float | None = Field(
         None, gt=0, le=1, description="Fraction of the full rank to keep."
     )
@@ -177,7 +181,7 @@ def resolve_rank(
     if opts.rank is not None:
         r = opts.rank
     elif opts.rank_ratio is not None:
-        r = round(opts.rank_ratio * full_rank)
+        r = math.floor(opts.rank_ratio * full_rank + 0.5)  # halves round up
     elif opts.param_ratio is not None:
         budget = opts.param_ratio * (dense_params + fixed_params) - fixed_params
         r = math.floor(budget / params_per_rank + 1e-9)

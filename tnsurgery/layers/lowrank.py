@@ -58,7 +58,9 @@ class LowRankLinear(SurgeryLayer):
         cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
     ) -> LowRankLinear:
         """Build from ``u (out, r)``, ``v (r, in)`` and an optional bias (their dtype/device)."""
-        layer = cls(v.shape[1], u.shape[0], v.shape[0], bias is not None, u.device, u.dtype)
+        # built on the meta device: no random init (and no global RNG draw) to overwrite
+        layer = cls(v.shape[1], u.shape[0], v.shape[0], bias is not None, "meta", u.dtype)
+        layer = layer.to_empty(device=u.device)
         with torch.no_grad():
             layer.u.copy_(u)
             layer.v.copy_(v)
@@ -146,9 +148,9 @@ class LowRankConv2d(SurgeryLayer):
             dilation=conv.dilation,
             padding_mode=conv.padding_mode,
             bias=conv.bias is not None,
-            device=u.device,
+            device="meta",
             dtype=u.dtype,
-        )
+        ).to_empty(device=u.device)
         with torch.no_grad():
             layer.first.weight.copy_(v.reshape(layer.first.weight.shape))
             layer.second.weight.copy_(u.reshape(layer.second.weight.shape))

@@ -39,8 +39,8 @@ class FactorizeParams(RankOptions):
     method: Literal["auto", "exact", "randomized"] = Field(
         "auto",
         description="SVD algorithm: 'randomized' (Halko et al., as torch.svd_lowrank) when "
-        "the rank is small "
-        "against the matrix, 'exact' otherwise; 'auto' chooses.",
+        "the rank is small against the matrix, 'exact' otherwise; 'auto' chooses. energy and "
+        "max_error always use the exact one, since they need the whole spectrum.",
     )
     niter: int = Field(4, ge=0, le=20, description="Power iterations of the randomized SVD.")
     oversample: int = Field(16, ge=0, description="Extra columns sketched by the randomized SVD.")
@@ -140,7 +140,7 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     else:
         rank = resolve_rank(params, full, per_rank, dense, fixed_params=bias)
         dec = None
-    resolved = {"rank": rank, **params.describe()}
+    resolved = {**params.describe(), "rank": rank}
     if rank * per_rank >= dense:
         return Decision(
             resolved=resolved,
@@ -151,7 +151,10 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
         )
     if dec is None:
         dec = svd(w, rank, params)
-    total_sq = float(w.to(_compute_dtype(w)).square().sum())
+    if dec.method == "exact":  # whole spectrum: take ||W||² from it too, so both agree
+        total_sq = float(dec.s.double().square().sum())
+    else:
+        total_sq = float(w.double().square().sum())
     err = truncation_error(dec.s.square(), rank, total_sq)
     resolved["method"] = dec.method
     return Decision(
@@ -180,6 +183,8 @@ def _flops(module: nn.Module, rank: int, input_shape: tuple[int, ...] | None) ->
 def build(module: nn.Module, params: FactorizeParams, ctx: Context) -> nn.Module:
     """Make the low-rank layer from the SVD computed by :func:`plan`."""
     decision = ctx.decision if ctx.decision is not None else plan(module, params, ctx)
+    if decision.skip_reason:
+        raise ValueError(f"cannot factorize {ctx.name}: {decision.skip_reason}")
     rank = decision.resolved["rank"]
     dec: _Svd = decision.state
     if dec is None or dec.u is None:
