@@ -57,6 +57,25 @@ class LoadedModel:
 # ----------------------------------------------------------------- reading
 
 
+@contextmanager
+def cwd_on_path() -> Iterator[None]:
+    """Make modules in the working directory importable, as ``python -c`` would.
+
+    The ``tnsurgery`` console script does not put the working directory on
+    ``sys.path``; ``--arch`` factories and the classes of a pickle the user
+    trusts are looked up there too.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _import_name(name: str) -> Any:
     """Import ``pkg.module.Attr`` (nested attributes allowed)."""
     parts = name.split(".")
@@ -95,34 +114,8 @@ def torch_load_safely(
     not allowed, and the flags that allow them.
     """
     try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        plugin_layers = set(get_registry().layer_classes())  # what tnsurgery.load trusts too
-        allowed, refused = [], []
-        for name in needed:
-            try:
-                obj = _import_name(name)
-            except ImportError:
-                refused.append(f"{name} (cannot be imported)")
-                continue
-            if (
-                _trusted_by_default(name, obj)
-                or name in plugin_layers
-                or _user_allows(name, allow_classes)
-            ):
-                allowed.append(obj)
-            else:
-                refused.append(name)
-        if refused:
-            raise ModelLoadError(
-                f"{path}: the file needs classes or functions that are not trusted by default: "
-                f"{', '.join(refused)}. If you trust this file, pass --trust-pickle "
-                f"(python: trust_pickle=True), or allow just these with "
-                f"--allow-class NAME for each (python: allow_classes=[...])."
-            )
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with cwd_on_path():
+            return _torch_load(path, trust_pickle, allow_classes)
     except ModelLoadError:
         raise
     except FileNotFoundError:
@@ -132,6 +125,39 @@ def torch_load_safely(
             f"{path}: cannot read this file as a PyTorch checkpoint "
             f"(truncated, corrupt or another format): {_short(exc)}"
         ) from None
+
+
+def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) -> Any:
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    plugin_layers = set(get_registry().layer_classes())  # what tnsurgery.load trusts too
+    allowed, refused = [], []
+    for name in needed:
+        # Decide on the name first: a name that is not allowed is never imported
+        # (importing runs code, and the checkpoint chose the name).
+        by_user = _user_allows(name, allow_classes)
+        if not (by_user or name in plugin_layers or name.startswith(TRUSTED_PREFIXES)):
+            refused.append(name)
+            continue
+        try:
+            obj = _import_name(name)
+        except ImportError:
+            refused.append(f"{name} (cannot be imported)")
+            continue
+        if by_user or name in plugin_layers or _trusted_by_default(name, obj):
+            allowed.append(obj)
+        else:
+            refused.append(name)
+    if refused:
+        raise ModelLoadError(
+            f"{path}: the file needs classes or functions that are not trusted by default: "
+            f"{', '.join(refused)}. If you trust this file, pass --trust-pickle "
+            f"(python: trust_pickle=True), or allow just these with "
+            f"--allow-class NAME for each (python: allow_classes=[...])."
+        )
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _short(exc: BaseException) -> str:
@@ -144,17 +170,12 @@ def build_arch(arch: str) -> nn.Module:
     if ":" not in arch:
         raise UserInputError(f"--arch must look like pkg.module:factory, got {arch!r}")
     modname, _, attr = arch.partition(":")
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(modname)
+        with cwd_on_path():
+            module = importlib.import_module(modname)
         factory = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise UserInputError(f"--arch {arch}: cannot import: {_short(exc)}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
     try:
         model = factory()
     except Exception as exc:
@@ -218,7 +239,7 @@ def _load_hf(path: Path) -> nn.Module:
         cls = _hf_class(config)
         if (path / MANIFEST_NAME).exists():  # a surgered directory: base from config
             base = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
-            return load(path, base)
+            return load(path, base).eval()  # as from_pretrained returns it
         return cls.from_pretrained(str(path), local_files_only=True)
     except ModelLoadError:
         raise
