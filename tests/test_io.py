@@ -25,17 +25,25 @@ except ImportError:  # plain `pytest` does not put the repo root on sys.path
     from tests import models
 
 ROOT = Path(__file__).resolve().parents[1]
-MLP_SPEC = {"version": 1, "rules": [{"match": "fc*", "transform": "factorize",
-                                     "params": {"rank": 4}}]}  # fmt: skip
-CNN_SPEC = {"version": 1, "rules": [{"match": ["conv*", "fc"], "transform": "factorize",
-                                     "params": {"rank_ratio": 0.25}}]}  # fmt: skip
+MLP_SPEC = {
+    "version": 1,
+    "rules": [{"match": "fc*", "transform": "factorize", "params": {"rank": 4}}],
+}
+CNN_SPEC = {
+    "version": 1,
+    "rules": [{"match": ["conv*", "fc"], "transform": "factorize", "params": {"rank_ratio": 0.25}}],
+}
 BERT_SPEC = {
     "version": 1,
     "rules": [
-        {"match": ["encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense"],
-         "types": ["Linear"], "transform": "factorize", "params": {"rank": 8}},
+        {
+            "match": ["encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense"],
+            "types": ["Linear"],
+            "transform": "factorize",
+            "params": {"rank": 8},
+        },
     ],
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -89,10 +97,14 @@ def files_in(directory: Path) -> set[str]:
 # -------------------------------------------------------------- save -> load
 
 
-@pytest.mark.parametrize("factory,spec,shape", [
-    (models.mlp, MLP_SPEC, (4, 16)),
-    (models.cnn, CNN_SPEC, (2, 3, 16, 16)),
-], ids=["mlp", "cnn"])  # fmt: skip
+@pytest.mark.parametrize(
+    "factory,spec,shape",
+    [
+        (models.mlp, MLP_SPEC, (4, 16)),
+        (models.cnn, CNN_SPEC, (2, 3, 16, 16)),
+    ],
+    ids=["mlp", "cnn"],
+)
 def test_save_then_load_gives_identical_outputs(factory, spec, shape, tmp_path):
     x = torch.randn(shape)
     small = surgery.apply(factory(), spec, x)
@@ -149,8 +161,13 @@ def test_save_and_load_a_bert_built_from_a_config(tmp_path):
 
 
 def test_shared_tensors_are_stored_once_and_come_back_shared(tmp_path):
-    small = surgery.apply(models.tied(), {"version": 1, "rules": [
-        {"match": "other", "transform": "factorize", "params": {"rank": 4}}]})  # fmt: skip
+    small = surgery.apply(
+        models.tied(),
+        {
+            "version": 1,
+            "rules": [{"match": "other", "transform": "factorize", "params": {"rank": 4}}],
+        },
+    )
     tnsurgery.save(small, tmp_path / "tied")
     manifest = json.loads((tmp_path / "tied" / "manifest.json").read_text())
     assert manifest["aliases"] == {"dec.weight": "enc.weight"}
@@ -174,6 +191,23 @@ def test_load_refuses_a_layer_no_plugin_provides_and_leaves_the_base_alone(tmp_p
         tnsurgery.load(tmp_path / "out", base, registry=Registry())
     assert all(type(m) is nn.Linear for m in (base.fc1, base.fc2, base.fc3))
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_load_with_weights_that_do_not_fit_leaves_the_base_as_it_was(tmp_path):
+    one_rule = {
+        "version": 1,
+        "rules": [{"match": "fc1", "transform": "factorize", "params": {"rank": 4}}],
+    }
+    tnsurgery.save(surgery.apply(models.mlp(), one_rule), tmp_path / "out")
+    base = models.MLP()
+    base.fc3 = nn.Linear(48, 10)  # fc3 does not fit; fc2 does, but must not be half-loaded
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        tnsurgery.load(tmp_path / "out", base)
+    assert type(base.fc1) is nn.Linear
+    assert base.state_dict().keys() == before.keys()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_load_on_the_wrong_architecture_is_a_clean_error(tmp_path):
@@ -204,14 +238,20 @@ def test_a_pickled_custom_class_is_refused_naming_the_class_and_the_flags(tmp_pa
     msg = str(info.value)
     assert "tests.models.MLP" in msg
     assert "--trust-pickle" in msg and "--allow-class" in msg
-    assert "torch.nn" not in msg.split("default:")[1].split(".")[0]  # only the untrusted ones
+    # only the untrusted class is listed: the torch.nn ones it also needs are allowed
+    assert msg.split("not trusted by default: ")[1].split(". If you trust")[0] == (
+        "tests.models.MLP"
+    )
 
 
-@pytest.mark.parametrize("how", [
-    {"trust_pickle": True},
-    {"allow_classes": ["tests.models.MLP"]},
-    {"allow_classes": ("tests.models",)},  # a package prefix
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"trust_pickle": True},
+        {"allow_classes": ["tests.models.MLP"]},
+        {"allow_classes": ("tests.models",)},  # a package prefix
+    ],
+)
 def test_a_pickled_custom_class_loads_when_allowed(how, tmp_path):
     model = models.mlp()
     torch.save(model, tmp_path / "custom.pt")
@@ -264,13 +304,16 @@ def test_weights_that_do_not_fit_the_arch(tmp_path, in_repo_root):
         io.load_model(tmp_path / "cnn.safetensors", arch="tests.models:mlp")
 
 
-@pytest.mark.parametrize("arch,message", [
-    ("tests.models.mlp", "pkg.module:factory"),
-    ("tests.models:nothing", "cannot import"),
-    ("tests.nowhere:mlp", "cannot import"),
-    ("tests.models:broken", "the factory failed: RuntimeError"),
-    ("builtins:dict", "not an nn.Module"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("tests.models.mlp", "pkg.module:factory"),
+        ("tests.models:nothing", "cannot import"),
+        ("tests.nowhere:mlp", "cannot import"),
+        ("tests.models:broken", "the factory failed: RuntimeError"),
+        ("builtins:dict", "not an nn.Module"),
+    ],
+)
 def test_bad_arch_is_a_user_error(arch, message, tmp_path, in_repo_root):
     save_file(models.MLP().state_dict(), str(tmp_path / "w.safetensors"))
     with pytest.raises(UserInputError, match=message):
@@ -324,20 +367,37 @@ def test_pickle_in_pickle_out_with_the_pair(tmp_path):
     model, x = models.plain_mlp(), torch.randn(4, 16)
     torch.save(model, tmp_path / "in.pt")
     loaded = io.load_model(tmp_path / "in.pt")
-    small = surgery.apply(loaded.model, {"version": 1, "rules": [
-        {"match": "*", "types": ["Linear"], "transform": "factorize", "params": {"rank": 4}}]}, x)  # fmt: skip
+    small = surgery.apply(
+        loaded.model,
+        {
+            "version": 1,
+            "rules": [
+                {"match": "*", "types": ["Linear"], "transform": "factorize", "params": {"rank": 4}}
+            ],
+        },
+        x,
+    )
     out = io.default_output(loaded)
     assert out == tmp_path / "in.surgered.pt"
     written = io.save_like_input(small, loaded, out)
-    assert written == [out, tmp_path / "in.surgered.manifest.json", tmp_path / "in.surgered.safetensors"]
-    assert files_in(tmp_path) == {"in.pt", "in.surgered.pt", "in.surgered.manifest.json",
-                                  "in.surgered.safetensors"}  # fmt: skip
+    assert written == [
+        out,
+        tmp_path / "in.surgered.manifest.json",
+        tmp_path / "in.surgered.safetensors",
+    ]
+    assert files_in(tmp_path) == {
+        "in.pt",
+        "in.surgered.pt",
+        "in.surgered.manifest.json",
+        "in.surgered.safetensors",
+    }
     again = io.load_model(out)  # tnsurgery layers are trusted: no flag needed
     assert again.kind == "pickle"
     assert isinstance(again.model[0], LowRankLinear)
     assert torch.equal(run(again.model, x), run(small, x))
-    assert tnsurgery.get_manifest(again.model)["replacements"] == (
-        tnsurgery.get_manifest(small)["replacements"]
+    assert (
+        tnsurgery.get_manifest(again.model)["replacements"]
+        == (tnsurgery.get_manifest(small)["replacements"])
     )
     # the pair rebuilds it without unpickling anything
     back = tnsurgery.load(tmp_path / "in.surgered.safetensors", models.plain_mlp())
@@ -393,8 +453,10 @@ def test_the_input_is_never_overwritten(tmp_path):
     torch.save(models.plain_mlp(), tmp_path / "in.pt")
     original = (tmp_path / "in.pt").read_bytes()
     loaded = io.load_model(tmp_path / "in.pt")
-    small = surgery.apply(loaded.model, {"version": 1, "rules": [
-        {"match": "0", "transform": "factorize", "params": {"rank": 4}}]})  # fmt: skip
+    small = surgery.apply(
+        loaded.model,
+        {"version": 1, "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 4}}]},
+    )
     for out in (tmp_path / "in.pt", tmp_path / "." / "in.pt"):
         with pytest.raises(UserInputError, match="overwrite the input"):
             io.save_like_input(small, loaded, out)
@@ -428,8 +490,10 @@ def _fail_midway(real_write_path_arg: int = 1):
 def test_a_failed_pickle_write_leaves_no_file(fail, tmp_path, monkeypatch):
     torch.save(models.plain_mlp(), tmp_path / "in.pt")
     loaded = io.load_model(tmp_path / "in.pt")
-    small = surgery.apply(loaded.model, {"version": 1, "rules": [
-        {"match": "0", "transform": "factorize", "params": {"rank": 4}}]})  # fmt: skip
+    small = surgery.apply(
+        loaded.model,
+        {"version": 1, "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 4}}]},
+    )
     (tmp_path / "out.pt").write_bytes(b"an older output")  # must survive a failed write
     before = files_in(tmp_path)
     if fail == "torch.save":

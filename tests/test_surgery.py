@@ -172,10 +172,14 @@ def observer():
 # ---------------------------------------------------------------------- plan
 
 
-@pytest.mark.parametrize("spec", [
-    MLP_SPEC,
-    spec_of(rule("fc1"), rule("*", types=["Linear"], params={"param_ratio": 0.5})),
-], ids=["one-rule", "two-rules"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MLP_SPEC,
+        spec_of(rule("fc1"), rule("*", types=["Linear"], params={"param_ratio": 0.5})),
+    ],
+    ids=["one-rule", "two-rules"],
+)
 @pytest.mark.parametrize("with_input", [False, True])
 def test_plan_does_not_touch_the_model(spec, with_input):
     model = models.mlp()
@@ -360,8 +364,10 @@ def test_a_later_rule_can_wrap_what_an_earlier_rule_built():
     assert isinstance(small.fc1, Scaled) and isinstance(small.fc1.inner, LowRankLinear)
     assert isinstance(small.fc2, Scaled) and type(small.fc3) is nn.Linear
     manifest = surgery.get_manifest(small)
-    records = [(r["rule_index"], r["name"], r["layer"].rsplit(".", 1)[-1], r["config"])
-               for r in manifest["replacements"]]  # fmt: skip
+    records = [
+        (r["rule_index"], r["name"], r["layer"].rsplit(".", 1)[-1], r["config"])
+        for r in manifest["replacements"]
+    ]
     assert records == [
         (0, "fc1", "LowRankLinear", small.fc1.inner.config()),
         (0, "fc2", "LowRankLinear", small.fc2.inner.config()),

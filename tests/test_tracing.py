@@ -128,10 +128,13 @@ def test_forcing_fx_on_an_untraceable_model_raises():
         trace(models.branchy(), MLP_TARGETS, torch.randn(4, 16), method="fx")
 
 
-@pytest.mark.parametrize("factory,targets,shape", [
-    (models.mlp, MLP_TARGETS, (5, 16)),
-    (models.cnn, ["conv1", "conv2", "fc"], (2, 3, 16, 16)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "factory,targets,shape",
+    [
+        (models.mlp, MLP_TARGETS, (5, 16)),
+        (models.cnn, ["conv1", "conv2", "fc"], (2, 3, 16, 16)),
+    ],
+)
 def test_fx_and_hooks_record_the_same_calls(factory, targets, shape):
     model, x = factory(), torch.randn(shape)
     fx = trace(model, targets, x, method="fx")
@@ -151,7 +154,7 @@ def test_tracing_leaves_the_model_as_it_was():
     assert _same_state(model, before)
     assert [m.training for m in model.modules()] == [m.training for m in before.modules()]
     assert all(not m._forward_hooks for m in model.modules())
-    assert all(type(a) is type(b) for a, b in zip(model.modules(), before.modules()))
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), before.modules(), strict=True))
 
 
 def test_hooks_see_kwargs_and_tuple_inputs():
@@ -189,14 +192,20 @@ def test_linear_flops_by_hand_and_by_torch_flop_counter():
     assert module_flops(fc, None) == 2 * 16 * 48  # one row when the shape is unknown
 
 
-@pytest.mark.parametrize("conv,shape,by_hand", [
-    (nn.Conv2d(3, 16, 3, padding=1), (2, 3, 16, 16), 2 * 2 * 16 * 16 * 16 * 3 * 9),
-    (nn.Conv2d(16, 32, 3, stride=2, padding=1), (2, 16, 16, 16), 2 * 2 * 8 * 8 * 32 * 16 * 9),
-    (nn.Conv2d(4, 8, 3, groups=2), (1, 4, 9, 9), 2 * 7 * 7 * 8 * 2 * 9),
-    (nn.Conv2d(4, 8, (3, 5), dilation=(2, 1), stride=(2, 1), padding=(1, 2)), (1, 4, 11, 13),
-     2 * 5 * 13 * 8 * 4 * 15),
-    (nn.Conv2d(3, 6, 3), (3, 10, 10), 2 * 8 * 8 * 6 * 3 * 9),  # unbatched
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "conv,shape,by_hand",
+    [
+        (nn.Conv2d(3, 16, 3, padding=1), (2, 3, 16, 16), 2 * 2 * 16 * 16 * 16 * 3 * 9),
+        (nn.Conv2d(16, 32, 3, stride=2, padding=1), (2, 16, 16, 16), 2 * 2 * 8 * 8 * 32 * 16 * 9),
+        (nn.Conv2d(4, 8, 3, groups=2), (1, 4, 9, 9), 2 * 7 * 7 * 8 * 2 * 9),
+        (
+            nn.Conv2d(4, 8, (3, 5), dilation=(2, 1), stride=(2, 1), padding=(1, 2)),
+            (1, 4, 11, 13),
+            2 * 5 * 13 * 8 * 4 * 15,
+        ),
+        (nn.Conv2d(3, 6, 3), (3, 10, 10), 2 * 8 * 8 * 6 * 3 * 9),  # unbatched
+    ],
+)
 def test_conv2d_flops_by_hand_and_by_torch_flop_counter(conv, shape, by_hand):
     assert module_flops(conv, shape) == by_hand
     assert module_flops(conv, shape) == _counted_flops(conv, torch.randn(shape))

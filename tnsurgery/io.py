@@ -186,19 +186,25 @@ def build_arch(arch: str) -> nn.Module:
 
 
 def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ModelLoadError(
-            f"{source}: weights do not fit the architecture: {_short(exc)}"
-        ) from None
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
+    """Load ``state`` into ``model`` only if all of it fits: on error nothing was copied."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatch(es): {', '.join(wrong[:5])}")
+    if parts:
         raise ModelLoadError(f"{source}: weights do not fit the architecture: {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

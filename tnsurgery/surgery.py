@@ -132,10 +132,10 @@ def _run(
     build_last: bool,
     undo: list | None = None,
     progress: Progress | None = None,
-) -> tuple[Plan, dict[str, nn.Module]]:
+) -> tuple[Plan, dict[tuple[int, str], nn.Module]]:
     registry = registry or get_registry()
     result = Plan(model_params_before=sum(p.numel() for p in work.parameters()))
-    built: dict[str, nn.Module] = {}
+    built: dict[tuple[int, str], nn.Module] = {}
     undo = undo if undo is not None else []
     for index, rule in enumerate(spec.rules):
         transform = registry.get(rule.transform)
@@ -192,7 +192,7 @@ def _run(
             old = modules[tp.name]
             new = _build(transform, old, rule, tp, decisions[tp.name])
             _swap(work, tp.name, new, undo)
-            built[tp.name] = new
+            built[(index, tp.name)] = new
             tp.weight_error = _weight_error(old, new)
             if tp.params_after is None:
                 tp.params_after = sum(p.numel() for p in new.parameters())
@@ -373,7 +373,8 @@ def _verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: An
     with eval_mode(original, work):
         surgered = call_model(work, sample_input)
         new_modules = dict(work.named_modules())
-        for t in result.replaced():
+        last = {t.name: t for t in result.replaced()}  # a name replaced twice: the final layer
+        for t in last.values():
             if t.name in captured and t.name in new_modules:
                 args, kwargs, out = captured[t.name]
                 if isinstance(out, torch.Tensor):
@@ -381,10 +382,12 @@ def _verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: An
     result.output_error, result.output_error_name = output_error(reference, surgered)
 
 
-def _manifest(work: nn.Module, spec: Spec, result: Plan, built: dict[str, nn.Module]) -> dict:
+def _manifest(
+    work: nn.Module, spec: Spec, result: Plan, built: dict[tuple[int, str], nn.Module]
+) -> dict:
     replacements = []
     for t in result.replaced():
-        new = built[t.name]
+        new = built[(t.rule_index, t.name)]
         replacements.append(
             {
                 "name": t.name,

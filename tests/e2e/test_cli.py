@@ -38,10 +38,14 @@ except ImportError:  # plain `pytest` does not put the repo root on sys.path
     from tests import models
 
 ROOT = Path(__file__).resolve().parents[2]
-MLP_SPEC = {"version": 1, "rules": [{"match": "fc*", "transform": "factorize",
-                                     "params": {"rank": 4}}]}  # fmt: skip
-SEQ_SPEC = {"version": 1, "rules": [{"match": "*", "types": ["Linear"], "transform": "factorize",
-                                     "params": {"rank": 4}}]}  # fmt: skip
+MLP_SPEC = {
+    "version": 1,
+    "rules": [{"match": "fc*", "transform": "factorize", "params": {"rank": 4}}],
+}
+SEQ_SPEC = {
+    "version": 1,
+    "rules": [{"match": "*", "types": ["Linear"], "transform": "factorize", "params": {"rank": 4}}],
+}
 TNSURGERY = shutil.which("tnsurgery")
 
 
@@ -105,10 +109,16 @@ def test_validate_a_good_spec(spec_file):
 
 
 def test_validate_a_bad_spec_names_the_rule_and_the_field(tmp_path):
-    bad = write_json(tmp_path / "bad.json", {"version": 1, "rules": [
-        {"match": "fc1", "transform": "factorize", "params": {"rnak": 4}},
-        {"match": "re:.*\\.[qkv]_proj", "transform": "factorize", "params": {"rank": 0}},
-    ]})  # fmt: skip
+    bad = write_json(
+        tmp_path / "bad.json",
+        {
+            "version": 1,
+            "rules": [
+                {"match": "fc1", "transform": "factorize", "params": {"rnak": 4}},
+                {"match": "re:.*\\.[qkv]_proj", "transform": "factorize", "params": {"rank": 0}},
+            ],
+        },
+    )
     result = invoke("validate", bad)
     assert result.exit_code == 2
     assert result.stdout == ""
@@ -124,11 +134,14 @@ def test_validate_a_bad_spec_names_the_rule_and_the_field(tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "spec file not found"),
-    ("{not json", "not valid JSON"),
-    ('{"version": 1, "rules": []}', "rules"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "spec file not found"),
+        ("{not json", "not valid JSON"),
+        ('{"version": 1, "rules": []}', "rules"),
+    ],
+)
 def test_validate_unreadable_specs_exit_2(content, message, tmp_path):
     path = tmp_path / "spec.json"
     if content is not None:
@@ -146,8 +159,10 @@ def test_schema_is_a_valid_json_schema_that_checks_specs():
     assert "factorize" in schema["$defs"]["Rule"]["properties"]["transform"]["enum"]
     validator = jsonschema.Draft202012Validator(schema)
     assert list(validator.iter_errors(MLP_SPEC)) == []
-    bad = {"version": 1, "rules": [{"match": "x", "transform": "factorize",
-                                    "params": {"rank": 4, "rnak": 1}}]}  # fmt: skip
+    bad = {
+        "version": 1,
+        "rules": [{"match": "x", "transform": "factorize", "params": {"rank": 4, "rnak": 1}}],
+    }
     assert list(validator.iter_errors(bad))
 
 
@@ -160,9 +175,7 @@ def test_plugins_lists_factorize_as_builtin():
     factorize = next(t for t in data["transforms"] if t["name"] == "factorize")
     assert factorize["origin"] == "builtin"
     assert factorize["types"] == ["Linear", "Conv2d"]
-    assert {"rank", "rank_ratio", "param_ratio", "energy", "max_error"} <= set(
-        factorize["params"]
-    )
+    assert {"rank", "rank_ratio", "param_ratio", "energy", "max_error"} <= set(factorize["params"])
     assert isinstance(data["failed"], list)
 
 
@@ -257,8 +270,11 @@ def test_apply_json_reports_the_output_error(spec_file, plain_pt, tmp_path):
     data = json.loads(result.stdout)
     assert 0 < data["output_error"] < 1
     assert data["output_error_name"] == "output"
-    assert data["written"] == [str(out), str(tmp_path / "small.manifest.json"),
-                               str(tmp_path / "small.safetensors")]  # fmt: skip
+    assert data["written"] == [
+        str(out),
+        str(tmp_path / "small.manifest.json"),
+        str(tmp_path / "small.safetensors"),
+    ]
     assert data["plan"]["applied"] is True
     # reproduce the reported error from the written model, on the same sample input
     x = torch.randn((8, 16), generator=torch.Generator().manual_seed(0))
@@ -284,11 +300,25 @@ def test_apply_with_arch_and_a_state_dict(tmp_path, in_repo_root):
     save_file(models.mlp().state_dict(), str(tmp_path / "w.safetensors"))
     spec = write_json(tmp_path / "spec.json", MLP_SPEC)
     out = tmp_path / "small.safetensors"
-    result = invoke("apply", spec, tmp_path / "w.safetensors", "--arch", "tests.models:mlp",
-                    "-o", out, "--sample-input", "4x16", "--json")  # fmt: skip
+    result = invoke(
+        "apply",
+        spec,
+        tmp_path / "w.safetensors",
+        "--arch",
+        "tests.models:mlp",
+        "-o",
+        out,
+        "--sample-input",
+        "4x16",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
-    assert files_in(tmp_path) == {"spec.json", "w.safetensors", "small.safetensors",
-                                  "small.manifest.json"}  # fmt: skip
+    assert files_in(tmp_path) == {
+        "spec.json",
+        "w.safetensors",
+        "small.safetensors",
+        "small.manifest.json",
+    }
     again = io.load_model(out, arch="tests.models:mlp").model
     assert isinstance(again.fc3, LowRankLinear)
 
@@ -304,8 +334,13 @@ def test_apply_bad_input_exits_2_and_writes_nothing(case, spec_file, plain_pt, t
         data = plain_pt.read_bytes()
         plain_pt.write_bytes(data[: len(data) // 2])
     else:
-        spec = write_json(tmp_path / "bad.json", {"version": 1, "rules": [
-            {"match": "head", "transform": "factorize", "params": {"rank": 2}}]})  # fmt: skip
+        spec = write_json(
+            tmp_path / "bad.json",
+            {
+                "version": 1,
+                "rules": [{"match": "head", "transform": "factorize", "params": {"rank": 2}}],
+            },
+        )
     before = files_in(tmp_path)
     out = tmp_path / "out.pt"
     result = invoke("apply", spec, model, "-o", out)
@@ -390,8 +425,9 @@ def boom_plugin():
 
 
 def test_an_internal_error_exits_1_without_traceback(boom_plugin, plain_pt, tmp_path):
-    spec = write_json(tmp_path / "boom.json", {"version": 1, "rules": [
-        {"match": "0", "transform": "boom"}]})  # fmt: skip
+    spec = write_json(
+        tmp_path / "boom.json", {"version": 1, "rules": [{"match": "0", "transform": "boom"}]}
+    )
     before = files_in(tmp_path)
     result = invoke("apply", spec, plain_pt, "-o", tmp_path / "out.pt")
     assert result.exit_code == 1
@@ -446,8 +482,18 @@ def test_script_exit_codes_and_no_traceback(tmp_path, spec_file, plain_pt):
 def test_script_apply_with_arch_from_the_working_directory(tmp_path):
     torch.save(models.mlp().state_dict(), tmp_path / "sd.pt")
     spec = write_json(tmp_path / "spec.json", MLP_SPEC)
-    res = script("apply", spec, tmp_path / "sd.pt", "--arch", "tests.models:mlp",
-                 "-o", tmp_path / "out.pt", "--sample-input", "4x16", "--json")  # fmt: skip
+    res = script(
+        "apply",
+        spec,
+        tmp_path / "sd.pt",
+        "--arch",
+        "tests.models:mlp",
+        "-o",
+        tmp_path / "out.pt",
+        "--sample-input",
+        "4x16",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert json.loads(res.stdout)["output_error"] > 0

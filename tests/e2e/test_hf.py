@@ -120,11 +120,15 @@ def test_high_ranks_give_a_small_output_error_on_bert():
     spec = {
         "version": 1,
         "rules": [
-            {"match": FFN, "types": ["Linear"], "transform": "factorize",
-             "params": {"max_error": 0.01}},
+            {
+                "match": FFN,
+                "types": ["Linear"],
+                "transform": "factorize",
+                "params": {"max_error": 0.01},
+            },
             {"match": QKV, "transform": "factorize", "params": {"energy": 0.9999}},
         ],
-    }  # fmt: skip
+    }
     small = surgery.apply(model, spec, x)
     manifest = get_manifest(small)
     assert len(manifest["replacements"]) == 4 + 6
@@ -134,8 +138,11 @@ def test_high_ranks_give_a_small_output_error_on_bert():
     assert manifest["output_error"] == pytest.approx(max(errors.values()), rel=1e-9)
     assert manifest["output_error"] < 0.02
     # and lower ranks give a larger error: the number measures something
-    low = surgery.apply(model, {"version": 1, "rules": [
-        {"match": FFN, "transform": "factorize", "params": {"rank": 2}}]}, x)  # fmt: skip
+    low = surgery.apply(
+        model,
+        {"version": 1, "rules": [{"match": FFN, "transform": "factorize", "params": {"rank": 2}}]},
+        x,
+    )
     assert get_manifest(low)["output_error"] > 5 * manifest["output_error"]
 
 
@@ -145,10 +152,14 @@ MINILM_SPEC = {
     "version": 1,
     "description": "all-MiniLM-L6-v2: feed-forward Linears at half their parameters",
     "rules": [
-        {"match": FFN, "types": ["Linear"], "transform": "factorize",
-         "params": {"param_ratio": 0.5}},
+        {
+            "match": FFN,
+            "types": ["Linear"],
+            "transform": "factorize",
+            "params": {"param_ratio": 0.5},
+        },
     ],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
