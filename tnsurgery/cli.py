@@ -25,7 +25,7 @@ from rich.table import Table
 
 from tnsurgery import io, surgery
 from tnsurgery._version import __version__
-from tnsurgery.errors import UserInputError
+from tnsurgery.errors import SpecError, UserInputError
 from tnsurgery.plan import Plan
 from tnsurgery.plugins import get_plugin_manager, get_registry
 from tnsurgery.spec import json_schema, load_spec
@@ -271,12 +271,21 @@ def _model_summary(plan: Plan) -> str:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-def validate(spec: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(spec: str, as_json: bool) -> None:
     """Check a spec file: structure, patterns, transform names and params."""
-    s = load_spec(spec)
-    out.print(
-        f"{spec}: valid ({len(s.rules)} rule{'s' if len(s.rules) != 1 else ''})", highlight=False
-    )
+    try:
+        s = load_spec(spec)
+    except SpecError as exc:
+        if not as_json:
+            raise
+        _emit_json({"valid": False, "problems": exc.problems})
+        raise click.exceptions.Exit(2) from None
+    if as_json:
+        _emit_json({"valid": True, "rules": len(s.rules)})
+        return
+    n = len(s.rules)
+    out.print(f"{spec}: valid ({n} rule{'s' if n != 1 else ''})", highlight=False)
 
 
 @cli.command()
