@@ -111,7 +111,8 @@ def apply(
         )
         if sample_input is not None:
             _verify(original, work, result, sample_input)
-        result.model_params_after = sum(p.numel() for p in work.parameters())
+        if result.totals()["model_params_after"] is None:  # a transform did not count
+            result.model_params_after = sum(p.numel() for p in work.parameters())
         result.applied = True
         manifest = _manifest(work, spec, result, new_modules)
         get_plugin_manager().hook.after_surgery(model=work, plan=result, manifest=manifest)
