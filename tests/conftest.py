@@ -100,7 +100,7 @@ def factorize_only_registry() -> Registry:
     )
 
 
-def tiny_bert_model() -> nn.Module:
+def tiny_bert_model(seed: int = 0) -> nn.Module:
     """A randomly initialised Hugging Face BERT small enough for unit tests."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
@@ -109,8 +109,9 @@ def tiny_bert_model() -> nn.Module:
         num_attention_heads=2,
         intermediate_size=64,
         vocab_size=100,
+        max_position_embeddings=32,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return transformers.BertModel(config).eval()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_bert_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -52,18 +53,7 @@ def in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
-def tiny_bert(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(seed)
-    return transformers.BertModel(config).eval()
+tiny_bert = tiny_bert_model
 
 
 def bert_input():

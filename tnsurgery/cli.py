@@ -339,6 +339,13 @@ def _common_plan_args(f):
     return f
 
 
+def _prepare(spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input):
+    """Spec first (cheap, and its errors matter most), then the model and the sample input."""
+    s = load_spec(spec)
+    loaded = _load(model, arch, trust_pickle, allow_class)
+    return s, loaded, resolve_sample_input(sample_input, loaded, no_sample_input)
+
+
 @cli.command(name="plan")
 @_common_plan_args
 def plan_cmd(
@@ -353,9 +360,9 @@ def plan_cmd(
     allow_empty,
 ):
     """Show what SPEC would do to MODEL, as a table; changes nothing."""
-    s = load_spec(spec)
-    loaded = _load(model, arch, trust_pickle, allow_class)
-    x = resolve_sample_input(sample_input, loaded, no_sample_input)
+    s, loaded, x = _prepare(
+        spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
+    )
     with err.status("planning"):
         p = surgery.plan(loaded.model, s, x, allow_empty=allow_empty)
     if as_json:
@@ -388,9 +395,9 @@ def apply_cmd(
 ):
     """Apply SPEC to MODEL and write the surgered model (same kind as the input) with its
     manifest.json + .safetensors pair."""
-    s = load_spec(spec)
-    loaded = _load(model, arch, trust_pickle, allow_class)
-    x = resolve_sample_input(sample_input, loaded, no_sample_input)
+    s, loaded, x = _prepare(
+        spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
+    )
     target = Path(output) if output else io.default_output(loaded)
     with Progress(
         TextColumn("{task.description}"),
