@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from tnsurgery.decompositions.svd import compute_dtype, exact_svd, randomized_svd
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.lowrank import LowRankConv2d, LowRankLinear, conv2d_output_hw
 from tnsurgery.transform import (
@@ -61,10 +62,6 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _compute_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
-
-
 def _choose_method(params: FactorizeParams, rank: int | None, full_rank: int) -> str:
     if params.method != "auto":
         return params.method
@@ -74,46 +71,12 @@ def _choose_method(params: FactorizeParams, rank: int | None, full_rank: int) ->
     return "randomized" if q <= RANDOMIZED_MAX_FRACTION * full_rank else "exact"
 
 
-def randomized_svd(
-    a: torch.Tensor, q: int, niter: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, alg. 4.4 + 5.1).
-
-    The algorithm of ``torch.svd_lowrank``, with two changes that matter here:
-    a seeded generator (deterministic without touching the global RNG), and
-    the small SVD taken on the tall ``Aᵀ Q`` instead of the wide ``Qᵀ A``,
-    which LAPACK does several times faster. Returns ``U (m, q)``, ``S (q,)``,
-    ``V (n, q)`` with ``A ≈ U diag(S) Vᵀ``.
-    """
-    transpose = a.shape[0] < a.shape[1]
-    if transpose:  # work on the tall orientation
-        a = a.mT
-    g = torch.Generator(device=a.device).manual_seed(seed)
-    omega = torch.randn(a.shape[1], q, generator=g, device=a.device, dtype=a.dtype)
-    basis = torch.linalg.qr(a @ omega).Q
-    for _ in range(niter):  # power iterations, re-orthonormalized each half-step
-        basis = torch.linalg.qr(a.mT @ basis).Q
-        basis = torch.linalg.qr(a @ basis).Q
-    ub, s, vbh = torch.linalg.svd(a.mT @ basis, full_matrices=False)  # (Qᵀ A)ᵀ, tall
-    u, v = basis @ vbh.mT, ub
-    return (v, s, u) if transpose else (u, s, v)
-
-
-def exact_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``A = U diag(S) Vᵀ`` computed on the tall orientation (faster in LAPACK)."""
-    if a.shape[0] < a.shape[1]:
-        u, s, vh = torch.linalg.svd(a.mT, full_matrices=False)
-        return vh.mT, s, u
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return u, s, vh.mT
-
-
 def svd(w: torch.Tensor, rank: int | None, params: FactorizeParams, values_only: bool = False):
     """Truncated SVD of ``w`` with the method ``params`` asks for (exact or randomized)."""
     m, n = w.shape
     full = min(m, n)
     method = _choose_method(params, rank, full)
-    a = w.to(_compute_dtype(w))
+    a = w.to(compute_dtype(w))
     if method == "randomized" and rank is not None:
         q = min(rank + params.oversample, full)
         return _Svd(*randomized_svd(a, q, params.niter, params.seed), "randomized")

@@ -1,0 +1,48 @@
+"""Truncated SVDs: exact (LAPACK on the fast orientation) and randomized (seeded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def randomized_svd(
+    a: torch.Tensor, q: int, niter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, alg. 4.4 + 5.1).
+
+    The algorithm of ``torch.svd_lowrank``, with two changes that matter here:
+    a seeded generator (deterministic without touching the global RNG), and
+    the small SVD taken on the tall ``Aᵀ Q`` instead of the wide ``Qᵀ A``,
+    which LAPACK does several times faster. Returns ``U (m, q)``, ``S (q,)``,
+    ``V (n, q)`` with ``A ≈ U diag(S) Vᵀ``.
+    """
+    transpose = a.shape[0] < a.shape[1]
+    if transpose:  # work on the tall orientation
+        a = a.mT
+    g = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(a.shape[1], q, generator=g, device=a.device, dtype=a.dtype)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):  # power iterations, re-orthonormalized each half-step
+        basis = torch.linalg.qr(a.mT @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    ub, s, vbh = torch.linalg.svd(a.mT @ basis, full_matrices=False)  # (Qᵀ A)ᵀ, tall
+    u, v = basis @ vbh.mT, ub
+    return (v, s, u) if transpose else (u, s, v)
+
+
+def exact_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``A = U diag(S) Vᵀ``; returns ``U, S, V`` (``V`` not transposed).
+
+    LAPACK is handed the row-major matrix's column-major view when that is
+    the faster orientation.
+    """
+    if a.shape[0] < a.shape[1]:
+        u, s, vh = torch.linalg.svd(a.mT, full_matrices=False)
+        return vh.mT, s, u
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, s, vh.mT
+
+
+def compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (float32, bf16, fp16) is decomposed in float32."""
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
