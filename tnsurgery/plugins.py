@@ -20,7 +20,7 @@ from tnsurgery import hookspecs
 from tnsurgery.transform import Transform
 
 GROUP = "tnsurgery"
-DEFAULT_PLUGINS = ("tnsurgery.transforms.factorize",)
+DEFAULT_PLUGINS = ("tnsurgery.transforms.factorize", "tnsurgery.transforms.tt")
 
 
 @dataclass

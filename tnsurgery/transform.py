@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -122,7 +122,9 @@ class RankOptions(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         # editors see the "exactly one" rule too
-        json_schema_extra={"oneOf": [{"required": [k]} for k in RANK_OPTIONS]},
+        json_schema_extra=lambda schema, cls: schema.update(
+            oneOf=[{"required": [k]} for k in cls.rank_fields]
+        ),
     )
 
     rank: int | None = Field(None, gt=0, strict=True, description="Rank to keep.")
@@ -139,11 +141,14 @@ class RankOptions(BaseModel):
         None, ge=0, lt=1, description="Relative Frobenius error allowed on the weight."
     )
 
+    # Subclasses that add a rank-like option (e.g. tt's ``ranks``) extend this.
+    rank_fields: ClassVar[tuple[str, ...]] = RANK_OPTIONS
+
     @model_validator(mode="after")
     def _exactly_one(self) -> RankOptions:
-        given = [k for k in RANK_OPTIONS if getattr(self, k) is not None]
+        given = [k for k in self.rank_fields if getattr(self, k) is not None]
         if len(given) != 1:
-            listed = ", ".join(RANK_OPTIONS)
+            listed = ", ".join(self.rank_fields)
             got = f"got {', '.join(given)}" if given else "got none"
             raise ValueError(f"give exactly one of {listed} ({got})")
         return self
@@ -155,7 +160,7 @@ class RankOptions(BaseModel):
 
     def describe(self) -> dict[str, Any]:
         """The one rank option given, as ``{name: value}``."""
-        return {k: getattr(self, k) for k in RANK_OPTIONS if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in self.rank_fields if getattr(self, k) is not None}
 
 
 def resolve_rank(

@@ -1,0 +1,218 @@
+"""``tt``: Tensor-Train (TT-matrix) factorization of ``nn.Linear``.
+
+The weight ``W (out, in)`` is reshaped to a d-way tensor whose k-th mode
+pairs the k-th output and input factors, and decomposed by TT-SVD
+(Oseledets 2011), the quasi-optimal TT approximation at the chosen ranks.
+Sizes that do not factor into balanced modes (e.g. primes) are zero-padded
+to the nearest size that does (at most +25%), or refused with the reason.
+``nn.Conv2d`` is not accepted: use ``factorize`` for convolutions (a TT conv
+would need a channel-mode reshaping that is rarely worth it at k×k kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from tnsurgery.decompositions.factors import choose_factors
+from tnsurgery.decompositions.svd import compute_dtype
+from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_matrix_full, tt_svd
+from tnsurgery.hookspecs import hookimpl
+from tnsurgery.layers.tt import TTLinear
+from tnsurgery.transform import RANK_OPTIONS, Context, Decision, RankOptions, Transform
+
+
+class TTParams(RankOptions):
+    """Params of ``tt``: TT ranks (``ranks``, or one shared rank option), the modes.
+
+    - ``ranks``: an int (every bond) or a list of d-1 ints; ``rank`` is the
+      same as an int ``ranks``; ``rank_ratio`` is a fraction of each bond's
+      largest possible rank; ``param_ratio`` picks the largest uniform rank
+      cap that keeps that fraction of the layer's parameters; ``energy`` and
+      ``max_error`` set the TT-SVD truncation (relative Frobenius error
+      ``max_error``, or ``sqrt(1 - energy)``), split over the d-1 bonds.
+    """
+
+    rank_fields = (*RANK_OPTIONS, "ranks")
+
+    ranks: int | list[int] | None = Field(
+        None, description="TT ranks: one int for every bond, or a list of d-1 ints."
+    )
+    d: int = Field(
+        3, ge=2, le=8, description="Number of TT cores (modes) when factors are not given."
+    )
+    in_factors: list[int] | None = Field(
+        None, description="Factors of in_features (product >= in_features; padded with zeros)."
+    )
+    out_factors: list[int] | None = Field(
+        None, description="Factors of out_features (product >= out_features)."
+    )
+    path: Literal["auto", "contract", "dense"] = Field(
+        "auto",
+        description="Forward: 'auto' picks per call the cheaper of contracting through the "
+        "cores and rebuilding the dense weight, by FLOPs.",
+    )
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, v):
+        vals = [v] if isinstance(v, int) else (v or [])
+        if any(isinstance(x, bool) or x < 1 for x in vals):
+            raise ValueError("TT ranks must be integers >= 1")
+        return v
+
+    @field_validator("in_factors", "out_factors")
+    @classmethod
+    def _positive_factors(cls, v):
+        if v is not None and (not v or any(x < 1 for x in v)):
+            raise ValueError("factors must be a non-empty list of integers >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent_modes(self) -> TTParams:
+        lens = {len(f) for f in (self.in_factors, self.out_factors) if f is not None}
+        if len(lens) > 1:
+            raise ValueError("in_factors and out_factors need the same length")
+        d = lens.pop() if lens else self.d
+        if isinstance(self.ranks, list) and len(self.ranks) != d - 1:
+            raise ValueError(f"ranks needs d-1 = {d - 1} values, got {len(self.ranks)}")
+        return self
+
+
+def _modes(module: nn.Linear, params: TTParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    d = len(params.in_factors or params.out_factors or [None] * params.d)
+    in_f = (
+        tuple(params.in_factors) if params.in_factors else choose_factors(module.in_features, d)[0]
+    )
+    out_f = (
+        tuple(params.out_factors)
+        if params.out_factors
+        else choose_factors(module.out_features, d)[0]
+    )
+    if math.prod(in_f) < module.in_features or math.prod(out_f) < module.out_features:
+        raise ValueError(
+            f"factors {list(in_f)} x {list(out_f)} do not cover the layer "
+            f"({module.in_features} -> {module.out_features})"
+        )
+    return in_f, out_f
+
+
+def _max_bond_ranks(in_f, out_f) -> list[int]:
+    sizes = [m * n for m, n in zip(out_f, in_f, strict=True)]
+    return [
+        min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)
+    ]
+
+
+def tt_param_count(in_f, out_f, ranks: list[int]) -> int:
+    """Parameters of TT-matrix cores with bond ranks ``ranks`` (d-1 values)."""
+    r = [1, *ranks, 1]
+    return sum(r[k] * out_f[k] * in_f[k] * r[k + 1] for k in range(len(in_f)))
+
+
+def _caps(module, params: TTParams, in_f, out_f) -> tuple[list[int] | None, float | None]:
+    """Rank caps and TT-SVD relative error from the params."""
+    bond_max = _max_bond_ranks(in_f, out_f)
+    d = len(in_f)
+    if params.ranks is not None or params.rank is not None:
+        r = params.ranks if params.ranks is not None else params.rank
+        caps = [r] * (d - 1) if isinstance(r, int) else list(r)
+        return [min(c, b) for c, b in zip(caps, bond_max, strict=True)], None
+    if params.rank_ratio is not None:
+        return [max(1, math.floor(params.rank_ratio * b + 0.5)) for b in bond_max], None
+    if params.energy is not None:
+        return None, math.sqrt(max(0.0, 1.0 - params.energy))
+    if params.max_error is not None:
+        return None, params.max_error
+    # param_ratio: the largest uniform cap whose cores fit the budget
+    bias = module.bias.numel() if module.bias is not None else 0
+    budget = params.param_ratio * (module.in_features * module.out_features + bias) - bias
+    lo, hi = 1, max(bond_max)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tt_param_count(in_f, out_f, [min(mid, b) for b in bond_max]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [min(lo, b) for b in bond_max], None
+
+
+def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
+    """TT-SVD the weight at the requested ranks and measure the exact error."""
+    try:
+        in_f, out_f = _modes(module, params)
+    except ValueError as exc:
+        return Decision(skip_reason=str(exc))
+    caps, rel_error = _caps(module, params, in_f, out_f)
+    w = module.weight.detach()
+    a = w.to(compute_dtype(w))
+    padded = torch.zeros(math.prod(out_f), math.prod(in_f), dtype=a.dtype, device=a.device)
+    padded[: a.shape[0], : a.shape[1]] = a
+    cores3, _ = tt_svd(matrix_to_tt_tensor(padded, out_f, in_f), caps, rel_error)
+    cores = split_cores(cores3, out_f, in_f)
+    ranks = [c.shape[-1] for c in cores[:-1]]
+    kept = sum(c.numel() for c in cores)
+    bias = module.bias.numel() if module.bias is not None else 0
+    resolved = {
+        **params.describe(),
+        "ranks": ranks,
+        "in_factors": list(in_f),
+        "out_factors": list(out_f),
+    }
+    if math.prod(in_f) != module.in_features or math.prod(out_f) != module.out_features:
+        resolved["padded"] = [math.prod(out_f), math.prod(in_f)]
+    if kept >= module.in_features * module.out_features:
+        return Decision(
+            resolved=resolved,
+            skip_reason=(
+                f"would not shrink: TT ranks {ranks} need {kept} weight params, dense has "
+                f"{module.in_features * module.out_features}"
+            ),
+        )
+    approx = tt_matrix_full(cores)[: a.shape[0], : a.shape[1]]
+    denom = float(a.double().norm())
+    err = float((approx.double() - a.double()).norm()) / denom if denom else 0.0
+    layer = TTLinear.from_cores(
+        [c.to(dtype=w.dtype) for c in cores],
+        module.in_features,
+        module.out_features,
+        module.bias.detach() if module.bias is not None else None,
+        params.path,
+    )
+    rows = math.prod((ctx.input_shape or (1, module.in_features))[:-1])
+    return Decision(
+        resolved=resolved,
+        params_after=kept + bias,
+        flops_after=layer.flops((rows, module.in_features)),
+        predicted_error=err,
+        state=layer,
+    )
+
+
+def build(module: nn.Module, params: TTParams, ctx: Context) -> nn.Module:
+    """The :class:`TTLinear` made by :func:`plan` (planned again if needed)."""
+    decision = ctx.decision if ctx.decision is not None else plan(module, params, ctx)
+    if decision.skip_reason:
+        raise ValueError(f"cannot apply tt to {ctx.name}: {decision.skip_reason}")
+    return decision.state.to(device=module.weight.device)
+
+
+@hookimpl
+def register_transforms(register):
+    """Register ``tt``."""
+    register(
+        Transform(
+            name="tt",
+            params_model=TTParams,
+            module_types=(nn.Linear,),
+            build=build,
+            plan=plan,
+            layers=(TTLinear,),
+            description="Tensor-Train (TT-matrix) Linear by TT-SVD; forward contracts through "
+            "the cores or rebuilds the weight, whichever costs fewer FLOPs.",
+        )
+    )
