@@ -531,3 +531,30 @@ def test_outputs_get_ordinary_file_modes(tmp_path):
     for p in (tmp_path / "out" / "model.safetensors", tmp_path / "w.safetensors"):
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_hf_output_never_replaces_a_directory_that_is_not_ours(tmp_path):
+    """The HF output directory is replaced whole: only an earlier tnsurgery output may be."""
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    loaded = io.load_model(tmp_path / "bert")
+    small = surgery.apply(loaded.model, BERT_SPEC)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(UserInputError, match="not a tnsurgery output"):
+        io.save_like_input(small, loaded, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    io.save_like_input(small, loaded, tmp_path / "out")
+    io.save_like_input(small, loaded, tmp_path / "out")  # an earlier output: replaced
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_file_output_that_is_a_directory_is_refused(tmp_path):
+    torch.save(models.plain_mlp(), tmp_path / "m.pt")
+    loaded = io.load_model(tmp_path / "m.pt")
+    small = surgery.apply(
+        loaded.model, {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 4}}]}
+    )
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(UserInputError, match="is a directory"):
+        io.save_like_input(small, loaded, tmp_path / "outdir")

@@ -314,3 +314,20 @@ def test_rule_matching_nothing_lists_closest_names(tiny_bert, factorize_registry
     assert "allow_empty" in problem
     spec["rules"][0]["allow_empty"] = True
     assert plan(tiny_bert, spec, registry=factorize_registry).targets == []
+
+
+def test_parts_of_a_surgered_layer_are_never_targets():
+    """A second ``**`` rule must not split the convs inside a LowRankConv2d."""
+    import torch
+
+    from tnsurgery import surgery
+    from tnsurgery.layers.lowrank import LowRankConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    spec = {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 2}}]}
+    small = surgery.apply(model, spec)
+    assert isinstance(small[0], LowRankConv2d)
+    found = select(small, ["**"], [], ["Conv2d"], (nn.Conv2d,))
+    assert found.names == ["2"]
+    assert all(not n.startswith("0.") for n in found.names + found.wrong_type)

@@ -460,6 +460,10 @@ def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> l
     ):
         raise UserInputError(f"output {out} would overwrite the input {loaded.path}")
     if loaded.kind == "hf":
+        if out.exists() and not (out.is_dir() and (out / MANIFEST_NAME).exists()):
+            # the directory is replaced whole: only ever replace an earlier output of ours
+            what = "a directory that is not a tnsurgery output" if out.is_dir() else "a file"
+            raise UserInputError(f"output {out} exists and is {what}; choose a new directory")
         with atomic_dir(out) as tmp:
             for item in loaded.path.iterdir():
                 if (
@@ -472,6 +476,8 @@ def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> l
                     shutil.copytree(item, tmp / item.name)
             _write_pair(model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME)
         return [out]
+    if out.is_dir():
+        raise UserInputError(f"output {out} is a directory; give a file name")
     manifest_path = _sidecar_manifest(out)
     if loaded.kind == "safetensors":
         if out.suffix != ".safetensors":

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 from torch import nn
 
+from tnsurgery.layers.base import SurgeryLayer
+
 
 @lru_cache(maxsize=1024)
 def compile_pattern(pattern: str) -> re.Pattern[str]:
@@ -146,10 +148,20 @@ def select(
     accepted: tuple[type, ...],
 ) -> MatchResult:
     """Modules of ``model`` selected by the patterns, the type filter and the
-    transform's accepted classes (the root module itself is never a target)."""
+    transform's accepted classes. Never the root module, and never a part of a
+    layer that surgery built (the convs inside a ``LowRankConv2d``...): a
+    later rule can wrap such a layer whole, not split it further."""
     res = MatchResult()
+    # the parts of a layer that surgery built are not targets of their own
+    inside = {
+        f"{n}.{c}"
+        for n, m in model.named_modules()
+        if isinstance(m, SurgeryLayer)
+        for c, _ in m.named_modules()
+        if c
+    }
     for name, module in model.named_modules():
-        if not name or not name_matches(name, match):
+        if not name or name in inside or not name_matches(name, match):
             continue
         if exclude and name_matches(name, exclude):
             res.excluded.append(name)

@@ -20,7 +20,11 @@ from tnsurgery import hookspecs
 from tnsurgery.transform import Transform
 
 GROUP = "tnsurgery"
-DEFAULT_PLUGINS = ("tnsurgery.transforms.factorize", "tnsurgery.transforms.tt")
+DEFAULT_PLUGINS = (
+    "tnsurgery.transforms.factorize",
+    "tnsurgery.transforms.tt",
+    "tnsurgery.transforms.cp",
+)
 
 
 @dataclass

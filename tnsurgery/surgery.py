@@ -25,7 +25,7 @@ from tnsurgery.plan import PassInfo, Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry, qualified_name
 from tnsurgery.spec import Rule, Spec, load_spec
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, trace
-from tnsurgery.transform import Context, Decision, Transform
+from tnsurgery.transform import Context, Decision, Transform, relative_error
 
 MANIFEST_ATTR = "_tnsurgery_manifest"
 MANIFEST_FORMAT = "tnsurgery.manifest"
@@ -309,16 +309,7 @@ def _weight_error(old: nn.Module, new: nn.Module) -> float | None:
             return None
         if dense.shape != w.shape:
             return None
-        return _rel_error(dense, w)
-
-
-def _rel_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
-    a, r = approx.detach().double(), ref.detach().double()
-    denom = float(r.norm())
-    diff = float((a - r).norm())
-    if denom == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / denom
+        return relative_error(dense, w)
 
 
 def float_leaves(value: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
@@ -345,7 +336,7 @@ def output_error(reference: Any, output: Any) -> tuple[float, str]:
     for (name, r), (_, o) in zip(ref, out, strict=False):
         if r.shape != o.shape:
             return math.inf, name
-        err = _rel_error(o, r)
+        err = relative_error(o, r)
         if err > worst or where == "output":
             worst, where = err, name
     return worst, where
@@ -379,7 +370,7 @@ def _verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: An
             if t.name in captured and t.name in new_modules:
                 args, kwargs, out = captured[t.name]
                 if isinstance(out, torch.Tensor):
-                    t.output_error = _rel_error(new_modules[t.name](*args, **kwargs), out)
+                    t.output_error = relative_error(new_modules[t.name](*args, **kwargs), out)
     result.output_error, result.output_error_name = output_error(reference, surgered)
 
 

@@ -219,3 +219,17 @@ def truncation_error(sq_singular_values: torch.Tensor, rank: int, total_sq: floa
         return 0.0
     kept = float(sq_singular_values[:rank].double().sum())
     return math.sqrt(max(total_sq - kept, 0.0) / total_sq)
+
+
+def relative_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖approx − ref‖ / ‖ref‖`` in float64 (0 when both are zero, inf when only ref is).
+
+    The one definition of "relative error" used in plans and manifests:
+    a transform that predicts its error with it matches what surgery measures.
+    """
+    a, r = approx.detach().double(), ref.detach().double()
+    denom = float(r.norm())
+    diff = float((a - r).norm())
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / denom

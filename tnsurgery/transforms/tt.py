@@ -20,10 +20,17 @@ from torch import nn
 
 from tnsurgery.decompositions.factors import choose_factors
 from tnsurgery.decompositions.svd import compute_dtype
-from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_matrix_full, tt_svd
+from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_svd
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.tt import TTLinear
-from tnsurgery.transform import RANK_OPTIONS, Context, Decision, RankOptions, Transform
+from tnsurgery.transform import (
+    RANK_OPTIONS,
+    Context,
+    Decision,
+    RankOptions,
+    Transform,
+    relative_error,
+)
 
 
 class TTParams(RankOptions):
@@ -173,9 +180,6 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
                 f"{module.in_features * module.out_features}"
             ),
         )
-    approx = tt_matrix_full(cores)[: a.shape[0], : a.shape[1]]
-    denom = float(a.double().norm())
-    err = float((approx.double() - a.double()).norm()) / denom if denom else 0.0
     layer = TTLinear.from_cores(
         [c.to(dtype=w.dtype) for c in cores],
         module.in_features,
@@ -183,6 +187,7 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
         module.bias.detach() if module.bias is not None else None,
         params.path,
     )
+    err = relative_error(layer.to_dense(), w)  # measured as surgery measures weight_error
     rows = math.prod((ctx.input_shape or (1, module.in_features))[:-1])
     return Decision(
         resolved=resolved,
