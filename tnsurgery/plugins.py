@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "tnsurgery.transforms.factorize",
     "tnsurgery.transforms.tt",
     "tnsurgery.transforms.cp",
+    "tnsurgery.transforms.tucker",
 )
 
 

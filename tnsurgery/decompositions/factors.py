@@ -63,3 +63,24 @@ def choose_factors(n: int, d: int) -> tuple[tuple[int, ...], int]:
         f"{n} does not factor into {d} balanced modes, even padded by up to "
         f"{MAX_PAD_FRACTION:.0%}; give the factors explicitly or use a smaller d"
     )
+
+
+def linear_modes(
+    in_features: int,
+    out_features: int,
+    d: int,
+    in_factors: list[int] | None = None,
+    out_factors: list[int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Mode sizes of a Linear's input and output sides: the given factors, else
+    :func:`choose_factors` on ``d`` modes. Raises ``ValueError`` when given factors do
+    not cover the layer."""
+    d = len(in_factors or out_factors or [None] * d)
+    in_f = tuple(in_factors) if in_factors else choose_factors(in_features, d)[0]
+    out_f = tuple(out_factors) if out_factors else choose_factors(out_features, d)[0]
+    if math.prod(in_f) < in_features or math.prod(out_f) < out_features:
+        raise ValueError(
+            f"factors {list(in_f)} x {list(out_f)} do not cover the layer "
+            f"({in_features} -> {out_features})"
+        )
+    return in_f, out_f

@@ -34,6 +34,37 @@ class SurgeryLayer(nn.Module):
         rebuilds an identical layer (weights aside)."""
         raise NotImplementedError
 
+    def cached_dense(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """``to_dense()``, cached in inference until one of ``params`` changes.
+
+        With gradients enabled (training) or under ``torch.compile`` the weight
+        is rebuilt each call, so autograd and the compiler see the factors.
+        """
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        ):
+            return self.to_dense()
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        cache = self.__dict__.get("_dense_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.to_dense())
+            self.__dict__["_dense_cache"] = cache
+        return cache[1]
+
+    def has_dense_cache(self) -> bool:
+        """Whether a rebuilt dense weight is cached (the dense path is then a plain matmul)."""
+        return self.__dict__.get("_dense_cache") is not None
+
+    def clear_dense_cache(self) -> None:
+        """Drop the cached dense weight (after changing the factors' shapes)."""
+        self.__dict__.pop("_dense_cache", None)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_dense_cache", None)  # never pickled
+        return state
+
     @classmethod
     def from_config(cls, config: dict[str, Any], current: nn.Module | None = None) -> SurgeryLayer:
         """Build an empty layer from ``config``; ``current`` is the module now at the

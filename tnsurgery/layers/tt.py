@@ -65,7 +65,6 @@ class TTLinear(SurgeryLayer):
             for k in range(d)
         )
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
         if not (device is not None and torch.device(device).type == "meta"):
             self.reset_parameters()
 
@@ -131,23 +130,12 @@ class TTLinear(SurgeryLayer):
             self.cores[-1].mul_(target / max(float(w.norm()), 1e-12))
             if self.bias is not None:
                 self.bias.zero_()
-        self._cache = None
+        self.clear_dense_cache()
 
     # --------------------------------------------------------------- forward
     def to_dense(self) -> torch.Tensor:
         w = tt_matrix_full(list(self.cores))
         return w[: self.out_features, : self.in_features]
-
-    def _dense_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled() and any(c.requires_grad for c in self.cores):
-            return self.to_dense()
-        if torch.compiler.is_compiling():
-            return self.to_dense()
-        key = tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in self.cores)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.to_dense())
-        return self._cache[1]
 
     def contraction_flops(self, rows: int, reverse: bool = False) -> int:
         """FLOPs of contracting ``rows`` inputs through the cores (left to right, or
@@ -220,10 +208,10 @@ class TTLinear(SurgeryLayer):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        cached = self._cache is not None and not torch.is_grad_enabled()
+        cached = self.has_dense_cache() and not torch.is_grad_enabled()
         path = self.choose_path(rows, cached)
         if path == "dense":
-            y = F.linear(x2, self._dense_weight(), self.bias)
+            y = F.linear(x2, self.cached_dense(list(self.cores)), self.bias)
         else:
             if self.in_padded > self.in_features:
                 x2 = F.pad(x2, (0, self.in_padded - self.in_features))
@@ -283,7 +271,7 @@ class TTLinear(SurgeryLayer):
         with torch.no_grad():
             new = tt_round([c.detach() for c in self.cores], max_rank, rel_error)
         self.cores = nn.ParameterList(nn.Parameter(c.contiguous()) for c in new)
-        self._cache = None
+        self.clear_dense_cache()
         return self
 
     def tt_stats(self) -> dict[str, list]:
@@ -294,9 +282,3 @@ class TTLinear(SurgeryLayer):
                 "core_norms": [float(c.norm()) for c in self.cores],
                 "core_max_abs": [float(c.abs().max()) for c in self.cores],
             }
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state["_cache"] = None
-        return state

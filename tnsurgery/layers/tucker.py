@@ -191,7 +191,6 @@ class TuckerLinear(SurgeryLayer):
             nn.Parameter(torch.empty(n, r, **kw)) for n, r in zip(in_factors, ri, strict=True)
         )
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
         if not (device is not None and torch.device(device).type == "meta"):
             self.reset_parameters()
 
@@ -263,25 +262,13 @@ class TuckerLinear(SurgeryLayer):
             self.core.normal_(0.0, std / math.sqrt(self.core.numel()))
             if self.bias is not None:
                 self.bias.zero_()
-        self._cache = None
+        self.clear_dense_cache()
 
     # --------------------------------------------------------------- forward
     def to_dense(self) -> torch.Tensor:
         w = tucker_to_full(self.core, [*self.out_proj, *self.in_proj])
         w = w.reshape(self.out_padded, self.in_padded)
         return w[: self.out_features, : self.in_features]
-
-    def _dense_weight(self) -> torch.Tensor:
-        params = [self.core, *self.out_proj, *self.in_proj]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self.to_dense()
-        if torch.compiler.is_compiling():
-            return self.to_dense()
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.to_dense())
-        return self._cache[1]
 
     def contraction_flops(self, rows: int) -> int:
         """FLOPs of the contracting forward on ``rows`` inputs."""
@@ -336,9 +323,11 @@ class TuckerLinear(SurgeryLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        cached = self._cache is not None and not torch.is_grad_enabled()
+        cached = self.has_dense_cache() and not torch.is_grad_enabled()
         if self.choose_path(x2.shape[0], cached) == "dense":
-            y = F.linear(x2, self._dense_weight(), self.bias)
+            y = F.linear(
+                x2, self.cached_dense([self.core, *self.out_proj, *self.in_proj]), self.bias
+            )
         else:
             if self.in_padded > self.in_features:
                 x2 = F.pad(x2, (0, self.in_padded - self.in_features))
@@ -375,8 +364,3 @@ class TuckerLinear(SurgeryLayer):
             f"in modes={list(self.in_factors)} ranks={self.ranks[d:]}, path={self.path}, "
             f"weight params {kept}/{dense} ({kept / dense:.1%})"
         )
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_cache"] = None
-        return state

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from tnsurgery.decompositions.factors import choose_factors
+from tnsurgery.decompositions.factors import linear_modes
 from tnsurgery.decompositions.svd import compute_dtype
 from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_svd
 from tnsurgery.hookspecs import hookimpl
@@ -90,24 +90,6 @@ class TTParams(RankOptions):
         return self
 
 
-def _modes(module: nn.Linear, params: TTParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    d = len(params.in_factors or params.out_factors or [None] * params.d)
-    in_f = (
-        tuple(params.in_factors) if params.in_factors else choose_factors(module.in_features, d)[0]
-    )
-    out_f = (
-        tuple(params.out_factors)
-        if params.out_factors
-        else choose_factors(module.out_features, d)[0]
-    )
-    if math.prod(in_f) < module.in_features or math.prod(out_f) < module.out_features:
-        raise ValueError(
-            f"factors {list(in_f)} x {list(out_f)} do not cover the layer "
-            f"({module.in_features} -> {module.out_features})"
-        )
-    return in_f, out_f
-
-
 def _max_bond_ranks(in_f, out_f) -> list[int]:
     sizes = [m * n for m, n in zip(out_f, in_f, strict=True)]
     return [
@@ -151,7 +133,9 @@ def _caps(module, params: TTParams, in_f, out_f) -> tuple[list[int] | None, floa
 def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
     """TT-SVD the weight at the requested ranks and measure the exact error."""
     try:
-        in_f, out_f = _modes(module, params)
+        in_f, out_f = linear_modes(
+            module.in_features, module.out_features, params.d, params.in_factors, params.out_factors
+        )
     except ValueError as exc:
         return Decision(skip_reason=str(exc))
     caps, rel_error = _caps(module, params, in_f, out_f)

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from tnsurgery.decompositions.factors import choose_factors
+from tnsurgery.decompositions.factors import linear_modes
 from tnsurgery.decompositions.svd import compute_dtype
 from tnsurgery.decompositions.tucker import Tucker, feasible_ranks, hooi, hosvd
 from tnsurgery.hookspecs import hookimpl
@@ -190,24 +190,6 @@ def _requested_ranks(
     return fill({k: r[k] for k in idx})
 
 
-def _linear_modes(module: nn.Linear, params: TuckerParams):
-    d = len(params.in_factors or params.out_factors or [None] * params.d)
-    in_f = (
-        tuple(params.in_factors) if params.in_factors else choose_factors(module.in_features, d)[0]
-    )
-    out_f = (
-        tuple(params.out_factors)
-        if params.out_factors
-        else choose_factors(module.out_features, d)[0]
-    )
-    if math.prod(in_f) < module.in_features or math.prod(out_f) < module.out_features:
-        raise ValueError(
-            f"factors {list(in_f)} x {list(out_f)} do not cover the layer "
-            f"({module.in_features} -> {module.out_features})"
-        )
-    return in_f, out_f
-
-
 @dataclass
 class _Target:
     """The tensor to decompose, which of its modes get a factor, and each mode's side
@@ -230,7 +212,9 @@ def _target(module: nn.Module, params: TuckerParams) -> _Target | str:
             return "a Conv2d takes ranks [r_out, r_in] (2 values)"
         return _Target(a, [True, True, False, False], [0, 1, 0, 0], {})
     try:
-        in_f, out_f = _linear_modes(module, params)
+        in_f, out_f = linear_modes(
+            module.in_features, module.out_features, params.d, params.in_factors, params.out_factors
+        )
     except ValueError as exc:
         return str(exc)
     d = len(in_f)
