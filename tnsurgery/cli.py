@@ -455,6 +455,7 @@ def _plan_from_manifest(manifest: dict) -> Plan:
         output_error=d["totals"]["output_error"],
         output_error_name=d["output_error_name"],
         applied=d["applied"],
+        budget=d.get("budget"),
     )
     return p
 

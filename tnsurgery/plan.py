@@ -65,6 +65,7 @@ class Plan:
     output_error: float | None = None
     output_error_name: str | None = None
     applied: bool = False
+    budget: dict[str, Any] | None = None  # the global budget's allocation, when the spec has one
 
     def replaced(self) -> list[TargetPlan]:
         """Targets that get (or got) a replacement."""
@@ -105,4 +106,5 @@ class Plan:
             "totals": self.totals(),
             "output_error_name": self.output_error_name,
             "applied": self.applied,
+            "budget": self.budget,
         }

@@ -24,10 +24,12 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from tnsurgery.errors import SpecError
 from tnsurgery.plugins import Registry, get_registry
+from tnsurgery.transform import RankOptions
 
 
 def _as_list(value: Any) -> Any:
@@ -90,6 +92,29 @@ class Rule(BaseModel):
         return rule_label(index, self.match)
 
 
+class Budget(BaseModel):
+    """A global budget over some rules' targets: per-layer ranks are then chosen by
+    tnsurgery (see :mod:`tnsurgery.budget`), so those rules give no rank option."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the targets' parameters to keep, in total."
+    )
+    flops: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the targets' FLOPs to keep, in total."
+    )
+    rules: list[int] | None = Field(
+        None, description="Indices of the rules under the budget (default: all)."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Budget:
+        if (self.params is None) == (self.flops is None):
+            raise ValueError("give exactly one of params, flops")
+        return self
+
+
 class Spec(BaseModel):
     """A surgery spec: ordered rules, applied as passes."""
 
@@ -99,6 +124,11 @@ class Spec(BaseModel):
     version: Literal[1] = Field(1, description="Spec format version.")
     description: str | None = Field(None, description="Free text, kept in the manifest.")
     rules: list[Rule] = Field(..., min_length=1, description="Rules, applied in order.")
+    budget: Budget | None = Field(
+        None,
+        description="Pick per-layer ranks of these rules to meet a global params/FLOPs budget "
+        "with the least damage to the model's output.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON-compatible data (what the manifest records)."""
@@ -225,6 +255,7 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
     # Check transforms and params of every rule that is a dict, even when other
     # parts failed, so the user sees all problems at once.
     rules_raw = raw.get("rules") if isinstance(raw.get("rules"), list) else []
+    budgeted = _budget_rules(raw, len(rules_raw), problems)
     for i, rule_raw in enumerate(rules_raw):
         if not isinstance(rule_raw, dict) or not isinstance(rule_raw.get("transform"), str):
             continue
@@ -238,6 +269,23 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
         params_raw = rule_raw.get("params", {})
         if not isinstance(params_raw, dict):
             continue  # already reported by the structural check
+        if i in budgeted:
+            if not issubclass(transform.params_model, RankOptions):
+                problems.append(
+                    f"{label}: field 'transform': '{tname}' has no rank options, so it "
+                    "cannot be under the spec's budget"
+                )
+                continue
+            given = [k for k in transform.params_model.rank_fields if k in params_raw]
+            if given:
+                problems.append(
+                    f"{label}: field 'params.{given[0]}': the spec's budget chooses this "
+                    "rule's ranks; remove the rank option"
+                )
+                continue
+            # validated with a placeholder; surgery sets each layer's ratio
+            fraction = raw["budget"].get("params") or raw["budget"].get("flops") or 1.0
+            params_raw = {**params_raw, "param_ratio": fraction}
         try:
             parsed = transform.params_model.model_validate(params_raw)
         except ValidationError as exc:
@@ -250,6 +298,23 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
         raise SpecError(sorted(problems, key=_problem_order), source=name)
     assert spec is not None
     return spec
+
+
+def _budget_rules(raw: dict, n_rules: int, problems: list[str]) -> set[int]:
+    budget = raw.get("budget")
+    if not isinstance(budget, dict):
+        return set()
+    ids = budget.get("rules")
+    if ids is None:
+        return set(range(n_rules))
+    if not isinstance(ids, list):
+        return set()
+    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < n_rules]
+    if bad:
+        problems.append(
+            f"spec: field 'budget.rules': no rule {bad[0]} (the spec has {n_rules} rules)"
+        )
+    return {i for i in ids if isinstance(i, int) and 0 <= i < n_rules}
 
 
 def _problem_order(line: str) -> int:

@@ -60,8 +60,11 @@ def plan(
         MatchError: a rule matched no module (unless ``allow_empty``).
     """
     spec = load_spec(spec, registry)
+    registry = registry or get_registry()
+    overrides, budget = _budget(model, spec, registry, sample_input)
     work = copy.deepcopy(model) if len(spec.rules) > 1 else model
-    result, _ = _run(work, spec, sample_input, allow_empty, registry, build_last=False)
+    result, _ = _run(work, spec, sample_input, allow_empty, registry, False, overrides=overrides)
+    result.budget = budget
     return result
 
 
@@ -101,14 +104,17 @@ def apply(
         SurgeryError: a transform failed; the model is untouched.
     """
     spec = load_spec(spec, registry)
+    registry = registry or get_registry()
+    overrides, budget = _budget(model, spec, registry, sample_input)
     work = model if inplace else copy.deepcopy(model)
     # the original is needed only to verify; with inplace it is the pre-surgery copy
     original = copy.deepcopy(model) if (inplace and sample_input is not None) else model
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         result, new_modules = _run(
-            work, spec, sample_input, allow_empty, registry, True, undo, progress
+            work, spec, sample_input, allow_empty, registry, True, undo, progress, overrides
         )
+        result.budget = budget
         if sample_input is not None:
             _verify(original, work, result, sample_input)
         if result.totals()["model_params_after"] is None:  # a transform did not count
@@ -133,6 +139,7 @@ def _run(
     build_last: bool,
     undo: list | None = None,
     progress: Progress | None = None,
+    overrides: dict | None = None,
 ) -> tuple[Plan, dict[tuple[int, str], nn.Module]]:
     registry = registry or get_registry()
     result = Plan(model_params_before=sum(p.numel() for p in work.parameters()))
@@ -172,7 +179,9 @@ def _run(
             else:
                 ctx = Context(name=name, input_shape=tp.input_shape)
                 ctx.extras["plan_only"] = not building
-                decision = _decide(transform, module, rule, ctx)
+                params = (overrides or {}).get((index, name), rule.parsed_params)
+                decision = _decide(transform, module, params, ctx)
+                decision.params = params
                 tp.resolved = decision.resolved
                 if decision.skip_reason:
                     tp.status, tp.reason = "skip", decision.skip_reason
@@ -191,13 +200,21 @@ def _run(
             if progress:
                 progress(done, len(todo), f"{rule.transform} {tp.name}")
             old = modules[tp.name]
-            new = _build(transform, old, rule, tp, decisions[tp.name])
+            new = _build(transform, old, tp, decisions[tp.name])
             _swap(work, tp.name, new, undo)
             built[(index, tp.name)] = new
             tp.weight_error = _weight_error(old, new)
             if tp.params_after is None:
                 tp.params_after = sum(p.numel() for p in new.parameters())
     return result, built
+
+
+def _budget(model, spec: Spec, registry: Registry, sample_input) -> tuple[dict, dict | None]:
+    if spec.budget is None:
+        return {}, None
+    from tnsurgery.budget import allocate
+
+    return allocate(model, spec, registry, sample_input)
 
 
 def _select(work, rule: Rule, index: int, transform: Transform, allow_empty: bool):
@@ -249,11 +266,11 @@ def _refusal(name, call, aliases, tied, method) -> str | None:
     return None
 
 
-def _decide(transform: Transform, module: nn.Module, rule: Rule, ctx: Context) -> Decision:
+def _decide(transform: Transform, module: nn.Module, params, ctx: Context) -> Decision:
     try:
         if transform.plan is not None:
-            return transform.plan(module, rule.parsed_params, ctx)
-        new = transform.build(module, rule.parsed_params, ctx)
+            return transform.plan(module, params, ctx)
+        new = transform.build(module, params, ctx)
     except Exception as exc:
         raise SurgeryError(
             f"transform '{transform.name}' failed to plan {ctx.name}: {type(exc).__name__}: {exc}"
@@ -262,15 +279,13 @@ def _decide(transform: Transform, module: nn.Module, rule: Rule, ctx: Context) -
     return Decision(params_after=params, flops_after=module_flops(new, ctx.input_shape), state=new)
 
 
-def _build(
-    transform: Transform, old: nn.Module, rule: Rule, tp: TargetPlan, decision: Decision
-) -> nn.Module:
+def _build(transform: Transform, old: nn.Module, tp: TargetPlan, decision: Decision) -> nn.Module:
     ctx = Context(name=tp.name, input_shape=tp.input_shape, decision=decision)
     try:
         if transform.plan is None and isinstance(decision.state, nn.Module):
             new = decision.state
         else:
-            new = transform.build(old, rule.parsed_params, ctx)
+            new = transform.build(old, decision.params, ctx)
     except Exception as exc:
         raise SurgeryError(
             f"transform '{transform.name}' failed to build {tp.name}: {type(exc).__name__}: {exc}"
@@ -413,6 +428,7 @@ def _manifest(
         "output_error": result.output_error,
         "output_error_name": result.output_error_name,
         "plan": result.to_dict(),
+        "budget": result.budget,
         "history": ([*previous.get("history", []), _strip_history(previous)] if previous else []),
     }
 

@@ -71,6 +71,7 @@ class Decision:
     predicted_error: float | None = None
     skip_reason: str | None = None
     state: Any = None
+    params: Any = None  # set by the pipeline: the params this target was planned with
 
 
 PlanFn = Callable[[nn.Module, BaseModel, Context], Decision]
@@ -121,9 +122,17 @@ class RankOptions(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        # editors see the "exactly one" rule too
+        # editors see "at most one" (none is valid when the spec's budget picks ranks)
         json_schema_extra=lambda schema, cls: schema.update(
-            oneOf=[{"required": [k]} for k in cls.rank_fields]
+            {
+                "not": {
+                    "anyOf": [
+                        {"required": [a, b]}
+                        for i, a in enumerate(cls.rank_fields)
+                        for b in cls.rank_fields[i + 1 :]
+                    ]
+                }
+            }
         ),
     )
 
