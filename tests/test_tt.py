@@ -290,3 +290,21 @@ def test_bad_tt_params_name_the_field():
     assert "give exactly one of" in str(info.value) and "ranks" in str(info.value)
     with pytest.raises(SpecError):
         load_spec(spec({"ranks": 0}))
+
+
+@pytest.mark.parametrize("path", ["contract", "dense"])
+def test_onnx_export_matches_eager(tmp_path, path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+
+    torch.manual_seed(0)
+    layer = TTLinear(100, 90, (5, 5, 4), (5, 6, 3), [1, 4, 3, 1], path=path).eval()
+    x = torch.randn(6, 100)
+    out = tmp_path / "tt.onnx"
+    torch.onnx.export(layer, (x,), str(out), dynamo=True)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    (got,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), layer(x), atol=1e-4)
