@@ -25,7 +25,7 @@ from tnsurgery.layers import LowRankConv2d, LowRankLinear
 from tnsurgery.surgery import get_manifest
 from tnsurgery.transform import Context, RankOptions, resolve_rank, truncation_error
 from tnsurgery.transforms import factorize
-from tnsurgery.transforms.factorize import RANDOMIZED_MAX_FRACTION, FactorizeParams
+from tnsurgery.transforms.factorize import FactorizeParams
 
 # --- independent references --------------------------------------------------------------
 
@@ -208,7 +208,7 @@ def test_truncation_error_is_eckart_young():
 # --- factorize: errors against Eckart–Young ----------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_known_rank_is_reconstructed(method, dtype):
     lin = linear_with_weight(known_rank(60, 40, 5, seed=2, dtype=dtype))
@@ -232,11 +232,12 @@ def test_bug_predicted_error_of_exact_low_rank_weight_is_zero():
     assert decision.predicted_error < 1e-5
 
 
+@pytest.mark.parametrize("method", ["exact", "gram"])
 @pytest.mark.parametrize("rank", [1, 4, 12, 20])
-def test_exact_method_reaches_the_eckart_young_optimum(rank):
+def test_exact_methods_reach_the_eckart_young_optimum(rank, method):
     w = trained_like(64, 48, seed=5)
     model = nn.Sequential(linear_with_weight(w))
-    out = apply(model, {"rank": rank, "method": "exact"})
+    out = apply(model, {"rank": rank, "method": method})
     layer = out[0]
     assert isinstance(layer, LowRankLinear) and layer.rank == rank
     measured = rel_error(layer.to_dense(), w)
@@ -275,6 +276,8 @@ def test_factors_share_the_singular_values_evenly():
     [
         {"rank": 5, "method": "exact"},
         {"rank": 5, "method": "randomized"},
+        {"rank": 5, "method": "gram"},
+        {"energy": 0.9, "method": "gram"},
         {"rank": 5},
         {"energy": 0.9},
         {"max_error": 0.3},
@@ -299,7 +302,7 @@ def test_predicted_error_equals_measured_error(params):
 
 def test_float64_prediction_is_exact():
     model = small_mlp(seed=8, dtype=torch.float64)
-    for method in ("exact", "randomized"):
+    for method in ("exact", "gram", "randomized"):
         for target in applied_targets(apply(model, {"rank": 3, "method": method})).values():
             assert target["predicted_error"] == pytest.approx(target["weight_error"], abs=1e-10)
 
@@ -307,26 +310,28 @@ def test_float64_prediction_is_exact():
 # --- method choice and determinism -------------------------------------------------------
 
 
-def auto_boundary(full: int, oversample: int = 16) -> int:
-    """Largest rank for which 'auto' picks the randomized SVD."""
-    return math.floor(RANDOMIZED_MAX_FRACTION * full) - oversample
+def auto_boundary(full: int, oversample: int = 16, niter: int = 4) -> int:
+    """Largest rank for which 'auto' picks the randomized SVD: its sketch times its
+    passes over the weight must not exceed the full rank (else 'gram' is cheaper)."""
+    return math.floor(full / (niter + 1)) - oversample
 
 
 def resolved_method(lin: nn.Linear, **params) -> str:
     return factorize.plan(lin, FactorizeParams(**params), Context("fc")).resolved["method"]
 
 
-def test_auto_picks_randomized_for_small_ranks_and_exact_otherwise():
-    lin = linear_with_weight(trained_like(200, 120, seed=9))  # full rank 120
-    edge = auto_boundary(120)
+def test_auto_picks_randomized_for_small_ranks_and_gram_otherwise():
+    lin = linear_with_weight(trained_like(300, 200, seed=9))  # full rank 200
+    edge = auto_boundary(200)
     assert edge >= 1
     assert resolved_method(lin, rank=1) == "randomized"
     assert resolved_method(lin, rank=edge) == "randomized"
-    assert resolved_method(lin, rank=edge + 1) == "exact"
+    assert resolved_method(lin, rank=edge + 1) == "gram"
     assert resolved_method(lin, rank=edge + 4, oversample=0) == "randomized"
     # the rank of energy/max_error depends on the whole spectrum
-    assert resolved_method(lin, energy=0.5) == "exact"
-    assert resolved_method(lin, max_error=0.5) == "exact"
+    assert resolved_method(lin, energy=0.5) == "gram"
+    assert resolved_method(lin, max_error=0.5) == "gram"
+    assert resolved_method(lin, max_error=0.5, method="randomized") == "gram"
 
 
 def test_method_param_forces_the_method():
@@ -339,7 +344,7 @@ def factors(out: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in out.parameters()]
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact"])
+@pytest.mark.parametrize("method", ["randomized", "gram", "exact"])
 def test_same_seed_gives_bitwise_identical_factors(method):
     model = small_mlp(seed=10)
     a = factors(apply(model, {"rank": 3, "method": method, "seed": 123}))

@@ -46,3 +46,36 @@ def exact_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def compute_dtype(w: torch.Tensor) -> torch.dtype:
     """float64 stays float64; everything else (float32, bf16, fp16) is decomposed in float32."""
     return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of the smaller Gram matrix (``A Aᵀ`` or ``Aᵀ A``), largest first.
+
+    Returns ``(eigenvalues, eigenvectors)``: the squared singular values of
+    ``A`` and its left (if ``A`` is wide) or right (if tall) singular vectors.
+    """
+    wide = a.shape[0] <= a.shape[1]
+    g = a @ a.mT if wide else a.mT @ a
+    evals, evecs = torch.linalg.eigh(g)
+    return evals.flip(0).clamp_min(0), evecs.flip(1)
+
+
+def gram_svd(
+    a: torch.Tensor, rank: int, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD through :func:`gram_eigh`: ``U (m, r)``, ``S (r,)``, ``V (n, r)``.
+
+    The other factor is ``Aᵀ U`` (or ``A V``) normalized, so ``U S Vᵀ`` is the
+    orthogonal projection of ``A`` on the kept singular subspace: the best
+    rank-``r`` approximation up to the accuracy of that subspace. The
+    singular values are the norms of that product, not square roots of the
+    eigenvalues, which keeps small ones accurate. Several times faster than
+    LAPACK's SVD on the sizes of neural-network layers.
+    """
+    evals, evecs = eig if eig is not None else gram_eigh(a)
+    basis = evecs[:, :rank]
+    wide = a.shape[0] <= a.shape[1]
+    other = a.mT @ basis if wide else a @ basis  # (n, r) or (m, r): the other side, scaled by S
+    s = other.norm(dim=0)
+    other = other / s.clamp_min(torch.finfo(s.dtype).tiny)
+    return (basis, s, other) if wide else (other, s, basis)
