@@ -109,6 +109,21 @@ class Transform:
     description: str = ""
 
 
+def build_from_plan(name: str, plan: PlanFn) -> BuildFn:
+    """A ``build`` for transforms whose ``plan`` already makes the layer (in
+    ``Decision.state``, to measure its exact error): it returns that layer, on the
+    module's device, planning again when called without a decision."""
+
+    def build(module: nn.Module, params: BaseModel, ctx: Context) -> nn.Module:
+        decision = ctx.decision if ctx.decision is not None else plan(module, params, ctx)
+        if decision.skip_reason:
+            raise ValueError(f"cannot apply {name} to {ctx.name}: {decision.skip_reason}")
+        return decision.state.to(device=module.weight.device)
+
+    build.__doc__ = f"The layer that ``{name}``'s plan made (planned again if needed)."
+    return build
+
+
 class RankOptions(BaseModel):
     """Rank options shared by every rank-based transform: give exactly one.
 

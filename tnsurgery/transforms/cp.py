@@ -29,6 +29,7 @@ from tnsurgery.transform import (
     Decision,
     RankOptions,
     Transform,
+    build_from_plan,
     relative_error,
     resolve_rank,
 )
@@ -191,12 +192,7 @@ def plan(module: nn.Module, params: CPParams, ctx: Context) -> Decision:
     )
 
 
-def build(module: nn.Module, params: CPParams, ctx: Context) -> nn.Module:
-    """The :class:`CPConv2d` made by :func:`plan` (planned again if needed)."""
-    decision = ctx.decision if ctx.decision is not None else plan(module, params, ctx)
-    if decision.skip_reason:
-        raise ValueError(f"cannot apply cp to {ctx.name}: {decision.skip_reason}")
-    return decision.state.to(device=module.weight.device)
+build = build_from_plan("cp", plan)
 
 
 @hookimpl

@@ -39,6 +39,7 @@ from tnsurgery.transform import (
     Decision,
     RankOptions,
     Transform,
+    build_from_plan,
     relative_error,
 )
 
@@ -298,12 +299,7 @@ def plan(module: nn.Module, params: TuckerParams, ctx: Context) -> Decision:
     )
 
 
-def build(module: nn.Module, params: TuckerParams, ctx: Context) -> nn.Module:
-    """The layer made by :func:`plan` (planned again if needed)."""
-    decision = ctx.decision if ctx.decision is not None else plan(module, params, ctx)
-    if decision.skip_reason:
-        raise ValueError(f"cannot apply tucker to {ctx.name}: {decision.skip_reason}")
-    return decision.state.to(device=module.weight.device)
+build = build_from_plan("tucker", plan)
 
 
 @hookimpl
