@@ -102,3 +102,11 @@ def test_budget_without_sample_input_still_meets_it():
     p = surgery.plan(model, {"rules": [RULE], "budget": {"params": 0.3}})
     assert p.budget["sensitivity"] == "none"
     assert p.budget["cost_after"] <= 0.3 * p.budget["cost_before"]
+
+
+def test_a_layer_the_budget_keeps_dense_says_so():
+    model = Lopsided().eval()
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    p = surgery.plan(model, {"rules": [RULE], "budget": {"params": 0.9}}, x)
+    dense = [t for t in p.targets if t.status == "skip"]
+    assert dense and all(t.reason == "kept dense by the spec's budget" for t in dense)

@@ -184,7 +184,11 @@ def _run(
                 decision.params = params
                 tp.resolved = decision.resolved
                 if decision.skip_reason:
-                    tp.status, tp.reason = "skip", decision.skip_reason
+                    kept = getattr(params, "param_ratio", None) == 1.0 and (index, name) in (
+                        overrides or {}
+                    )
+                    reason = "kept dense by the spec's budget" if kept else decision.skip_reason
+                    tp.status, tp.reason = "skip", reason
                 else:
                     tp.params_after = decision.params_after
                     tp.flops_after = decision.flops_after
