@@ -47,6 +47,8 @@ class LowRankLinear(SurgeryLayer):
     def reset_parameters(self) -> None:
         """Random init for training from scratch, scaled so ``u @ v`` has the variance of
         a Kaiming-uniform dense weight (surgery overwrites it with the trained factors)."""
+        if self.v.is_meta:  # built to be filled (from_factors): nothing to draw
+            return
         with torch.no_grad():
             nn.init.normal_(self.v, std=(1.0 / self.in_features) ** 0.5)
             nn.init.normal_(self.u, std=(1.0 / (3 * self.rank)) ** 0.5)
