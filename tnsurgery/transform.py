@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 RANK_OPTIONS = ("rank", "rank_ratio", "param_ratio", "energy", "max_error")
@@ -185,6 +185,37 @@ class RankOptions(BaseModel):
     def describe(self) -> dict[str, Any]:
         """The one rank option given, as ``{name: value}``."""
         return {k: getattr(self, k) for k in self.rank_fields if getattr(self, k) is not None}
+
+
+class ModeOptions(RankOptions):
+    """Rank options plus how a Linear's dimensions are split into tensor modes
+    (shared by the tensorized transforms, ``tt`` and ``tucker``)."""
+
+    in_factors: list[int] | None = Field(
+        None, description="Factors of in_features (product >= in_features; zero-padded)."
+    )
+    out_factors: list[int] | None = Field(
+        None, description="Factors of out_features (product >= out_features)."
+    )
+    path: Literal["auto", "contract", "dense"] = Field(
+        "auto",
+        description="Linear forward: 'auto' picks per call the cheaper of contracting through "
+        "the factors and rebuilding the dense weight, by FLOPs.",
+    )
+
+    @field_validator("in_factors", "out_factors")
+    @classmethod
+    def _positive_factors(cls, v):
+        if v is not None and (not v or any(x < 1 for x in v)):
+            raise ValueError("factors must be a non-empty list of integers >= 1")
+        return v
+
+    def mode_count(self) -> int:
+        """Modes per side: the factors' length when given, else ``d``."""
+        lens = {len(f) for f in (self.in_factors, self.out_factors) if f is not None}
+        if len(lens) > 1:
+            raise ValueError("in_factors and out_factors need the same length")
+        return lens.pop() if lens else self.d
 
 
 def resolve_rank(

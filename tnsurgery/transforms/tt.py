@@ -12,7 +12,6 @@ would need a channel-mode reshaping that is rarely worth it at k×k kernels).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -27,14 +26,14 @@ from tnsurgery.transform import (
     RANK_OPTIONS,
     Context,
     Decision,
-    RankOptions,
+    ModeOptions,
     Transform,
     build_from_plan,
     relative_error,
 )
 
 
-class TTParams(RankOptions):
+class TTParams(ModeOptions):
     """Params of ``tt``: TT ranks (``ranks``, or one shared rank option), the modes.
 
     - ``ranks``: an int (every bond) or a list of d-1 ints; ``rank`` is the
@@ -53,17 +52,6 @@ class TTParams(RankOptions):
     d: int = Field(
         3, ge=2, le=8, description="Number of TT cores (modes) when factors are not given."
     )
-    in_factors: list[int] | None = Field(
-        None, description="Factors of in_features (product >= in_features; padded with zeros)."
-    )
-    out_factors: list[int] | None = Field(
-        None, description="Factors of out_features (product >= out_features)."
-    )
-    path: Literal["auto", "contract", "dense"] = Field(
-        "auto",
-        description="Forward: 'auto' picks per call the cheaper of contracting through the "
-        "cores and rebuilding the dense weight, by FLOPs.",
-    )
 
     @field_validator("ranks")
     @classmethod
@@ -73,19 +61,9 @@ class TTParams(RankOptions):
             raise ValueError("TT ranks must be integers >= 1")
         return v
 
-    @field_validator("in_factors", "out_factors")
-    @classmethod
-    def _positive_factors(cls, v):
-        if v is not None and (not v or any(x < 1 for x in v)):
-            raise ValueError("factors must be a non-empty list of integers >= 1")
-        return v
-
     @model_validator(mode="after")
     def _consistent_modes(self) -> TTParams:
-        lens = {len(f) for f in (self.in_factors, self.out_factors) if f is not None}
-        if len(lens) > 1:
-            raise ValueError("in_factors and out_factors need the same length")
-        d = lens.pop() if lens else self.d
+        d = self.mode_count()
         if isinstance(self.ranks, list) and len(self.ranks) != d - 1:
             raise ValueError(f"ranks needs d-1 = {d - 1} values, got {len(self.ranks)}")
         return self

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -37,7 +37,7 @@ from tnsurgery.transform import (
     RANK_OPTIONS,
     Context,
     Decision,
-    RankOptions,
+    ModeOptions,
     Transform,
     build_from_plan,
     relative_error,
@@ -47,7 +47,7 @@ from tnsurgery.transform import (
 RankValue = Annotated[int, Field(strict=True, ge=1)] | Annotated[float, Field(gt=0, le=1)]
 
 
-class TuckerParams(RankOptions):
+class TuckerParams(ModeOptions):
     """Params of ``tucker``: the ranks (``ranks``, or one shared rank option), HOOI sweeps,
     and for a Linear how its dimensions are split into modes.
 
@@ -86,18 +86,6 @@ class TuckerParams(RankOptions):
         le=8,
         description="Linear only: modes per side (out and in) when factors are not given.",
     )
-    in_factors: list[int] | None = Field(
-        None,
-        description="Linear only: factors of in_features (product >= in_features; zero-padded).",
-    )
-    out_factors: list[int] | None = Field(
-        None, description="Linear only: factors of out_features (product >= out_features)."
-    )
-    path: Literal["auto", "contract", "dense"] = Field(
-        "auto",
-        description="Linear forward: 'auto' picks per call the cheaper of contracting through "
-        "the factors and rebuilding the dense weight, by FLOPs.",
-    )
 
     @field_validator("ranks", mode="before")
     @classmethod
@@ -106,19 +94,9 @@ class TuckerParams(RankOptions):
             raise ValueError("Tucker ranks are ints >= 1 or fractions in (0, 1], not booleans")
         return v
 
-    @field_validator("in_factors", "out_factors")
-    @classmethod
-    def _positive_factors(cls, v):
-        if v is not None and (not v or any(x < 1 for x in v)):
-            raise ValueError("factors must be a non-empty list of integers >= 1")
-        return v
-
     @model_validator(mode="after")
     def _consistent_modes(self) -> TuckerParams:
-        lens = {len(f) for f in (self.in_factors, self.out_factors) if f is not None}
-        if len(lens) > 1:
-            raise ValueError("in_factors and out_factors need the same length")
-        d = lens.pop() if lens else self.d
+        d = self.mode_count()
         if self.ranks is not None and len(self.ranks) not in (2, 2 * d):
             raise ValueError(
                 f"ranks needs 2 values [r_out, r_in] (or 2d = {2 * d} for a Linear), "
