@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from tnsurgery.decompositions.tt import (
     tt_svd,
 )
 from tnsurgery.errors import SpecError
-from tnsurgery.layers.tt import TTLinear
+from tnsurgery.layers.tt import ContractionPlan, TTLinear
 from tnsurgery.spec import load_spec
 
 OUT_F, IN_F = (4, 6, 5), (3, 4, 7)  # a 120 x 84 weight
@@ -129,10 +130,14 @@ def test_every_forward_path_equals_the_dense_layer(layer):
     for path in ("contract", "dense", "auto"):
         layer.path = path
         assert torch.allclose(layer(x), ref, atol=1e-12)
+    # every grouping of the cores and every matmul layout of each step
     x2 = x.reshape(-1, 100)
-    for reverse in (False, True):
-        y = layer._contract(x2, reverse)[:, :90] + layer.bias
-        assert torch.allclose(y, ref.reshape(-1, 90), atol=1e-12)
+    for cuts in ((1,), (2,), (1, 2)):
+        steps = len(cuts) + 1
+        for forms in itertools.product("AB", repeat=steps):
+            plan = ContractionPlan(cuts, forms, 0.0, 0)
+            y = layer._contract(x2, plan)[:, :90] + layer.bias
+            assert torch.allclose(y, ref.reshape(-1, 90), atol=1e-12), (cuts, forms)
 
 
 def test_padded_modes_crop_to_the_layer(layer):
@@ -144,18 +149,60 @@ def test_padded_modes_crop_to_the_layer(layer):
     assert torch.allclose(small(x), x @ small.to_dense().T + small.bias, atol=1e-12)
 
 
-def test_path_choice_follows_the_flop_model(layer):
+def test_flop_counts_by_hand(layer):
+    # cores (1,5,5,4) (4,6,5,3) (3,3,4,1); in modes (5,5,4), out modes (5,6,3)
+    rows = 7
+    per_core = [
+        2 * rows * 1 * (5 * 4) * 1 * 5 * 5 * 4,  # rest = 5*4 inputs left, lead = rows
+        2 * rows * 5 * 4 * 4 * 5 * 6 * 3,  # lead = rows*5, rest = 4
+        2 * rows * 30 * 1 * 3 * 4 * 3 * 1,  # lead = rows*5*6, rest = 1
+    ]
+    assert layer.contraction_flops(rows) == sum(per_core)
+    # merging cores 2 and 3 first: one step less
+    assert layer.contraction_flops(rows, cuts=(1,)) == per_core[0] + 2 * rows * 5 * 4 * 20 * 18
+    assert layer.merge_flops((1,)) == 2 * 4 * 30 * 3 * 12
+    assert layer.rebuild_flops() == layer.merge_flops(()) == 2 * 25 * 4 * 30 * 3 + 2 * 750 * 3 * 12
+
+
+def test_path_choice_follows_the_cost_model(layer):
     for rows in (1, 16, 4096):
-        costs = {
-            "contract": layer.contraction_flops(rows),
-            "contract_reverse": layer.contraction_flops(rows, reverse=True),
-            "dense": layer.rebuild_flops() + 2 * rows * 100 * 90,
-        }
-        assert layer.choose_path(rows) == min(costs, key=costs.get)
+        for reuse in (True, False):
+            layer.path = "auto"
+            plan = layer.contraction_plan(rows, reuse)
+            # the pick is the cheapest candidate, dense included
+            layer.path = "dense"
+            dense = layer.contraction_plan(rows, reuse)
+            layer.path = "contract"
+            contract = layer.contraction_plan(rows, reuse)
+            assert dense.cuts == () and contract.cuts != ()
+            assert plan.cost == min(dense.cost, contract.cost)
+            assert contract.flops == layer.contraction_flops(rows, contract.cuts)
+    layer.path = "auto"
+    # training one row: rebuilding the whole weight is not worth it
+    assert layer.choose_path(1, cached=False) == "contract"
     # a high-rank layer: rebuilding once and one matmul is cheaper at large batch
     full = TTLinear(64, 64, (4, 4, 4), (4, 4, 4), [1, 16, 16, 1])
     assert full.choose_path(4096, cached=True) == "dense"
     assert full.flops((4096, 64)) == 2 * 4096 * 64 * 64
+    # a big low-rank layer contracts, with fewer FLOPs than dense
+    thin = TTLinear(4096, 4096, (8, 8, 8, 8), (8, 8, 8, 8), [1, 8, 8, 8, 1])
+    assert thin.choose_path(512) == "contract"
+    assert thin.flops((512, 4096)) < 0.5 * 2 * 512 * 4096 * 4096
+
+
+def test_merged_cores_are_cached_in_inference_only(layer):
+    layer.path = "contract"
+    x = torch.randn(3, 100, dtype=torch.float64)
+    with torch.no_grad():
+        y1 = layer(x)
+        cached = dict(layer.__dict__["_weight_cache"])
+        assert any(isinstance(k, tuple) and k[0] == "groups" for k in cached)
+        layer.cores[1].mul_(2.0)  # a changed core invalidates the merged groups
+        y2 = layer(x)
+    assert torch.allclose(y2 - layer.bias, 2 * (y1 - layer.bias))
+    layer.clear_dense_cache()
+    layer(x).sum().backward()
+    assert "_weight_cache" not in layer.__dict__ or not layer.__dict__["_weight_cache"]
 
 
 def test_dense_cache_is_refreshed_when_a_core_changes(layer):

@@ -40,29 +40,41 @@ class SurgeryLayer(nn.Module):
         With gradients enabled (training) or under ``torch.compile`` the weight
         is rebuilt each call, so autograd and the compiler see the factors.
         """
-        if torch.compiler.is_compiling() or (
+        return self.cached_value("dense", params, self.to_dense)
+
+    def reuses_weights(self, params: list[torch.Tensor]) -> bool:
+        """Whether tensors derived from ``params`` can be cached across calls now:
+        in eager inference (no gradient wanted), not under ``torch.compile``."""
+        return not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        ):
-            return self.to_dense()
+        )
+
+    def cached_value(self, name: Any, params: list[torch.Tensor], build) -> Any:
+        """``build()``, cached under ``name`` in inference until one of ``params``
+        changes (their version counter, storage, dtype or device); rebuilt each call
+        when gradients are wanted or under ``torch.compile``."""
+        if not self.reuses_weights(params):
+            return build()
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
-        cache = self.__dict__.get("_dense_cache")
-        if cache is None or cache[0] != key:
+        caches = self.__dict__.setdefault("_weight_cache", {})
+        hit = caches.get(name)
+        if hit is None or hit[0] != key:
             with torch.no_grad():
-                cache = (key, self.to_dense())
-            self.__dict__["_dense_cache"] = cache
-        return cache[1]
+                hit = (key, build())
+            caches[name] = hit
+        return hit[1]
 
     def has_dense_cache(self) -> bool:
         """Whether a rebuilt dense weight is cached (the dense path is then a plain matmul)."""
-        return self.__dict__.get("_dense_cache") is not None
+        return "dense" in self.__dict__.get("_weight_cache", {})
 
     def clear_dense_cache(self) -> None:
-        """Drop the cached dense weight (after changing the factors' shapes)."""
-        self.__dict__.pop("_dense_cache", None)
+        """Drop every cached rebuilt weight (after changing the factors' shapes)."""
+        self.__dict__.pop("_weight_cache", None)
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state.pop("_dense_cache", None)  # never pickled
+        state.pop("_weight_cache", None)  # never pickled
         return state
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,64 @@ from tnsurgery.decompositions.tt import orthogonalize, tt_matrix_full, tt_round
 from tnsurgery.layers.base import SurgeryLayer
 
 PATHS = ("auto", "contract", "dense")
+
+
+# Cost model of one matrix product on thin shapes: below this many rows, columns
+# or inner size, GEMM kernels run proportionally below peak (measured on CPU:
+# benchmarks/bench_tensor.py); and a transpose costs about this many FLOPs per
+# element moved.
+_FULL_SPEED_DIM = 48
+_FLOPS_PER_MOVE = 8
+
+
+class ContractionPlan(NamedTuple):
+    """How :class:`TTLinear` runs a call: ``cuts`` group the cores (merged between
+    cuts; none: the dense weight), ``forms`` the matmul layout of each step, ``cost``
+    the model's estimate, ``flops`` the multiply-adds ×2 of the contraction."""
+
+    cuts: tuple[int, ...]
+    forms: tuple[str, ...]
+    cost: float
+    flops: int
+
+
+def _gemm_cost(m: int, k: int, n: int) -> float:
+    return 2.0 * m * k * n * max(1.0, _FULL_SPEED_DIM / max(1, min(m, k, n)))
+
+
+def _steps(
+    shapes: list[tuple[int, int, int, int]], rows: int
+) -> tuple[float, int, tuple[str, ...]]:
+    """Cost, FLOPs and per-step layout of contracting ``rows`` inputs through cores of
+    ``shapes``, left to right (state ``(rows·m_1..m_k, r_k·n_{k+1}, rest)``)."""
+    rest = math.prod(s[2] for s in shapes)
+    lead, cost, flops, forms = rows, 0.0, 0, []
+    for r, m, n, r2 in shapes:
+        rest //= n
+        flops += 2 * lead * rest * r * n * m * r2
+        if rest == 1:
+            options = {"A": _gemm_cost(lead, r * n, m * r2)}
+        else:
+            options = {
+                "A": lead * _gemm_cost(m * r2, r * n, rest),
+                "B": _gemm_cost(lead * rest, r * n, m * r2)
+                + _FLOPS_PER_MOVE * lead * rest * (r * n + m * r2),
+            }
+        form = min(options, key=options.get)
+        forms.append(form)
+        cost += options[form]
+        lead *= m
+    return cost, flops, tuple(forms)
+
+
+def _merge_chain(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Merge consecutive TT-matrix cores into one ``(r, Πm, Πn, r')`` core."""
+    out = cores[0]
+    for core in cores[1:]:
+        r, m1, n1, _ = out.shape
+        _, m2, n2, r2 = core.shape
+        out = torch.einsum("amnb,bpqc->ampnqc", out, core).reshape(r, m1 * m2, n1 * n2, r2)
+    return out
 
 
 def _rows(input_shape: Sequence[int]) -> int:
@@ -27,11 +85,13 @@ class TTLinear(SurgeryLayer):
     factors (the weight was zero-padded to factor well): inputs are padded and
     outputs cropped accordingly.
 
-    Forward picks, per call, the cheaper of two paths by FLOP count: contract
-    the input through the cores (left-to-right or right-to-left, whichever
-    costs less), or rebuild the dense weight and do one matmul. In inference
-    (no grad) the rebuilt weight is cached until a core changes, so the dense
-    path then costs exactly a dense layer. ``path`` forces one of them.
+    Forward picks, per call shape, the cheapest of several paths by a cost model
+    (:meth:`contraction_plan`): contract the input through the cores, possibly
+    after merging neighbouring cores into bigger ones (fewer, fatter matrix
+    products), or rebuild the dense weight and do one matmul. In inference (no
+    grad) rebuilt and merged cores are cached until a core changes, so the dense
+    path then costs exactly a dense layer. ``path`` limits the choice:
+    ``"contract"`` never rebuilds the whole weight, ``"dense"`` always does.
     """
 
     def __init__(
@@ -137,97 +197,128 @@ class TTLinear(SurgeryLayer):
         w = tt_matrix_full(list(self.cores))
         return w[: self.out_features, : self.in_features]
 
-    def contraction_flops(self, rows: int, reverse: bool = False) -> int:
-        """FLOPs of contracting ``rows`` inputs through the cores (left to right, or
-        right to left with ``reverse``)."""
-        m, n, r = list(self.out_factors), list(self.in_factors), self.ranks
-        if reverse:
-            m, n, r = m[::-1], n[::-1], r[::-1]
-        total, done_out = 0, 1
-        for k in range(len(m)):
-            rest_in = math.prod(n[k + 1 :])
-            total += 2 * rows * done_out * rest_in * r[k] * n[k] * m[k] * r[k + 1]
-            done_out *= m[k]
+    def _group_shapes(self, cuts: Sequence[int]) -> list[tuple[int, int, int, int]]:
+        """Shapes ``(r, m, n, r')`` of the cores merged between consecutive ``cuts``."""
+        groups: list[tuple[int, int, int, int]] = []
+        for k, core in enumerate(self.cores):
+            r, m, n, r2 = core.shape
+            if k == 0 or k in cuts:
+                groups.append((r, m, n, r2))
+            else:
+                r0, m0, n0, _ = groups[-1]
+                groups[-1] = (r0, m0 * m, n0 * n, r2)
+        return groups
+
+    def contraction_flops(self, rows: int, cuts: Sequence[int] | None = None) -> int:
+        """FLOPs of contracting ``rows`` inputs through the cores, left to right.
+
+        ``cuts`` groups the cores: consecutive cores between two cuts are merged
+        first (that merge is not counted); by default every core is its own group.
+        """
+        if cuts is None:
+            cuts = range(1, len(self.cores))
+        return _steps(self._group_shapes(tuple(cuts)), rows)[1]
+
+    def merge_flops(self, cuts: Sequence[int]) -> int:
+        """FLOPs of merging the cores between ``cuts`` (no cuts: the dense rebuild)."""
+        total, prefix = 0, None
+        for k, core in enumerate(self.cores):
+            r, m, n, r2 = core.shape
+            if k == 0 or k in cuts:
+                prefix = (r, m * n)
+            else:
+                total += 2 * prefix[0] * prefix[1] * r * m * n * r2
+                prefix = (prefix[0], prefix[1] * m * n)
         return total
 
     def rebuild_flops(self) -> int:
         """FLOPs of rebuilding the dense weight from the cores."""
-        total, prefix = 0, 1
-        r = self.ranks
-        for k, core in enumerate(self.cores):
-            s = core.shape[1] * core.shape[2]
-            if k:
-                total += 2 * prefix * r[k] * s * r[k + 1]
-            prefix *= s
-        return total
+        return self.merge_flops(())
 
-    def choose_path(self, rows: int, cached: bool = False) -> str:
-        """``"dense"``, ``"contract"`` or ``"contract_reverse"``: the cheapest for ``rows``
-        inputs (``cached``: the dense weight is already built)."""
-        if self.path == "dense":
-            return "dense"
-        costs = {
-            "contract": self.contraction_flops(rows),
-            "contract_reverse": self.contraction_flops(rows, reverse=True),
-        }
-        if self.path == "auto":
-            rebuild = 0 if cached else self.rebuild_flops()
-            costs["dense"] = rebuild + 2 * rows * self.in_features * self.out_features
-        return min(costs, key=costs.get)
+    def contraction_plan(self, rows: int, reuse: bool = True) -> ContractionPlan:
+        """The cheapest way to run ``rows`` inputs through the layer, by a cost model.
 
-    def _contract(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
-        cores = list(self.cores)
-        n, m = list(self.in_factors), list(self.out_factors)
+        Candidates: every grouping of consecutive cores (merged first, then the
+        input contracted through the groups; no cut at all is the dense rebuild
+        and one matmul). Each contraction step is a matrix product, costed at its
+        FLOPs divided by an efficiency that drops for thin products, plus the
+        memory traffic of the transposes it needs. ``reuse``: merged cores are
+        cached across calls (inference), so merging is free; otherwise (training,
+        compiling) its FLOPs are counted. ``path`` limits the candidates:
+        ``"dense"`` to the rebuild, ``"contract"`` to groupings with a cut.
+        """
+        key = (rows, reuse, self.path, tuple(c.shape for c in self.cores))
+        plans = self.__dict__.setdefault("_plans", {})
+        if key in plans:
+            return plans[key]
+        d = len(self.cores)
+        best = None
+        for mask in range(2 ** (d - 1)):
+            cuts = tuple(k for k in range(1, d) if mask >> (k - 1) & 1)
+            if (self.path == "dense" and cuts) or (self.path == "contract" and not cuts):
+                continue
+            if cuts:
+                cost, flops, forms = _steps(self._group_shapes(cuts), rows)
+            else:  # F.linear on the cropped weight
+                flops = 2 * rows * self.in_features * self.out_features
+                cost, forms = _gemm_cost(rows, self.in_features, self.out_features), ("A",)
+            if not reuse:
+                cost += self.merge_flops(cuts)
+            plan = ContractionPlan(cuts, forms, float(cost), int(flops))
+            if best is None or plan.cost < best.cost:
+                best = plan
+        plans[key] = best
+        return best
+
+    def choose_path(self, rows: int, cached: bool = True) -> str:
+        """``"dense"`` or ``"contract"``: the path :meth:`contraction_plan` picks for
+        ``rows`` inputs (``cached``: rebuilt weights are reused across calls)."""
+        return "contract" if self.contraction_plan(rows, cached).cuts else "dense"
+
+    def _merged(self, cuts: tuple[int, ...]) -> list[torch.Tensor]:
+        bounds = [0, *cuts, len(self.cores)]
+        return [
+            _merge_chain(list(self.cores[a:b])) for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+
+    def _contract(self, x: torch.Tensor, plan: ContractionPlan) -> torch.Tensor:
+        groups = self.cached_value(
+            ("groups", plan.cuts), list(self.cores), lambda: self._merged(plan.cuts)
+        )
         b = x.shape[0]
-        t = x.reshape(b, *n)
-        if reverse:  # mirror the network: reversed modes, cores (r', m, n, r)
-            t = t.permute(0, *range(len(n), 0, -1))
-            cores = [c.permute(3, 1, 2, 0) for c in reversed(cores)]
-            n, m = n[::-1], m[::-1]
-        rest = math.prod(n)
-        state = t.reshape(b, n[0], rest // n[0])  # (rows, r_0·n_1, rest)
-        rows = b
-        for k, core in enumerate(cores):
-            r, mk, nk, r2 = core.shape
-            rest //= nk
-            state = state.reshape(rows, r * nk, rest).transpose(1, 2)  # (rows, rest, r·n)
-            state = state @ core.permute(0, 2, 1, 3).reshape(r * nk, mk * r2)  # (rows, rest, m·r')
-            if k + 1 < len(cores):
-                nxt = n[k + 1]
-                state = state.reshape(rows, nxt, rest // nxt, mk, r2)
-                state = state.permute(0, 3, 4, 1, 2)  # (rows, m, r', n_next, rest')
-                rows *= mk
-            else:
-                rows *= mk
-        y = state.reshape(b, *m)
-        if reverse:
-            y = y.permute(0, *range(len(m), 0, -1))
-        return y.reshape(b, -1)
+        lead, rest, state = b, x.shape[1], x
+        for core, form in zip(groups, plan.forms, strict=True):
+            r, m, n, r2 = core.shape
+            rest //= n
+            if rest == 1:  # one matmul: (lead, r·n) @ (r·n, m·r')
+                state = state.reshape(lead, r * n) @ core.permute(0, 2, 1, 3).reshape(r * n, m * r2)
+            elif form == "A":  # batched over lead: (m·r', r·n) @ (r·n, rest)
+                w = core.permute(1, 3, 0, 2).reshape(m * r2, r * n)
+                state = torch.matmul(w, state.reshape(lead, r * n, rest))
+            else:  # one tall matmul (lead·rest, r·n) @ (r·n, m·r'), back to (lead, m, r', rest)
+                t = state.reshape(lead, r * n, rest).transpose(1, 2).reshape(lead * rest, r * n)
+                state = t @ core.permute(0, 2, 1, 3).reshape(r * n, m * r2)
+                state = state.reshape(lead, rest, m, r2).permute(0, 2, 3, 1)
+            lead *= m
+        return state.reshape(b, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        rows = x2.shape[0]
-        cached = self.has_dense_cache() and not torch.is_grad_enabled()
-        path = self.choose_path(rows, cached)
-        if path == "dense":
+        plan = self.contraction_plan(x2.shape[0], self.reuses_weights(list(self.cores)))
+        if not plan.cuts:
             y = F.linear(x2, self.cached_dense(list(self.cores)), self.bias)
         else:
             if self.in_padded > self.in_features:
                 x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-            y = self._contract(x2, reverse=path == "contract_reverse")
-            y = y[:, : self.out_features]
+            y = self._contract(x2, plan)[:, : self.out_features]
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------ reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
-        rows = _rows(input_shape)
-        path = self.choose_path(rows, cached=True)
-        if path == "dense":
-            return 2 * rows * self.in_features * self.out_features
-        return self.contraction_flops(rows, reverse=path == "contract_reverse")
+        return self.contraction_plan(_rows(input_shape), reuse=True).flops
 
     def config(self) -> dict[str, Any]:
         return {
