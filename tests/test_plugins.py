@@ -202,7 +202,7 @@ def test_builtins_without_entry_point_metadata(monkeypatch, restore_manager):
         m.setattr(plugins.importlib.metadata, "entry_points", lambda **kw: [])
         pm = get_plugin_manager(refresh=True)
         reg = get_registry(pm)
-    assert reg.origins == {name: "builtin" for name in ("factorize", "tt", "cp", "tucker")}
+    assert reg.origins == {name: "builtin" for name in ("factorize", "tt", "cp", "tucker", "qat")}
     assert set(reg.origins) == {m.rsplit(".", 1)[-1] for m in plugins.DEFAULT_PLUGINS}
 
 

@@ -266,7 +266,11 @@ def _model_summary(plan: Plan) -> str:
     tot = plan.totals()
     before, after = tot["model_params_before"], tot["model_params_after"]
     ratio = f" ({after / before:.1%})" if before and after is not None else ""
-    return f"model parameters: {_fmt_int(before)} -> {_fmt_int(after)}{ratio}"
+    line = f"model parameters: {_fmt_int(before)} -> {_fmt_int(after)}{ratio}"
+    b0, b1 = tot.get("model_bytes_before"), tot.get("model_bytes_after")
+    if b0 and b1 is not None:
+        line += f"; tensors stored: {_fmt_int(b0)}B -> {_fmt_int(b1)}B ({b1 / b0:.1%})"
+    return line
 
 
 @cli.command()
@@ -443,6 +447,77 @@ def apply_cmd(
         out.print(f"wrote {w}", highlight=False)
 
 
+@cli.command(name="export")
+@click.argument("model", type=click.Path())
+@model_options
+@sample_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write (default: beside the input, '.exported').",
+)
+def export_cmd(
+    model, arch, trust_pickle, allow_class, sample_input, no_sample_input, as_json, output
+):
+    """Store the integer weights of MODEL's QAT layers (a model surgered with a 'qat'
+    rule): packed integers, scales and zero points, dequantized on the fly. Writes the
+    same kind of file as the input, with its manifest.json + .safetensors pair."""
+    loaded = _load(model, arch, trust_pickle, allow_class)
+    x = resolve_sample_input(sample_input, loaded, no_sample_input)
+    target = Path(output) if output else io.default_output(loaded, "exported")
+    with err.status("exporting"):
+        exported = surgery.convert(loaded.model, x)
+        written = io.save_like_input(exported, loaded, target)
+    manifest = surgery.get_manifest(exported)
+    sizes = {str(w): _disk_bytes(w) for w in written}
+    summary = {
+        "layers": [
+            {k: r[k] for k in ("name", "bytes_before", "bytes_after", "weight_error")}
+            for r in manifest["replacements"]
+        ],
+        "model_bytes_before": manifest["model_bytes_before"],
+        "model_bytes_after": manifest["model_bytes_after"],
+        "output_error": manifest["output_error"],
+        "output_error_name": manifest["output_error_name"],
+        "written": sizes,
+    }
+    if as_json:
+        _emit_json(summary)
+        return
+    t = Table(title="Export", header_style="bold")
+    for col in ("module", "bytes before", "bytes after", "weight err (vs fake-quant)"):
+        t.add_column(col)
+    for r in summary["layers"]:
+        t.add_row(
+            escape(r["name"]),
+            _fmt_int(r["bytes_before"]),
+            _fmt_int(r["bytes_after"]),
+            _fmt_err(r["weight_error"]),
+        )
+    out.print(t)
+    before, after = summary["model_bytes_before"], summary["model_bytes_after"]
+    out.print(
+        f"model tensors: {_fmt_int(before)}B -> {_fmt_int(after)}B ({after / before:.1%})",
+        highlight=False,
+    )
+    if summary["output_error"] is not None:
+        out.print(
+            f"output error vs the fake-quant model: {summary['output_error']:.3g} "
+            f"(relative, {summary['output_error_name']})",
+            highlight=False,
+        )
+    for w, size in sizes.items():
+        out.print(f"wrote {w} ({_fmt_int(size)}B)", highlight=False)
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
 def _plan_from_manifest(manifest: dict) -> Plan:
     from tnsurgery.plan import PassInfo, TargetPlan
 
@@ -452,6 +527,7 @@ def _plan_from_manifest(manifest: dict) -> Plan:
         passes=[PassInfo(**x) for x in d["passes"]],
         model_params_before=d["totals"]["model_params_before"],
         model_params_after=d["totals"]["model_params_after"],
+        model_bytes_before=d["totals"].get("model_bytes_before"),
         output_error=d["totals"]["output_error"],
         output_error_name=d["output_error_name"],
         applied=d["applied"],

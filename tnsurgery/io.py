@@ -432,13 +432,16 @@ def _same_path(a: Path, b: Path) -> bool:
         return False
 
 
-def default_output(loaded: LoadedModel) -> Path:
-    """Where ``tnsurgery apply`` writes when no ``-o`` is given: beside the input."""
+def default_output(loaded: LoadedModel, tag: str = "surgered") -> Path:
+    """Where ``tnsurgery apply`` (``tag`` "surgered") or ``export`` ("exported") writes
+    when no ``-o`` is given: beside the input."""
     p = loaded.path
     if loaded.kind == "hf":
-        return p.with_name(p.name + "-surgered")
+        return p.with_name(f"{p.name}-{tag}")
     stem, _, ext = p.name.partition(".")
-    return p.with_name(f"{stem}.surgered.{ext or 'pt'}")
+    if ext.startswith("surgered.") and tag != "surgered":
+        ext = ext[len("surgered.") :]
+    return p.with_name(f"{stem}.{tag}.{ext or 'pt'}")
 
 
 def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> list[Path]:

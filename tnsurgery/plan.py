@@ -17,6 +17,8 @@ class TargetPlan:
     Errors are relative Frobenius norms: ``predicted_error`` on the weight as
     the transform predicts it, ``weight_error`` measured on the built layer,
     ``output_error`` of the layer's output on the sample input.
+    ``bytes_before``/``bytes_after``: storage of the module's tensors, and of
+    its replacement as saved (integer weights once exported, for ``qat``).
     """
 
     rule_index: int
@@ -31,6 +33,8 @@ class TargetPlan:
     params_after: int | None = None
     flops_before: int | None = None
     flops_after: int | None = None
+    bytes_before: int | None = None
+    bytes_after: int | None = None
     predicted_error: float | None = None
     weight_error: float | None = None
     output_error: float | None = None
@@ -62,6 +66,7 @@ class Plan:
     passes: list[PassInfo] = field(default_factory=list)
     model_params_before: int = 0
     model_params_after: int | None = None
+    model_bytes_before: int | None = None
     output_error: float | None = None
     output_error_name: str | None = None
     applied: bool = False
@@ -84,6 +89,10 @@ class Plan:
         model_after = self.model_params_after
         if model_after is None and before is not None and after is not None:
             model_after = self.model_params_before - before + after
+        bytes_before, bytes_after = total("bytes_before", rep), total("bytes_after", rep)
+        model_bytes_after = None
+        if None not in (self.model_bytes_before, bytes_before, bytes_after):
+            model_bytes_after = self.model_bytes_before - bytes_before + bytes_after
         return {
             "targets": len(self.targets),
             "replaced": len(rep),
@@ -95,6 +104,10 @@ class Plan:
             "flops_after": total("flops_after", rep),
             "model_params_before": self.model_params_before,
             "model_params_after": model_after,
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": model_bytes_after,
             "output_error": self.output_error,
         }
 

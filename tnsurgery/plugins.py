@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = (
     "tnsurgery.transforms.tt",
     "tnsurgery.transforms.cp",
     "tnsurgery.transforms.tucker",
+    "tnsurgery.transforms.qat",
 )
 
 

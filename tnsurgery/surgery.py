@@ -24,7 +24,7 @@ from tnsurgery.matching import select
 from tnsurgery.plan import PassInfo, Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry, qualified_name
 from tnsurgery.spec import Rule, Spec, load_spec
-from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, trace
+from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, tensor_bytes, trace
 from tnsurgery.transform import Context, Decision, Transform, relative_error
 
 MANIFEST_ATTR = "_tnsurgery_manifest"
@@ -130,6 +130,109 @@ def apply(
     return work
 
 
+def convert(model: nn.Module, sample_input: Any = None, *, inplace: bool = False) -> nn.Module:
+    """Export quantization-aware layers: every ``QATLayer`` (from the ``qat``
+    transform) becomes a ``QuantizedLayer`` storing integer tensors (int8, packed
+    to ``bits`` per value below 8 bits) with scales and zero points, dequantized
+    on the fly; its outputs are those of the fake-quant layer.
+
+    Args:
+        model: a model surgered with a ``qat`` rule (and possibly trained).
+        sample_input: when given, the exported model's output is compared with
+            the fake-quant model's (``output_error`` in the manifest).
+        inplace: modify ``model`` itself (rolled back on failure); else a copy.
+
+    Returns:
+        The exported model. Its manifest records the conversion (each layer's
+        bytes before/after, ``model_bytes_before``/``model_bytes_after``) on top
+        of the surgery's, so :func:`tnsurgery.save` / :func:`tnsurgery.load`
+        round-trip it.
+
+    Raises:
+        UserInputError: the model has no ``QATLayer`` to export.
+        SurgeryError: a layer failed to export; the model is untouched.
+    """
+    from tnsurgery.errors import UserInputError
+    from tnsurgery.layers.qat import QATLayer, QuantizedLayer
+
+    targets = [
+        n for n, m in model.named_modules() if isinstance(m, QATLayer) and not _inside_qat(model, n)
+    ]
+    if not targets:
+        raise UserInputError(
+            "nothing to export: the model has no QAT layer (apply a spec with a 'qat' rule first)"
+        )
+    work = model if inplace else copy.deepcopy(model)
+    reference_model = copy.deepcopy(model) if (inplace and sample_input is not None) else model
+    bytes_before = tensor_bytes(work)
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
+    records = []
+    try:
+        for name in targets:
+            old = work.get_submodule(name)
+            try:
+                new = QuantizedLayer.from_qat(old)
+                with torch.no_grad():
+                    err = relative_error(new.to_dense(), old.to_dense())
+            except Exception as exc:
+                raise SurgeryError(f"failed to export {name}: {type(exc).__name__}: {exc}") from exc
+            _swap(work, name, new, undo)
+            records.append(
+                {
+                    "name": name,
+                    "transform": "qat",
+                    "operation": "convert",
+                    "layer": qualified_name(type(new)),
+                    "config": new.config(),
+                    "bytes_before": tensor_bytes(old),
+                    "bytes_after": tensor_bytes(new),
+                    "weight_error": err,
+                }
+            )
+        out_err = out_name = None
+        if sample_input is not None:
+            with eval_mode(reference_model, work):
+                reference = call_model(reference_model, sample_input)
+                exported = call_model(work, sample_input)
+            out_err, out_name = output_error(reference, exported)
+    except BaseException:
+        for parent, attr, old in reversed(undo):
+            parent._modules[attr] = old
+        raise
+    previous = get_manifest(work) or {}
+    bytes_after = tensor_bytes(work)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "tnsurgery_version": __version__,
+        "torch_version": str(torch.__version__),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": previous.get("base_model", qualified_name(type(work))),
+        "operation": "convert",
+        "spec": previous.get("spec"),
+        "replacements": records,
+        "not_replaced": [],
+        "output_error": out_err,
+        "output_error_name": out_name,
+        "model_bytes_before": bytes_before,
+        "model_bytes_after": bytes_after,
+        "plan": previous.get("plan"),
+        "budget": previous.get("budget"),
+        "history": ([*previous.get("history", []), _strip_history(previous)] if previous else []),
+    }
+    object.__setattr__(work, MANIFEST_ATTR, manifest)
+    return work
+
+
+def _inside_qat(model: nn.Module, name: str) -> bool:
+    from tnsurgery.layers.qat import QATLayer
+
+    parts = name.split(".")
+    return any(
+        isinstance(model.get_submodule(".".join(parts[:i])), QATLayer) for i in range(1, len(parts))
+    )
+
+
 def _run(
     work: nn.Module,
     spec: Spec,
@@ -142,7 +245,10 @@ def _run(
     overrides: dict | None = None,
 ) -> tuple[Plan, dict[tuple[int, str], nn.Module]]:
     registry = registry or get_registry()
-    result = Plan(model_params_before=sum(p.numel() for p in work.parameters()))
+    result = Plan(
+        model_params_before=sum(p.numel() for p in work.parameters()),
+        model_bytes_before=tensor_bytes(work),
+    )
     built: dict[tuple[int, str], nn.Module] = {}
     undo = undo if undo is not None else []
     for index, rule in enumerate(spec.rules):
@@ -173,6 +279,7 @@ def _run(
                 output_shape=call.output_shape if call else None,
             )
             tp.flops_before = module_flops(module, tp.input_shape)
+            tp.bytes_before = tensor_bytes(module)
             tp.reason = _refusal(name, call, aliases, tied, traced.method if traced else "none")
             if tp.reason:
                 tp.status = "refuse"
@@ -192,6 +299,7 @@ def _run(
                 else:
                     tp.params_after = decision.params_after
                     tp.flops_after = decision.flops_after
+                    tp.bytes_after = _bytes_after(module, decision)
                     tp.predicted_error = decision.predicted_error
                     decisions[name] = decision
             result.targets.append(tp)
@@ -210,7 +318,18 @@ def _run(
             tp.weight_error = _weight_error(old, new)
             if tp.params_after is None:
                 tp.params_after = sum(p.numel() for p in new.parameters())
+            if tp.bytes_after is None:
+                tp.bytes_after = tensor_bytes(new)
     return result, built
+
+
+def _bytes_after(module: nn.Module, decision: Decision) -> int | None:
+    if decision.bytes_after is not None:
+        return decision.bytes_after
+    if decision.params_after is None:
+        return None
+    ref = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return decision.params_after * (ref.element_size() if ref is not None else 4)
 
 
 def _budget(model, spec: Spec, registry: Registry, sample_input) -> tuple[dict, dict | None]:
@@ -318,10 +437,17 @@ def _swap(root: nn.Module, name: str, new: nn.Module, undo: list) -> None:
 
 
 def _weight_error(old: nn.Module, new: nn.Module) -> float | None:
-    w = getattr(old, "weight", None)
-    if not isinstance(w, torch.Tensor) or not hasattr(new, "to_dense"):
+    if not hasattr(new, "to_dense"):
         return None
     with torch.no_grad():
+        w = getattr(old, "weight", None)
+        if not isinstance(w, torch.Tensor) and hasattr(old, "to_dense"):
+            try:  # a layer made by an earlier rule: its own dense weight
+                w = old.to_dense()
+            except NotImplementedError:
+                return None
+        if not isinstance(w, torch.Tensor):
+            return None
         try:
             dense = new.to_dense()
         except NotImplementedError:

@@ -204,6 +204,19 @@ def module_flops(module: nn.Module, input_shape: tuple[int, ...] | None) -> int 
     return None
 
 
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``module``, shared tensors once (what a
+    weights file stores for it)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
 def sharing(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Modules registered under several names, and parameters shared between modules.
 

@@ -59,6 +59,9 @@ class Decision:
         predicted_error: relative Frobenius error of the replacement's dense
             weight against the original weight, when the transform can
             predict it (``None`` otherwise).
+        bytes_after: bytes the replacement stores, when not simply its
+            parameters in their dtype (e.g. ``qat``: the packed integers export
+            writes); ``None``: counted from ``params_after``.
         skip_reason: set when the target is left as it is (e.g. it would not
             shrink); the pipeline then reports it and never calls ``build``.
         state: private to the transform: anything ``plan`` computed that
@@ -69,6 +72,7 @@ class Decision:
     params_after: int | None = None
     flops_after: int | None = None
     predicted_error: float | None = None
+    bytes_after: int | None = None
     skip_reason: str | None = None
     state: Any = None
     params: Any = None  # set by the pipeline: the params this target was planned with

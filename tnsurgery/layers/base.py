@@ -34,6 +34,13 @@ class SurgeryLayer(nn.Module):
         rebuilds an identical layer (weights aside)."""
         raise NotImplementedError
 
+    def quant_axes(self) -> dict[str, int]:
+        """The parameters a ``qat`` wrapper quantizes, each with its channel axis for
+        per-channel scales: by default every parameter of 2 or more dimensions
+        (the bias stays in float), along axis 0. Layers override this where
+        another axis is the natural channel (TT cores: their rank axis)."""
+        return {n: 0 for n, p in self.named_parameters() if p.dim() >= 2}
+
     def cached_dense(self, params: list[torch.Tensor]) -> torch.Tensor:
         """``to_dense()``, cached in inference until one of ``params`` changes.
 

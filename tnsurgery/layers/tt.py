@@ -277,9 +277,8 @@ class TTLinear(SurgeryLayer):
 
     def _merged(self, cuts: tuple[int, ...]) -> list[torch.Tensor]:
         bounds = [0, *cuts, len(self.cores)]
-        return [
-            _merge_chain(list(self.cores[a:b])) for a, b in zip(bounds, bounds[1:], strict=False)
-        ]
+        cores = list(self.cores)  # not a slice of the ParameterList: that re-wraps as Parameters
+        return [_merge_chain(cores[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def _contract(self, x: torch.Tensor, plan: ContractionPlan) -> torch.Tensor:
         groups = self.cached_value(
@@ -364,6 +363,12 @@ class TTLinear(SurgeryLayer):
         self.cores = nn.ParameterList(nn.Parameter(c.contiguous()) for c in new)
         self.clear_dense_cache()
         return self
+
+    def quant_axes(self) -> dict[str, int]:
+        """Each core quantized per slice of its outgoing rank (the last core, whose
+        outgoing rank is 1, per slice of its incoming rank)."""
+        last = len(self.cores) - 1
+        return {f"cores.{k}": 0 if k == last else 3 for k in range(len(self.cores))}
 
     def tt_stats(self) -> dict[str, list]:
         """Ranks, Frobenius norm and max |value| of each core (for logging)."""

@@ -354,6 +354,14 @@ class TuckerLinear(SurgeryLayer):
             "path": self.path,
         }
 
+    def quant_axes(self) -> dict[str, int]:
+        """The core per slice of its first output mode; each factor per column (one
+        scale per basis vector)."""
+        axes = {"core": 0}
+        axes.update({f"out_proj.{k}": 1 for k in range(len(self.out_proj))})
+        axes.update({f"in_proj.{k}": 1 for k in range(len(self.in_proj))})
+        return axes
+
     def extra_repr(self) -> str:
         d = self.d
         dense = self.in_features * self.out_features

@@ -1,0 +1,418 @@
+"""Quantization layers: ``QATLayer`` (fake quantization for training) and
+``QuantizedLayer`` (integer weights, dequantized on the fly, after export).
+
+Both wrap any layer whose forward reads its own parameters: ``nn.Linear``,
+``nn.Conv2d`` and every :class:`~tnsurgery.layers.base.SurgeryLayer`. The
+tensors quantized and their channel axes come from the layer's
+``quant_axes()`` (``{"weight": 0}`` for Linear/Conv2d): each low-rank factor,
+TT core, Tucker core and factor, CP factor gets its own quantizer. The wrapped
+layer runs with its parameters swapped for their (fake-)quantized versions
+through :func:`torch.func.functional_call`, so it needs no change of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tnsurgery.layers.base import SurgeryLayer
+from tnsurgery.quant import (
+    FakeQuantizer,
+    dequantize,
+    pack_bits,
+    packed_bytes,
+    qrange,
+    unpack_bits,
+)
+
+
+def quant_axes(module: nn.Module) -> dict[str, int]:
+    """The parameters of ``module`` a quantizer wraps, with their channel axis
+    (``{}`` when the module declares none)."""
+    if isinstance(module, SurgeryLayer):
+        return dict(module.quant_axes())
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return {"weight": 0}
+    return {}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Call(nn.Module):
+    """Calls one method of a module (so :func:`functional_call` can swap its
+    parameters for a method other than ``forward``)."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module, self.method = module, method
+
+    def forward(self, *args):
+        return getattr(self.module, self.method)(*args)
+
+
+def _module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    from tnsurgery.tracing import module_flops  # tracing imports the layers
+
+    return module_flops(module, input_shape)
+
+
+class QATLayer(SurgeryLayer):
+    """``inner`` with every tensor of ``quant_axes(inner)`` fake-quantized in forward
+    (and, with ``activations``, its input too).
+
+    Args:
+        inner: the layer to quantize (kept as the ``inner`` submodule).
+        bits: weight bits, 2 to 8.
+        scheme: ``"symmetric"`` or ``"asymmetric"`` (weights and input).
+        granularity: ``"per_channel"`` (one scale per slice along each tensor's
+            channel axis) or ``"per_tensor"``.
+        observer: ``"minmax"`` or ``"ema"`` (see :class:`~tnsurgery.quant.FakeQuantizer`).
+        learn_scale: learn the scales (LSQ) instead of observing them.
+        activations: bits of the input's fake quantization (per tensor), or
+            ``None`` to leave the input in float.
+
+    ``quant_enabled = False`` switches quantization off: the layer then computes
+    exactly what ``inner`` computes. The weight quantizers observe ``inner`` at
+    construction, so the layer is usable at once; the input quantizer observes
+    the first input it sees (and every input in training mode).
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        bits: int = 8,
+        scheme: str = "symmetric",
+        granularity: str = "per_channel",
+        observer: str = "minmax",
+        learn_scale: bool = False,
+        activations: int | None = None,
+    ):
+        super().__init__()
+        axes = quant_axes(inner)
+        if not axes:
+            raise ValueError(f"{type(inner).__name__} declares no tensor to quantize")
+        if granularity not in ("per_channel", "per_tensor"):
+            raise ValueError("granularity must be 'per_channel' or 'per_tensor'")
+        self.inner = inner
+        self.bits, self.scheme, self.granularity = bits, scheme, granularity
+        self.observer, self.learn_scale, self.activations = observer, learn_scale, activations
+        self.axes = axes
+        params = dict(inner.named_parameters())
+        quantizers = {}
+        for name, axis in axes.items():
+            p = params[name]
+            per_channel = granularity == "per_channel"
+            q = FakeQuantizer(
+                bits,
+                scheme,  # type: ignore[arg-type]
+                axis if per_channel else None,
+                p.shape[axis] if per_channel else None,
+                observer,  # type: ignore[arg-type]
+                learn_scale,
+                is_weight=True,
+            ).to(p.device)
+            q.observe(p)
+            quantizers[_key(name)] = q
+        self.weight_quantizers = nn.ModuleDict(quantizers)
+        self.input_quantizer = (
+            FakeQuantizer(activations, scheme, None, None, observer, learn_scale, is_weight=False)  # type: ignore[arg-type]
+            if activations
+            else None
+        )
+        if self.input_quantizer is not None and params:
+            self.input_quantizer.to(next(iter(params.values())).device)
+        self.register_buffer("_enabled", torch.tensor(True))
+
+    # ---------------------------------------------------------------- switch
+    @property
+    def quant_enabled(self) -> bool:
+        """Whether forward fake-quantizes (``False``: exactly ``inner``)."""
+        return bool(self._enabled)
+
+    @quant_enabled.setter
+    def quant_enabled(self, value: bool) -> None:
+        self._enabled.fill_(bool(value))
+
+    @property
+    def in_features(self) -> int:
+        """``inner``'s ``in_features`` (for FLOP counts without an input shape)."""
+        return self.inner.in_features
+
+    # --------------------------------------------------------------- forward
+    def _quantized_params(self, observe: bool) -> dict[str, torch.Tensor]:
+        params = dict(self.inner.named_parameters())
+        out = {}
+        for name in self.axes:
+            q = self.weight_quantizers[_key(name)]
+            out[name] = q(params[name]) if observe else q.fake(params[name])
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.quant_enabled:
+            return self.inner(*args, **kwargs)
+        if self.input_quantizer is not None and args:
+            args = (self.input_quantizer(args[0]), *args[1:])
+        return functional_call(self.inner, self._quantized_params(True), args, kwargs)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``inner`` computes from its fake-quantized tensors."""
+        params = self._quantized_params(False)
+        if isinstance(self.inner, SurgeryLayer):
+            call = _Call(self.inner, "to_dense")
+            return functional_call(call, {f"module.{k}": v for k, v in params.items()}, ())
+        return params["weight"]
+
+    # ------------------------------------------------------------- reporting
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        return _module_flops(self.inner, input_shape) or 0
+
+    def quantized_bytes(self) -> int:
+        """Bytes the exported layer stores: packed integers, scales, zero points,
+        and every other parameter (bias) in its float dtype."""
+        return _export_bytes(self.inner, self.axes, self.bits, self.granularity)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "inner_layer": _qualified(type(self.inner)),
+            "bits": self.bits,
+            "scheme": self.scheme,
+            "granularity": self.granularity,
+            "observer": self.observer,
+            "learn_scale": self.learn_scale,
+            "activations": self.activations,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], current: nn.Module | None = None) -> QATLayer:
+        """Wrap ``current`` (the layer now at the target's place) again."""
+        config = dict(config)
+        expected = config.pop("inner_layer")
+        if current is None or _qualified(type(current)) != expected:
+            got = "nothing" if current is None else _qualified(type(current))
+            raise ValueError(f"QATLayer wraps a {expected}, found {got} at its place")
+        return cls(current, **config)
+
+    def extra_repr(self) -> str:
+        act = f", activations={self.activations} bits" if self.activations else ""
+        learned = ", learn_scale" if self.learn_scale else ""
+        return (
+            f"bits={self.bits}, {self.scheme}, {self.granularity}, observer={self.observer}"
+            f"{learned}{act}, quantized={list(self.axes)}, enabled={self.quant_enabled}"
+        )
+
+
+def _export_bytes(inner: nn.Module, axes: dict[str, int], bits: int, granularity: str) -> int:
+    total = 0
+    for name, p in inner.named_parameters():
+        if name in axes:
+            channels = p.shape[axes[name]] if granularity == "per_channel" else 1
+            total += packed_bytes(p.numel(), bits) + channels * (4 + 4)  # float32 scale, int32 zp
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+class QuantizedLayer(SurgeryLayer):
+    """A layer stored with integer weights: each quantized tensor as packed
+    ``bits``-bit integers (``<key>_q``, uint8), a float scale and an int32 zero
+    point per channel; other parameters (bias) stay in float. Forward
+    dequantizes (cached in inference) and runs the original layer's code on the
+    result, so it computes what the :class:`QATLayer` it came from computed
+    (input fake quantization included, with its scale frozen).
+    """
+
+    def __init__(
+        self,
+        inner_layer: str,
+        inner_config: dict[str, Any] | None,
+        tensors: dict[str, dict[str, Any]],
+        floats: dict[str, list[int]],
+        input_quant: dict[str, Any] | None = None,
+        *,
+        inner: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.inner_layer, self.inner_config = inner_layer, inner_config
+        self.tensors, self.floats = tensors, floats
+        for name, t in tensors.items():
+            k = _key(name)
+            channels = t["shape"][t["axis"]] if t["axis"] is not None else 1
+            self.register_buffer(
+                f"{k}_q",
+                torch.zeros(packed_bytes(_numel(t["shape"]), t["bits"]), dtype=torch.uint8),
+            )
+            self.register_buffer(f"{k}_scale", torch.ones(channels))
+            self.register_buffer(f"{k}_zero_point", torch.zeros(channels, dtype=torch.int32))
+        self.float_params = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.zeros(shape)) for n, shape in floats.items()}
+        )
+        self.input_quantizer = FakeQuantizer(**input_quant) if input_quant else None
+        if self.input_quantizer is not None:
+            self.input_quantizer.observer_enabled.fill_(False)
+        # the original layer's code, holding no tensor: called with functional_call
+        self.__dict__["_inner"] = inner
+
+    @property
+    def inner(self) -> nn.Module:
+        """The original layer's structure (no tensors: they are supplied at each call)."""
+        return self.__dict__["_inner"]
+
+    # ------------------------------------------------------------- building
+    @classmethod
+    def from_qat(cls, layer: QATLayer) -> QuantizedLayer:
+        """Export a :class:`QATLayer`: its tensors on their current grids, as integers."""
+        inner = layer.inner
+        params = dict(inner.named_parameters())
+        tensors, floats = {}, {}
+        for name, p in params.items():
+            if name in layer.axes:
+                q = layer.weight_quantizers[_key(name)]
+                tensors[name] = {
+                    "shape": list(p.shape),
+                    "axis": q.axis,
+                    "bits": q.bits,
+                    "scheme": q.scheme,
+                }
+            else:
+                floats[name] = list(p.shape)
+        input_quant = layer.input_quantizer.config() if layer.input_quantizer is not None else None
+        new = cls(
+            _qualified(type(inner)),
+            inner.config() if isinstance(inner, SurgeryLayer) else None,
+            tensors,
+            floats,
+            input_quant,
+            inner=_stripped(inner),
+        )
+        ref = next(iter(params.values()))
+        new = new.to(ref.device)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                q = layer.weight_quantizers[_key(name)]
+                k = _key(name)
+                qmin, _ = qrange(t["bits"], t["scheme"])
+                packed = pack_bits(q.quantize(params[name]), t["bits"], qmin)
+                getattr(new, f"{k}_q").copy_(packed)
+                getattr(new, f"{k}_scale").copy_(q.scale.detach().abs().reshape(-1))
+                getattr(new, f"{k}_zero_point").copy_(q.zero_point.reshape(-1))
+            for name in floats:
+                new.float_params[_key(name)] = nn.Parameter(params[name].detach().clone())
+            if layer.input_quantizer is not None:
+                new.input_quantizer.load_state_dict(layer.input_quantizer.state_dict())
+                new.input_quantizer.observer_enabled.fill_(False)
+        return new
+
+    @property
+    def in_features(self) -> int:
+        """``inner``'s ``in_features`` (for FLOP counts without an input shape)."""
+        return self.inner.in_features
+
+    def _dequantized(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in self.tensors.items():
+            k = _key(name)
+            scale = getattr(self, f"{k}_scale")
+            qmin, _ = qrange(t["bits"], t["scheme"])
+            q = unpack_bits(
+                getattr(self, f"{k}_q"), t["bits"], qmin, tuple(t["shape"]), torch.int16
+            )
+            w = dequantize(q, scale, getattr(self, f"{k}_zero_point"), t["axis"])
+            out[name] = w.to(scale.dtype)
+        return out
+
+    def dequantized(self) -> dict[str, torch.Tensor]:
+        """The float tensors the layer computes with (cached in inference)."""
+        buffers = [b for n, b in self.named_buffers() if not n.startswith("input_quantizer")]
+        return self.cached_value("dequantized", buffers, self._dequantized)
+
+    def _all_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self.dequantized())
+        for name in self.floats:
+            params[name] = self.float_params[_key(name)]
+        return params
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.input_quantizer is not None and args:
+            args = (self.input_quantizer(args[0]), *args[1:])
+        return functional_call(self.inner, self._all_params(), args, kwargs)
+
+    def to_dense(self) -> torch.Tensor:
+        params = self._all_params()
+        if "weight" in params and not self.inner_config:
+            return params["weight"]
+        call = _Call(self.inner, "to_dense")
+        return functional_call(call, {f"module.{k}": v for k, v in params.items()}, ())
+
+    # ------------------------------------------------------------- reporting
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        if not isinstance(self.inner, SurgeryLayer):  # counted from its sizes alone
+            return _module_flops(self.inner, input_shape) or 0
+        with torch.no_grad():
+            call = _Call(self.inner, "flops")
+            params = {f"module.{k}": v for k, v in self._all_params().items()}
+            return functional_call(call, params, (input_shape,))
+
+    def param_count(self) -> int:
+        """Values stored (integers and floats), as the dense layer counted them."""
+        return sum(_numel(t["shape"]) for t in self.tensors.values()) + sum(
+            p.numel() for p in self.float_params.values()
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "inner_layer": self.inner_layer,
+            "inner_config": self.inner_config,
+            "tensors": self.tensors,
+            "floats": self.floats,
+            "input_quant": self.input_quantizer.config() if self.input_quantizer else None,
+        }
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], current: nn.Module | None = None
+    ) -> QuantizedLayer:
+        """Rebuild from the layer now at the target's place: the :class:`QATLayer`
+        it was exported from (or the layer that QATLayer wrapped)."""
+        inner = current.inner if isinstance(current, QATLayer) else current
+        if inner is None or _qualified(type(inner)) != config["inner_layer"]:
+            got = "nothing" if inner is None else _qualified(type(inner))
+            raise ValueError(
+                f"QuantizedLayer holds a {config['inner_layer']}, found {got} at its place"
+            )
+        return cls(**config, inner=_stripped(inner))
+
+    def extra_repr(self) -> str:
+        bits = sorted({t["bits"] for t in self.tensors.values()})
+        return (
+            f"{self.inner_layer.rsplit('.', 1)[-1]}, integer tensors={list(self.tensors)}, "
+            f"bits={bits}, float={list(self.floats)}"
+        )
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _stripped(inner: nn.Module) -> nn.Module:
+    """A copy of ``inner`` that holds no tensor (its parameters are supplied per call)."""
+    clone = copy.deepcopy(inner)
+    if isinstance(clone, SurgeryLayer):
+        clone.clear_dense_cache()
+    for name, _ in list(clone.named_parameters()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = clone.get_submodule(owner_name) if owner_name else clone
+        del owner._parameters[attr]
+    return clone
