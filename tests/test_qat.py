@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,12 @@ from tnsurgery.quant import (
     set_observers,
     unpack_bits,
 )
+
+try:
+    from tests import models
+except ImportError:  # plain `pytest` does not put the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests import models
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 SCHEMES = ("symmetric", "asymmetric")
@@ -446,3 +454,15 @@ def test_exported_layer_state_is_integers_scales_and_floats_only():
     assert state["weight_q"].numel() == packed_bytes(96 * 64, 3)
     assert exported[0].param_count() == 96 * 64 + 96
     assert exported[0].flops((5, 64)) == 2 * 5 * 64 * 96
+
+
+def test_shipped_example_spec_on_a_conv_net():
+    spec = Path(__file__).resolve().parents[1] / "specs" / "cnn_factorize_qat.json"
+    model = models.cnn()
+    x = torch.randn(2, 3, 16, 16)
+    out = surgery.apply(model, spec, x)
+    assert isinstance(out.conv1, QATLayer) and isinstance(out.conv1.inner, nn.Conv2d)
+    assert isinstance(out.conv2, QATLayer) and isinstance(out.conv2.inner, LowRankConv2d)
+    assert isinstance(out.fc, QATLayer)
+    exported = surgery.convert(out, x)
+    assert surgery.get_manifest(exported)["output_error"] < 1e-6
