@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tnsurgery.decompositions.svd import left_singular
+
 # Tikhonov term added to each normal-equation matrix, relative to its mean diagonal:
 # large enough to keep a (near-)collinear Gram matrix invertible, small enough not to
 # move an exact solution at float64 precision.
@@ -83,7 +85,7 @@ def _hosvd_init(t: torch.Tensor, rank: int, gen: torch.Generator) -> list[torch.
     ``rank`` rows gets its missing columns from a seeded normal draw."""
     factors = []
     for mode, size in enumerate(t.shape):
-        u, _, _ = torch.linalg.svd(_unfold(t, mode), full_matrices=False)
+        u, _ = left_singular(_unfold(t, mode))
         u = u[:, :rank]
         if u.shape[1] < rank:
             # drawn on the CPU so that a seed gives the same start on every device

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tnsurgery.decompositions.svd import exact_svd
+from tnsurgery.decompositions.svd import exact_svd, left_singular
 
 
 def matrix_to_tt_tensor(
@@ -52,7 +52,7 @@ def tt_svd(
     r_prev = 1
     c = t.reshape(r_prev * shape[0], -1)
     for k in range(d - 1):
-        u, s, v = exact_svd(c)
+        u, s = left_singular(c)
         r = len(s)
         if delta is not None:
             tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0]))
@@ -64,7 +64,7 @@ def tt_svd(
         r = max(1, r)
         spectra.append(s)
         cores.append(u[:, :r].reshape(r_prev, shape[k], r))
-        c = (s[:r, None] * v[:, :r].mT).reshape(r * shape[k + 1], -1)
+        c = (u[:, :r].mT @ c).reshape(r * shape[k + 1], -1)  # = S_r V_rᵀ
         r_prev = r
     cores.append(c.reshape(r_prev, shape[-1], 1))
     return cores, spectra

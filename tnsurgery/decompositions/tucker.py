@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tnsurgery.decompositions.svd import exact_svd
+from tnsurgery.decompositions.svd import left_singular
 
 Factors = list[torch.Tensor | None]
 
@@ -90,7 +90,8 @@ def feasible_ranks(shape: Sequence[int], ranks: Sequence[int | None]) -> list[in
 
 
 def _leading_left(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, _ = exact_svd(m)
+    """The ``r`` leading left singular vectors of ``m`` and all its singular values."""
+    u, s = left_singular(m)
     return u[:, :r], s
 
 
