@@ -22,7 +22,7 @@ from torch import nn
 import tnsurgery
 from tnsurgery import hookspecs, plugins, surgery
 from tnsurgery.cli import cli
-from tnsurgery.errors import ModelLoadError, SurgeryError
+from tnsurgery.errors import ModelLoadError, SpecError, SurgeryError
 from tnsurgery.layers.base import SurgeryLayer
 from tnsurgery.plugins import get_plugin_manager, get_registry
 from tnsurgery.transform import Transform
@@ -203,7 +203,7 @@ def test_builtins_without_entry_point_metadata(monkeypatch, restore_manager):
         pm = get_plugin_manager(refresh=True)
         reg = get_registry(pm)
     assert reg.origins == {name: "builtin" for name in ("factorize", "tt", "cp", "tucker", "qat")}
-    assert set(reg.origins) == {m.rsplit(".", 1)[-1] for m in plugins.DEFAULT_PLUGINS}
+    assert reg.data_origins == {s: "builtin" for s in ("tensors", "callable", "text", "random")}
 
 
 def test_unknown_transform_name_suggests_the_closest():
@@ -460,6 +460,42 @@ def test_hook_register_commands(register_plugin, monkeypatch, capsys):
         assert capsys.readouterr().out == "hello from a plugin\n"
     finally:
         cli.commands.pop("hello", None)
+
+
+def test_hook_register_data_sources(register_plugin):
+    from tnsurgery.data import DataSource
+
+    class OnesParams(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        width: int
+
+    seen = {}
+
+    def ones(params, ctx):
+        seen["batch_size"] = ctx.batch_size
+        for _ in range(3):
+            yield torch.ones(ctx.batch_size, params.width)
+
+    class Plugin:
+        @tnsurgery.hookimpl
+        def register_data_sources(self, register):
+            register(DataSource("ones", OnesParams, ones, "All ones."))
+
+    register_plugin(Plugin(), name="ones-data")
+    reg = get_registry()
+    assert reg.data_origins["ones"] == "ones-data"
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    spec = {
+        "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 2}}],
+        "calibration": {"data": {"source": "ones", "width": 6}, "samples": 10, "batch_size": 4},
+    }
+    p = surgery.plan(model, spec, registry=reg)
+    assert p.calibration["examples"] == 10 and p.calibration["batches"] == 3
+    assert seen["batch_size"] == 4
+    # its params are validated like a transform's
+    bad = {**spec, "calibration": {"data": {"source": "ones", "widht": 6}}}
+    with pytest.raises(SpecError, match="did you mean 'width'"):
+        surgery.plan(model, bad, registry=reg)
 
 
 # --------------------------------------------------------- transform contract

@@ -31,7 +31,7 @@ GOOD = {
 }
 
 RANK_OPTIONS_LIST = "rank, rank_ratio, param_ratio, energy, max_error"
-PARAM_NAMES = f"{RANK_OPTIONS_LIST}, method, niter, oversample, seed"
+PARAM_NAMES = f"{RANK_OPTIONS_LIST}, method, niter, oversample, seed, whiten"
 RULE_FIELDS = "match, exclude, types, transform, params, allow_empty"
 
 
@@ -146,7 +146,7 @@ def test_unknown_top_level_key(factorize_registry):
     assert problems == [
         "spec: field 'rules': Field required",
         "spec: unknown field 'rule'; did you mean 'rules'? "
-        "(valid: $schema, version, description, rules, budget)",
+        "(valid: $schema, version, description, rules, budget, calibration)",
     ]
 
 

@@ -532,6 +532,7 @@ def _plan_from_manifest(manifest: dict) -> Plan:
         output_error_name=d["output_error_name"],
         applied=d["applied"],
         budget=d.get("budget"),
+        calibration=d.get("calibration"),
     )
     return p
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import click
     from torch import nn
 
+    from tnsurgery.data import DataSource
     from tnsurgery.plan import Plan
     from tnsurgery.transform import Transform
 
@@ -65,6 +66,20 @@ def after_surgery(model: nn.Module, plan: Plan, manifest: dict[str, Any]) -> Non
     ``plan`` now carries measured errors; ``manifest`` is the JSON-compatible
     record of what was done (the same that is attached to the model and
     written beside every saved file). Observe only.
+    """
+
+
+@hookspec
+def register_data_sources(register: Callable[[DataSource], None]) -> None:
+    """Register the data sources this plugin provides (for ``calibration`` and
+    ``training`` data in a spec).
+
+    Call ``register`` once per source with a :class:`tnsurgery.data.DataSource`:
+    its ``name`` (the spec's ``"source"``), its ``params_model`` (pydantic,
+    ``extra="forbid"``: the other keys of the ``data`` object), and
+    ``batches(params, ctx)`` returning an iterable of batches (a tensor, a
+    tuple of tensors, or a dict of tensors for keyword inputs), each of at most
+    ``ctx.batch_size`` examples along dim 0 (see :class:`tnsurgery.data.DataContext`).
     """
 
 

@@ -16,7 +16,9 @@ class TargetPlan:
     than once, not called by forward...). ``reason`` says why for the last two.
     Errors are relative Frobenius norms: ``predicted_error`` on the weight as
     the transform predicts it, ``weight_error`` measured on the built layer,
-    ``output_error`` of the layer's output on the sample input.
+    ``output_error`` of the layer's output on the sample input;
+    ``predicted_output_error`` on the calibration data (when the spec has
+    some and the transform uses it).
     ``bytes_before``/``bytes_after``: storage of the module's tensors, and of
     its replacement as saved (integer weights once exported, for ``qat``).
     """
@@ -36,6 +38,7 @@ class TargetPlan:
     bytes_before: int | None = None
     bytes_after: int | None = None
     predicted_error: float | None = None
+    predicted_output_error: float | None = None
     weight_error: float | None = None
     output_error: float | None = None
     call_order: int | None = None
@@ -71,6 +74,7 @@ class Plan:
     output_error_name: str | None = None
     applied: bool = False
     budget: dict[str, Any] | None = None  # the global budget's allocation, when the spec has one
+    calibration: dict[str, Any] | None = None  # what calibration ran, when the spec has it
 
     def replaced(self) -> list[TargetPlan]:
         """Targets that get (or got) a replacement."""
@@ -120,4 +124,5 @@ class Plan:
             "output_error_name": self.output_error_name,
             "applied": self.applied,
             "budget": self.budget,
+            "calibration": self.calibration,
         }

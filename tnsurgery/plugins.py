@@ -13,11 +13,15 @@ import importlib
 import importlib.metadata
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from tnsurgery import hookspecs
 from tnsurgery.transform import Transform
+
+if TYPE_CHECKING:
+    from tnsurgery.data import DataSource
 
 GROUP = "tnsurgery"
 DEFAULT_PLUGINS = (
@@ -26,6 +30,7 @@ DEFAULT_PLUGINS = (
     "tnsurgery.transforms.cp",
     "tnsurgery.transforms.tucker",
     "tnsurgery.transforms.qat",
+    "tnsurgery.data",
 )
 
 
@@ -45,6 +50,17 @@ class Registry:
     transforms: dict[str, Transform] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     failures: list[PluginFailure] = field(default_factory=list)
+    data_sources: dict[str, DataSource] = field(default_factory=dict)
+    data_origins: dict[str, str] = field(default_factory=dict)
+
+    def get_data_source(self, name: Any) -> DataSource:
+        """The data source called ``name``; ``KeyError`` with the closest names otherwise."""
+        try:
+            return self.data_sources[name]
+        except (KeyError, TypeError):
+            raise KeyError(
+                unknown_name_message("data source", str(name), self.data_sources)
+            ) from None
 
     def get(self, name: str) -> Transform:
         """The transform called ``name``; ``KeyError`` with the closest names otherwise."""
@@ -154,4 +170,36 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         for t in found:
             reg.transforms[t.name] = t
             reg.origins[t.name] = origin
+    _collect_data_sources(pm, reg, origins)
     return reg
+
+
+def _collect_data_sources(pm: pluggy.PluginManager, reg: Registry, origins: dict) -> None:
+    """Ask every plugin for its data sources (built-ins first), as for transforms."""
+    from tnsurgery.data import DataSource
+
+    impls = sorted(
+        pm.hook.register_data_sources.get_hookimpls(),
+        key=lambda impl: origins.get(impl.plugin_name) != "builtin",
+    )
+    for impl in impls:
+        origin = origins.get(impl.plugin_name, impl.plugin_name)
+        found: list[DataSource] = []
+        try:
+            impl.function(register=found.append)
+            for src in found:
+                if not isinstance(src, DataSource):
+                    raise TypeError(f"register() expects a DataSource, got {type(src).__name__}")
+                if src.name in reg.data_sources:
+                    raise ValueError(
+                        f"data source '{src.name}' is already registered by "
+                        f"{reg.data_origins[src.name]}"
+                    )
+        except Exception as exc:
+            reg.failures.append(
+                PluginFailure(impl.plugin_name, origin, f"{type(exc).__name__}: {exc}")
+            )
+            continue
+        for src in found:
+            reg.data_sources[src.name] = src
+            reg.data_origins[src.name] = origin

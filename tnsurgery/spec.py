@@ -115,6 +115,30 @@ class Budget(BaseModel):
         return self
 
 
+class Calibration(BaseModel):
+    """Data-aware surgery: run the original model over ``samples`` examples of
+    ``data`` and collect, for each target, the second moment of its inputs;
+    transforms that use it (``factorize`` whitens) then minimize each layer's
+    output error on that data rather than its weight error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: dict[str, Any] = Field(
+        ...,
+        description="Where the examples come from: {'source': 'tensors'|'callable'|'text'|"
+        "'random'|<plugin>, ...its params}.",
+    )
+    samples: int = Field(512, ge=1, description="Examples to run (after batching).")
+    batch_size: int = Field(32, ge=1, description="Examples per forward pass.")
+    damping: float = Field(
+        1e-2,
+        ge=0,
+        description="Added to the input second moment's diagonal, relative to its mean "
+        "(keeps directions the data never visits from being ignored entirely).",
+    )
+    seed: int = Field(0, description="Seed of the data source (random data).")
+
+
 class Spec(BaseModel):
     """A surgery spec: ordered rules, applied as passes."""
 
@@ -128,6 +152,11 @@ class Spec(BaseModel):
         None,
         description="Pick per-layer ranks of these rules to meet a global params/FLOPs budget "
         "with the least damage to the model's output.",
+    )
+    calibration: Calibration | None = Field(
+        None,
+        description="Data to run the original model on first: transforms then keep each "
+        "layer's outputs on that data (e.g. whitened factorization).",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +208,8 @@ def _format_one(loc: tuple, err: dict, raw: Any) -> str:
         where = rule_label(i, match)
         field_loc = loc[2:]
         owner = Rule
+    elif len(loc) >= 2 and loc[0] in ("budget", "calibration"):
+        owner = Budget if loc[0] == "budget" else Calibration
     field = ".".join(str(p) for p in field_loc)
     if err["type"] == "extra_forbidden":
         name = str(field_loc[-1]) if field_loc else "?"
@@ -254,6 +285,7 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
         spec = None
     # Check transforms and params of every rule that is a dict, even when other
     # parts failed, so the user sees all problems at once.
+    _check_data(raw.get("calibration"), "calibration.data", registry, problems)
     rules_raw = raw.get("rules") if isinstance(raw.get("rules"), list) else []
     budgeted = _budget_rules(raw, len(rules_raw), problems)
     for i, rule_raw in enumerate(rules_raw):
@@ -298,6 +330,35 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
         raise SpecError(sorted(problems, key=_problem_order), source=name)
     assert spec is not None
     return spec
+
+
+def _check_data(section: Any, where: str, registry: Registry, problems: list[str]) -> None:
+    """Validate a ``data`` object against its source's params model."""
+    if not isinstance(section, dict) or not isinstance(section.get("data"), dict):
+        return  # missing or malformed: reported by the structural check
+    data = section["data"]
+    try:
+        source = registry.get_data_source(data.get("source"))
+    except KeyError as exc:
+        problems.append(f"spec: field '{where}.source': {exc.args[0]}")
+        return
+    try:
+        source.params_model.model_validate({k: v for k, v in data.items() if k != "source"})
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            field = ".".join(str(p) for p in (where, *err["loc"]))
+            if err["type"] == "extra_forbidden":
+                name = str(err["loc"][-1])
+                valid = ["source", *_field_names(source.params_model)]
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                problems.append(
+                    f"spec: unknown field '{field}' for data source '{source.name}'{hint} "
+                    f"(valid: {', '.join(valid)})"
+                )
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.append(f"spec: field '{field}': {msg}")
 
 
 def _budget_rules(raw: dict, n_rules: int, problems: list[str]) -> set[int]:

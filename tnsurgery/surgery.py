@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from tnsurgery._version import __version__
-from tnsurgery.errors import MatchError, SurgeryError
+from tnsurgery.calibration import CalibrationResult, collect
+from tnsurgery.errors import MatchError, SurgeryError, UserInputError
 from tnsurgery.matching import select
 from tnsurgery.plan import PassInfo, Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry, qualified_name
@@ -61,10 +62,16 @@ def plan(
     """
     spec = load_spec(spec, registry)
     registry = registry or get_registry()
+    calib = _calibrate(model, spec, registry)
+    if sample_input is None and calib is not None:
+        sample_input = calib.first_batch
     overrides, budget = _budget(model, spec, registry, sample_input)
     work = copy.deepcopy(model) if len(spec.rules) > 1 else model
-    result, _ = _run(work, spec, sample_input, allow_empty, registry, False, overrides=overrides)
+    result, _ = _run(
+        work, spec, sample_input, allow_empty, registry, False, overrides=overrides, calib=calib
+    )
     result.budget = budget
+    result.calibration = calib.describe() if calib is not None else None
     return result
 
 
@@ -105,6 +112,9 @@ def apply(
     """
     spec = load_spec(spec, registry)
     registry = registry or get_registry()
+    calib = _calibrate(model, spec, registry, progress)
+    if sample_input is None and calib is not None:
+        sample_input = calib.first_batch
     overrides, budget = _budget(model, spec, registry, sample_input)
     work = model if inplace else copy.deepcopy(model)
     # the original is needed only to verify; with inplace it is the pre-surgery copy
@@ -112,9 +122,10 @@ def apply(
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         result, new_modules = _run(
-            work, spec, sample_input, allow_empty, registry, True, undo, progress, overrides
+            work, spec, sample_input, allow_empty, registry, True, undo, progress, overrides, calib
         )
         result.budget = budget
+        result.calibration = calib.describe() if calib is not None else None
         if sample_input is not None:
             _verify(original, work, result, sample_input)
         if result.totals()["model_params_after"] is None:  # a transform did not count
@@ -152,7 +163,6 @@ def convert(model: nn.Module, sample_input: Any = None, *, inplace: bool = False
         UserInputError: the model has no ``QATLayer`` to export.
         SurgeryError: a layer failed to export; the model is untouched.
     """
-    from tnsurgery.errors import UserInputError
     from tnsurgery.layers.qat import QATLayer, QuantizedLayer
 
     targets = [
@@ -243,6 +253,7 @@ def _run(
     undo: list | None = None,
     progress: Progress | None = None,
     overrides: dict | None = None,
+    calib: CalibrationResult | None = None,
 ) -> tuple[Plan, dict[tuple[int, str], nn.Module]]:
     registry = registry or get_registry()
     result = Plan(
@@ -286,6 +297,9 @@ def _run(
             else:
                 ctx = Context(name=name, input_shape=tp.input_shape)
                 ctx.extras["plan_only"] = not building
+                if calib is not None and name in calib.stats:
+                    ctx.extras["input_stats"] = calib.stats[name]
+                    ctx.extras["damping"] = spec.calibration.damping
                 params = (overrides or {}).get((index, name), rule.parsed_params)
                 decision = _decide(transform, module, params, ctx)
                 decision.params = params
@@ -301,6 +315,7 @@ def _run(
                     tp.flops_after = decision.flops_after
                     tp.bytes_after = _bytes_after(module, decision)
                     tp.predicted_error = decision.predicted_error
+                    tp.predicted_output_error = decision.predicted_output_error
                     decisions[name] = decision
             result.targets.append(tp)
         if not building:
@@ -330,6 +345,32 @@ def _bytes_after(module: nn.Module, decision: Decision) -> int | None:
         return None
     ref = next((p for p in module.parameters() if p.is_floating_point()), None)
     return decision.params_after * (ref.element_size() if ref is not None else 4)
+
+
+def _calibrate(
+    model: nn.Module, spec: Spec, registry: Registry, progress: Progress | None = None
+) -> CalibrationResult | None:
+    """Input statistics of every module a rule selects on the original model."""
+    if spec.calibration is None:
+        return None
+    from tnsurgery import data
+
+    cal = spec.calibration
+    names: list[str] = []
+    for rule in spec.rules:
+        transform = registry.get(rule.transform)
+        names += select(model, rule.match, rule.exclude, rule.types, transform.module_types).names
+    batches = data.batches(
+        cal.data, model, cal.batch_size, cal.samples, cal.seed, registry=registry
+    )
+    try:
+        return collect(model, names, batches, progress, total=cal.samples)
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise UserInputError(
+            f"calibration: running the model on the data failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _budget(model, spec: Spec, registry: Registry, sample_input) -> tuple[dict, dict | None]:

@@ -35,8 +35,10 @@ class Context:
         decision: during ``build``, the :class:`Decision` that ``plan``
             returned for this target (its ``state`` may carry work to reuse,
             e.g. an SVD); ``None`` during ``plan``.
-        extras: free-form data for plugins that cooperate (e.g. calibration
-            statistics); the pipeline never interprets it.
+        extras: free-form data for plugins that cooperate. With a spec-level
+            calibration, ``extras["input_stats"]`` holds the target's
+            :class:`tnsurgery.calibration.InputStats` and ``extras["damping"]``
+            the spec's damping.
     """
 
     name: str
@@ -59,6 +61,9 @@ class Decision:
         predicted_error: relative Frobenius error of the replacement's dense
             weight against the original weight, when the transform can
             predict it (``None`` otherwise).
+        predicted_output_error: relative error of the layer's output on the
+            calibration data, ``‖(W − Ŵ) X‖ / ‖W X‖``, when the transform used
+            ``ctx.extras["input_stats"]`` (``None`` otherwise).
         bytes_after: bytes the replacement stores, when not simply its
             parameters in their dtype (e.g. ``qat``: the packed integers export
             writes); ``None``: counted from ``params_after``.
@@ -72,6 +77,7 @@ class Decision:
     params_after: int | None = None
     flops_after: int | None = None
     predicted_error: float | None = None
+    predicted_output_error: float | None = None
     bytes_after: int | None = None
     skip_reason: str | None = None
     state: Any = None

@@ -59,6 +59,13 @@ class FactorizeParams(RankOptions):
     niter: int = Field(4, ge=0, le=20, description="Power iterations of the randomized SVD.")
     oversample: int = Field(16, ge=0, description="Extra columns sketched by the randomized SVD.")
     seed: int = Field(0, description="Seed of the randomized SVD (results are deterministic).")
+    whiten: bool = Field(
+        True,
+        description="With a spec-level calibration: factorize W·L (L Lᵀ the layer's input "
+        "second moment) and map back, which minimizes the layer's output error on the data "
+        "instead of its weight error (SVD-LLM); energy/max_error then refer to the output. "
+        "false: plain SVD of the weight.",
+    )
 
 
 @dataclass
@@ -67,6 +74,30 @@ class _Svd:
     s: torch.Tensor  # (k,)
     v: torch.Tensor  # (n, k)
     method: str
+    whitening: torch.Tensor | None = None  # L: the SVD is of W·L
+
+
+def whitening_factor(ctx: Context, params: FactorizeParams, in_dim: int) -> torch.Tensor | None:
+    """``L`` (lower triangular, float64) with ``L Lᵀ`` the target's damped input second
+    moment, when calibration statistics exist and ``whiten`` is on."""
+    stats = ctx.extras.get("input_stats")
+    if not params.whiten or stats is None or stats.gram.shape[0] != in_dim:
+        return None
+    c = stats.second_moment(ctx.extras.get("damping", 1e-2))
+    jitter = 0.0
+    for _ in range(8):  # damping 0 on rank-deficient data: add the least jitter that works
+        chol, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(in_dim, dtype=c.dtype))
+        if int(info) == 0:
+            return chol
+        jitter = max(jitter * 10, 1e-10 * float(torch.diagonal(c).mean().clamp_min(1e-30)))
+    return None
+
+
+def _unwhiten(v: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
+    """``V`` (n, r) of an SVD of ``W·L`` -> the factor for ``W``: ``L⁻ᵀ V``."""
+    if chol is None:
+        return v
+    return torch.linalg.solve_triangular(chol.mT.to(v.dtype), v, upper=True)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -121,6 +152,9 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
         )
     w = weight_matrix(module)
     m, n = w.shape
+    white = whitening_factor(ctx, params, n)
+    if white is not None:  # every truncation below acts on W·L: the output on the data
+        w = w.double() @ white
     full = min(m, n)
     dense = m * n
     per_rank = m + n
@@ -143,13 +177,22 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     dec = svd(w, rank, params, reuse)
     # the error of the rank-r factors themselves: exactly what surgery measures after
     a = w.to(compute_dtype(w))
-    err = relative_error((dec.u[:, :rank] * dec.s[:rank]) @ dec.v[:, :rank].mT, a)
+    approx = (dec.u[:, :rank] * dec.s[:rank]) @ dec.v[:, :rank].mT
     resolved["method"] = dec.method
+    out_err = None
+    if white is not None:
+        out_err = relative_error(approx, a)  # ‖(W − Ŵ) L‖ / ‖W L‖
+        dec.whitening = white
+        approx = dec.u[:, :rank] * dec.s[:rank] @ _unwhiten(dec.v[:, :rank], white).mT
+        a = weight_matrix(module).to(approx.dtype)
+        resolved["whitened"] = True
+    err = relative_error(approx, a)
     return Decision(
         resolved=resolved,
         params_after=rank * per_rank + bias,
         flops_after=_flops(module, rank, ctx.input_shape),
         predicted_error=err,
+        predicted_output_error=out_err,
         state=dec,
     )
 
@@ -180,7 +223,7 @@ def build(module: nn.Module, params: FactorizeParams, ctx: Context) -> nn.Module
     root = dec.s[:rank].clamp_min(0).sqrt()
     dtype, device = module.weight.dtype, module.weight.device
     u = (dec.u[:, :rank] * root).to(device=device, dtype=dtype)
-    v = (dec.v[:, :rank] * root).mT.to(device=device, dtype=dtype)
+    v = (_unwhiten(dec.v[:, :rank], dec.whitening) * root).mT.to(device=device, dtype=dtype)
     if isinstance(module, nn.Linear):
         bias = module.bias.detach() if module.bias is not None else None
         return LowRankLinear.from_factors(u, v, bias)
