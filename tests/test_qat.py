@@ -466,3 +466,33 @@ def test_shipped_example_spec_on_a_conv_net():
     assert isinstance(out.fc, QATLayer)
     exported = surgery.convert(out, x)
     assert surgery.get_manifest(exported)["output_error"] < 1e-6
+
+
+def test_learned_scales_export_bit_exactly():
+    torch.manual_seed(0)
+    layer = QATLayer(nn.Linear(64, 32), bits=3, learn_scale=True, activations=6)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 64)
+    for _ in range(5):
+        loss = layer(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    exported = QuantizedLayer.from_qat(layer)
+    with torch.no_grad():
+        assert torch.equal(exported.to_dense(), layer.to_dense())
+        assert torch.equal(exported(x), layer(x))
+
+
+def test_saved_manifest_metadata_is_compact_and_plan_not_duplicated(tmp_path):
+    from safetensors import safe_open
+
+    fq = surgery.apply(_mlp(), {"rules": [{"match": "*", "transform": "qat"}]})
+    exported = surgery.convert(fq)
+    tnsurgery.save(exported, tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        text = f.metadata()["tnsurgery_manifest"]
+    assert "\n" not in text and '": ' not in text
+    manifest = surgery.get_manifest(exported)
+    assert manifest["plan"] is None and manifest["history"][0]["plan"] is not None

@@ -400,9 +400,9 @@ def _manifest_for_file(model: nn.Module, weights_name: str, aliases: dict[str, s
 def _write_pair(model: nn.Module, manifest_tmp: Path, weights_tmp: Path, weights_name: str) -> dict:
     tensors, aliases = _state_for_safetensors(model)
     manifest = _manifest_for_file(model, weights_name, aliases)
-    text = json.dumps(manifest, indent=2, default=str)
-    save_file(tensors, str(weights_tmp), metadata={"format": "pt", "tnsurgery_manifest": text})
-    manifest_tmp.write_text(text + "\n", encoding="utf-8")
+    compact = json.dumps(manifest, separators=(",", ":"), default=str)
+    save_file(tensors, str(weights_tmp), metadata={"format": "pt", "tnsurgery_manifest": compact})
+    manifest_tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     return manifest
 
 

@@ -100,11 +100,13 @@ def fake_quantize(
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (torch.round(x) - x).detach() + x
+    """``round(x)`` exactly, with gradient 1 (``x - x.detach()`` is exactly 0)."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    return (x - x * g).detach() + x * g
+    """``x`` exactly, with its gradient multiplied by ``g``."""
+    return x.detach() + (x - x.detach()) * g
 
 
 def lsq_fake_quantize(
@@ -122,7 +124,8 @@ def lsq_fake_quantize(
     s = _grad_scale(scale.float().abs().clamp_min(_EPS), 1.0 / math.sqrt(per * qmax))
     s = _broadcast(s, x, axis)
     z = _broadcast(zero_point.float(), x, axis)
-    q = torch.clamp(_round_ste(x.float() / s) + z, qmin, qmax)
+    # x·(1/s), as quantize() computes it, so that export stores exactly this grid
+    q = torch.clamp(_round_ste(x.float() * (1.0 / s)) + z, qmin, qmax)
     return ((q - z) * s).to(x.dtype)
 
 
@@ -285,9 +288,11 @@ class FakeQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The integers of ``x`` on this quantizer's current grid."""
-        return quantize(
-            x, self.scale.detach().abs(), self.zero_point, self.bits, self.scheme, self.axis
-        )
+        return quantize(x, self.grid_scale(), self.zero_point, self.bits, self.scheme, self.axis)
+
+    def grid_scale(self) -> torch.Tensor:
+        """The scale forward uses (a learned scale's absolute value, at least eps)."""
+        return self.scale.detach().abs().clamp_min(_EPS)
 
     def extra_repr(self) -> str:
         where = "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"

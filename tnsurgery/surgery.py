@@ -226,8 +226,8 @@ def convert(model: nn.Module, sample_input: Any = None, *, inplace: bool = False
         "output_error_name": out_name,
         "model_bytes_before": bytes_before,
         "model_bytes_after": bytes_after,
-        "plan": previous.get("plan"),
-        "budget": previous.get("budget"),
+        "plan": None,  # the surgery's plan is in the history, not copied here
+        "budget": None,
         "history": ([*previous.get("history", []), _strip_history(previous)] if previous else []),
     }
     object.__setattr__(work, MANIFEST_ATTR, manifest)

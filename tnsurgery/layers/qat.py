@@ -303,7 +303,7 @@ class QuantizedLayer(SurgeryLayer):
                 qmin, _ = qrange(t["bits"], t["scheme"])
                 packed = pack_bits(q.quantize(params[name]), t["bits"], qmin)
                 getattr(new, f"{k}_q").copy_(packed)
-                getattr(new, f"{k}_scale").copy_(q.scale.detach().abs().reshape(-1))
+                getattr(new, f"{k}_scale").copy_(q.grid_scale().reshape(-1))
                 getattr(new, f"{k}_zero_point").copy_(q.zero_point.reshape(-1))
             for name in floats:
                 new.float_params[_key(name)] = nn.Parameter(params[name].detach().clone())
