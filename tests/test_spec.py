@@ -146,7 +146,7 @@ def test_unknown_top_level_key(factorize_registry):
     assert problems == [
         "spec: field 'rules': Field required",
         "spec: unknown field 'rule'; did you mean 'rules'? "
-        "(valid: $schema, version, description, rules, budget, calibration)",
+        "(valid: $schema, version, description, rules, budget, calibration, training)",
     ]
 
 

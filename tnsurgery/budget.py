@@ -169,7 +169,12 @@ def _curve(module, name, index, rule, transform, kind, input_shape) -> LayerCurv
     weight = sum(p.numel() for p in module.parameters())
     before = float(weight) if kind == "params" else float(module_flops(module, input_shape) or 0)
     curve = LayerCurve(index, name, before)
-    ctx = Context(name=name, input_shape=input_shape, extras={"plan_only": True})
+    # one decomposition for every ratio (transforms that support it reuse it)
+    ctx = Context(
+        name=name,
+        input_shape=input_shape,
+        extras={"plan_only": True, "decomposition_cache": {}},
+    )
     for ratio in RATIOS[:-1]:
         params = rule.parsed_params.model_copy(update={"param_ratio": ratio})
         for other in params.rank_fields:

@@ -447,6 +447,72 @@ def apply_cmd(
         out.print(f"wrote {w}", highlight=False)
 
 
+@cli.command(name="train")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
+@model_options
+@click.option(
+    "--teacher",
+    type=click.Path(),
+    help="The original model (before surgery): the teacher of 'distill'. Read like MODEL.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write (default: beside the input, '.trained').",
+)
+def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, as_json, output):
+    """Run SPEC's 'training' section on MODEL, a surgered model: distill from --teacher
+    (label-free) or fine-tune, then write the trained model like 'apply' does."""
+    s = load_spec(spec)
+    if s.training is None:
+        raise UserInputError(f"{spec}: the spec has no 'training' section")
+    if s.training.mode == "distill" and not teacher:
+        raise UserInputError(
+            "mode 'distill' needs the original model: give --teacher ORIGINAL_MODEL"
+        )
+    loaded = _load(model, arch, trust_pickle, allow_class)
+    if surgery.get_manifest(loaded.model) is None:
+        raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
+    original = _load(teacher, arch, trust_pickle, allow_class).model if teacher else None
+    target = Path(output) if output else io.default_output(loaded, "trained")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task("training", total=s.training.steps)
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            bar.update(task, completed=step, description=f"loss {metrics['loss']:.4g}")
+
+        result = surgery.train(loaded.model, s, original, progress=progress)
+        written = io.save_like_input(loaded.model, loaded, target)
+    summary = {**result.to_dict(), "written": [str(w) for w in written]}
+    if as_json:
+        _emit_json(summary)
+        return
+    out.print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s: loss "
+        f"{summary['first_loss']:.4g} -> {summary['last_loss']:.4g}",
+        highlight=False,
+    )
+    for e in result.evals:
+        out.print(
+            f"  step {e['step']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step"),
+            highlight=False,
+        )
+    for w in written:
+        out.print(f"wrote {w}", highlight=False)
+
+
 @cli.command(name="export")
 @click.argument("model", type=click.Path())
 @model_options

@@ -439,8 +439,9 @@ def default_output(loaded: LoadedModel, tag: str = "surgered") -> Path:
     if loaded.kind == "hf":
         return p.with_name(f"{p.name}-{tag}")
     stem, _, ext = p.name.partition(".")
-    if ext.startswith("surgered.") and tag != "surgered":
-        ext = ext[len("surgered.") :]
+    for earlier in ("surgered.", "trained.", "exported."):
+        if ext.startswith(earlier) and f"{tag}." != earlier:
+            ext = ext[len(earlier) :]
     return p.with_name(f"{stem}.{tag}.{ext or 'pt'}")
 
 

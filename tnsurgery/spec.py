@@ -29,6 +29,7 @@ from pydantic import (
 
 from tnsurgery.errors import SpecError
 from tnsurgery.plugins import Registry, get_registry
+from tnsurgery.training import Training
 from tnsurgery.transform import RankOptions
 
 
@@ -158,6 +159,11 @@ class Spec(BaseModel):
         description="Data to run the original model on first: transforms then keep each "
         "layer's outputs on that data (e.g. whitened factorization).",
     )
+    training: Training | None = Field(
+        None,
+        description="Train after the transforms: distill from the original model "
+        "(label-free) or fine-tune.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON-compatible data (what the manifest records)."""
@@ -208,8 +214,12 @@ def _format_one(loc: tuple, err: dict, raw: Any) -> str:
         where = rule_label(i, match)
         field_loc = loc[2:]
         owner = Rule
-    elif len(loc) >= 2 and loc[0] in ("budget", "calibration"):
-        owner = Budget if loc[0] == "budget" else Calibration
+    elif len(loc) >= 2 and loc[0] in ("budget", "calibration", "training"):
+        owner = {"budget": Budget, "calibration": Calibration, "training": Training}[loc[0]]
+        if loc[0] == "training" and len(loc) >= 3 and loc[1] in ("distill", "checkpoint"):
+            from tnsurgery.training import CheckpointOptions, DistillOptions
+
+            owner = DistillOptions if loc[1] == "distill" else CheckpointOptions
     field = ".".join(str(p) for p in field_loc)
     if err["type"] == "extra_forbidden":
         name = str(field_loc[-1]) if field_loc else "?"
@@ -286,6 +296,11 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
     # Check transforms and params of every rule that is a dict, even when other
     # parts failed, so the user sees all problems at once.
     _check_data(raw.get("calibration"), "calibration.data", registry, problems)
+    _check_data(raw.get("training"), "training.data", registry, problems)
+    if isinstance(raw.get("training"), dict) and isinstance(raw["training"].get("eval_data"), dict):
+        _check_data(
+            {"data": raw["training"]["eval_data"]}, "training.eval_data", registry, problems
+        )
     rules_raw = raw.get("rules") if isinstance(raw.get("rules"), list) else []
     budgeted = _budget_rules(raw, len(rules_raw), problems)
     for i, rule_raw in enumerate(rules_raw):

@@ -117,8 +117,9 @@ def apply(
         sample_input = calib.first_batch
     overrides, budget = _budget(model, spec, registry, sample_input)
     work = model if inplace else copy.deepcopy(model)
-    # the original is needed only to verify; with inplace it is the pre-surgery copy
-    original = copy.deepcopy(model) if (inplace and sample_input is not None) else model
+    # the original is needed to verify and to teach; with inplace it is the pre-surgery copy
+    needs_original = sample_input is not None or spec.training is not None
+    original = copy.deepcopy(model) if (inplace and needs_original) else model
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         result, new_modules = _run(
@@ -133,6 +134,17 @@ def apply(
         result.applied = True
         manifest = _manifest(work, spec, result, new_modules)
         get_plugin_manager().hook.after_surgery(model=work, plan=result, manifest=manifest)
+        if spec.training is not None:
+            from tnsurgery.training import train as run_training
+
+            object.__setattr__(work, MANIFEST_ATTR, manifest)
+            run_training(work, spec.training, original, registry=registry)
+            manifest = get_manifest(work)
+            if sample_input is not None:  # the output error after training
+                with eval_mode(original, work):
+                    manifest["trained_output_error"] = output_error(
+                        call_model(original, sample_input), call_model(work, sample_input)
+                    )[0]
     except BaseException:
         for parent, attr, old in reversed(undo):
             parent._modules[attr] = old
@@ -241,6 +253,15 @@ def _inside_qat(model: nn.Module, name: str) -> bool:
     return any(
         isinstance(model.get_submodule(".".join(parts[:i])), QATLayer) for i in range(1, len(parts))
     )
+
+
+def train(model: nn.Module, spec: Spec | dict | str | Path, teacher: nn.Module | None = None, **kw):
+    """Run the spec's ``training`` section alone on a surgered ``model`` (in place);
+    ``teacher`` is the original model (needed to distill). See
+    :func:`tnsurgery.training.train` for the options; returns its result."""
+    from tnsurgery.training import train as run_training
+
+    return run_training(model, spec, teacher, **kw)
 
 
 def _run(

@@ -38,7 +38,9 @@ class Context:
         extras: free-form data for plugins that cooperate. With a spec-level
             calibration, ``extras["input_stats"]`` holds the target's
             :class:`tnsurgery.calibration.InputStats` and ``extras["damping"]``
-            the spec's damping.
+            the spec's damping. The budget planner calls ``plan`` at many ranks
+            with one ``extras["decomposition_cache"]`` dict per layer: a
+            transform may keep a rank-independent decomposition there.
     """
 
     name: str

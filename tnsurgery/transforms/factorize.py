@@ -160,8 +160,11 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     per_rank = m + n
     bias = module.bias.numel() if module.bias is not None else 0
     reuse = None
-    if params.needs_spectrum:
-        s2, reuse = spectrum(w, params)
+    cache = ctx.extras.get("decomposition_cache")  # shared by calls at several ranks
+    if cache is not None and "spectrum" not in cache:
+        cache["spectrum"] = spectrum(w, params)
+    if params.needs_spectrum or cache is not None:
+        s2, reuse = cache["spectrum"] if cache is not None else spectrum(w, params)
         rank = resolve_rank(params, full, per_rank, dense, s2, fixed_params=bias)
     else:
         rank = resolve_rank(params, full, per_rank, dense, fixed_params=bias)

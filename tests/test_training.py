@@ -1,0 +1,286 @@
+"""Post-surgery training: distillation, fine-tuning, schedules, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from tnsurgery import surgery
+from tnsurgery.cli import cli
+from tnsurgery.errors import SpecError, UserInputError
+from tnsurgery.training import Training, _lr_factor, kd_kl, normalized_mse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    from tests.conftest import tiny_bert_model
+except ImportError:  # plain `pytest` does not put the repo root on sys.path
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import tiny_bert_model
+
+
+def teacher_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
+    ).eval()
+
+
+FACTORIZE = {"match": "[02]", "transform": "factorize", "params": {"rank": 6}}
+
+
+def random_data(samples: int = 256) -> dict:
+    return {"source": "random", "shape": [16], "samples": samples}
+
+
+def cosine_to_teacher(student, teacher, x) -> float:
+    with torch.no_grad():
+        return float(F.cosine_similarity(student(x), teacher(x), dim=-1).mean())
+
+
+def test_label_free_distillation_recovers_the_teacher():
+    teacher = teacher_mlp()
+    spec = {
+        "rules": [FACTORIZE],
+        "training": {"data": random_data(), "steps": 150, "lr": 1e-2, "batch_size": 32},
+    }
+    x = torch.randn(512, 16)
+    plain = surgery.apply(teacher, {"rules": [FACTORIZE]})
+    trained = surgery.apply(teacher, spec)
+    before, after = cosine_to_teacher(plain, teacher, x), cosine_to_teacher(trained, teacher, x)
+    # random weights have flat spectra: rank 6 of 16/32 caps what can be recovered
+    assert after > before + 0.04
+    record = surgery.get_manifest(trained)["training"]
+    assert record["steps"] == 150 and record["last_loss"] < record["first_loss"]
+    # only the surgered layers trained; the last Linear is the teacher's
+    assert torch.equal(trained[4].weight, teacher[4].weight)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_finetune_with_labels_lowers_the_task_loss(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(300, 16)
+    y = (x[:, :5].argmax(-1)).long()
+    torch.save((x, y), tmp_path / "labelled.pt")
+    model = surgery.apply(teacher_mlp(), {"rules": [FACTORIZE]})
+    opts = Training(
+        mode="finetune",
+        data={"source": "tensors", "path": str(tmp_path / "labelled.pt")},
+        labels=-1,
+        steps=200,
+        lr=1e-2,
+        trainable="all",
+        eval_every=50,
+        eval_data={"source": "tensors", "path": str(tmp_path / "labelled.pt")},
+        metric="accuracy",
+        log=str(tmp_path / "metrics.jsonl"),
+    )
+    result = surgery.train(model, opts)
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert result.best_metric > 0.8 and result.best_step in (50, 100, 150, 200)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 200 and {"step", "loss", "lr"} <= set(lines[0])
+    assert "accuracy" in lines[49] and lines[49]["step"] == 50
+
+
+def test_logit_distillation_with_labels_mixes_by_alpha(tmp_path):
+    torch.manual_seed(1)
+    x = torch.randn(64, 16)
+    y = torch.randint(0, 5, (64,))
+    torch.save({"input": x, "labels": y}, tmp_path / "d.pt")
+    teacher = teacher_mlp()
+
+    class Net(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input):
+            return self.inner(input)
+
+    model = surgery.apply(Net(teacher_mlp()), {"rules": [{**FACTORIZE, "match": "inner.[02]"}]})
+    opts = Training(
+        data={"source": "tensors", "path": str(tmp_path / "d.pt")},
+        labels="labels",
+        steps=5,
+        distill={"alpha": 0.3, "temperature": 2.0},
+    )
+    result = surgery.train(model, opts, Net(teacher))
+    assert len(result.losses) == 5 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_loss_functions_by_hand():
+    s = torch.tensor([[1.0, 0.0, -1.0]])
+    t = torch.tensor([[0.5, 0.5, 0.0]])
+    p = torch.softmax(t / 2, -1)
+    expected = float((p * (p.log() - torch.log_softmax(s / 2, -1))).sum()) * 4
+    assert float(kd_kl(s, t, 2.0)) == pytest.approx(expected, rel=1e-6)
+    assert float(normalized_mse(s, t)) == pytest.approx(
+        float((s - t).square().sum() / t.square().sum())
+    )
+
+
+def test_schedules_with_warmup():
+    base = {"data": random_data(), "steps": 110, "warmup_steps": 10}
+    cos = Training(**base)
+    assert _lr_factor(cos, 0) == pytest.approx(0.1) and _lr_factor(cos, 9) == 1.0
+    assert _lr_factor(cos, 10) == 1.0 and _lr_factor(cos, 60) == pytest.approx(0.5)
+    assert _lr_factor(cos, 110) == pytest.approx(0.0, abs=1e-12)
+    step = Training(**base, scheduler="step", step_size=20, gamma=0.5)
+    assert [_lr_factor(step, i) for i in (10, 29, 30, 50)] == [1.0, 1.0, 0.5, 0.25]
+    assert _lr_factor(Training(**base, scheduler="constant"), 100) == 1.0
+
+
+def test_observers_freeze_at_the_given_step():
+    teacher = teacher_mlp()
+    model = surgery.apply(
+        teacher,
+        {"rules": [{"match": "*", "types": ["Linear"], "transform": "qat", "params": {"bits": 4}}]},
+    )
+    opts = Training(data=random_data(64), steps=6, batch_size=16, freeze_observers_at=3, lr=1e-2)
+    seen = []
+
+    def progress(step, total, metrics):
+        seen.append((step, bool(model[0].weight_quantizers["weight"].observer_enabled)))
+
+    surgery.train(model, opts, teacher, progress=progress)
+    assert seen == [(1, True), (2, True), (3, True), (4, False), (5, False), (6, False)]
+
+
+def test_hugging_face_model_distills_on_random_token_ids():
+    teacher = tiny_bert_model()
+    spec = {
+        "rules": [
+            {
+                "match": "encoder.layer.*.**",
+                "types": ["Linear"],
+                "transform": "factorize",
+                "params": {"param_ratio": 0.5},
+            }
+        ],
+        "training": {
+            "data": {"source": "random", "shape": [12], "vocab_size": 100, "samples": 64},
+            "steps": 8,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "eval_every": 4,
+            "eval_data": {"source": "random", "shape": [12], "vocab_size": 100, "samples": 16},
+        },
+    }
+    trained = surgery.apply(teacher, spec)
+    record = surgery.get_manifest(trained)["training"]
+    assert [e["step"] for e in record["evals"]] == [4, 8]
+    assert all(0 < e["cosine"] <= 1 for e in record["evals"])
+
+
+def test_training_spec_errors_name_the_field():
+    bad = {
+        "rules": [FACTORIZE],
+        "training": {"data": random_data(), "step": 3, "distill": {"temprature": 2}},
+    }
+    with pytest.raises(SpecError) as info:
+        surgery.apply(teacher_mlp(), bad)
+    text = str(info.value)
+    assert "did you mean 'steps'" in text and "did you mean 'temperature'" in text
+    with pytest.raises(UserInputError, match="needs the original model"):
+        surgery.train(
+            surgery.apply(teacher_mlp(), {"rules": [FACTORIZE]}), Training(data=random_data())
+        )
+
+
+# -------------------------------------------------------- checkpoint & resume
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from torch import nn
+    from tnsurgery import surgery
+    from tnsurgery.training import Training
+
+    ckpt, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    student = surgery.apply(
+        teacher, {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 3}}]}
+    )
+    opts = Training(
+        data={"source": "random", "shape": [16], "samples": 48}, steps=20, batch_size=8,
+        lr=1e-2, checkpoint={"every": 5, "dir": ckpt}, warmup_steps=3,
+    )
+
+    def progress(step, total, metrics):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash
+
+    surgery.train(student, opts, teacher, progress=progress)
+    torch.save(student.state_dict(), out)
+    """
+)
+
+
+def _run_script(tmp_path: Path, ckpt: str, out: str, kill_at: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    return subprocess.run(
+        [sys.executable, str(script), ckpt, out, str(kill_at)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    # killed at step 12: the last checkpoint is step 10
+    first = _run_script(tmp_path, str(tmp_path / "ck"), str(tmp_path / "a.pt"), 12)
+    assert first.returncode != 0 and not (tmp_path / "a.pt").exists()
+    assert (tmp_path / "ck" / "last.pt").exists()
+    resumed = _run_script(tmp_path, str(tmp_path / "ck"), str(tmp_path / "a.pt"), -1)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = _run_script(tmp_path, str(tmp_path / "ck2"), str(tmp_path / "b.pt"), -1)
+    assert straight.returncode == 0, straight.stderr
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def test_cli_train_distills_a_surgered_model(tmp_path):
+    torch.save(teacher_mlp(), tmp_path / "model.pt")
+    (tmp_path / "spec.json").write_text(
+        json.dumps(
+            {"rules": [FACTORIZE], "training": {"data": random_data(64), "steps": 20, "lr": 1e-2}}
+        )
+    )
+    runner = CliRunner()
+    r = runner.invoke(cli, ["apply", str(tmp_path / "spec.json"), str(tmp_path / "model.pt")])
+    assert r.exit_code == 0, r.output
+    surgered = tmp_path / "model.surgered.pt"
+    r = runner.invoke(cli, ["train", str(tmp_path / "spec.json"), str(surgered)])
+    assert r.exit_code == 2 and "--teacher" in r.output
+    r = runner.invoke(
+        cli,
+        [
+            "train",
+            str(tmp_path / "spec.json"),
+            str(surgered),
+            "--teacher",
+            str(tmp_path / "model.pt"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["steps"] == 20 and (tmp_path / "model.trained.pt").exists()

@@ -1,0 +1,558 @@
+"""Post-surgery training: label-free distillation from the original model, or fine-tuning.
+
+:func:`train` runs the spec's ``training`` section on a surgered model:
+
+- ``distill`` (default): the original model is the teacher (frozen, eval
+  mode). Feature distillation matches the output of every surgered module to
+  the output of the module it replaced, captured with hooks from the teacher
+  on the same batch (normalized MSE), which needs no label; output
+  distillation adds KL at temperature ``T`` (×T²) on classifier logits, or a
+  normalized MSE on other outputs (embeddings, hidden states); with labels,
+  the task loss is mixed in by ``alpha``.
+- ``finetune``: the task loss alone (cross-entropy or MSE) on labelled batches.
+
+Options: AdamW/Adam/SGD, cosine/step/plateau/constant schedules with linear
+warmup, gradient clipping, seeds, which parameters train, QAT observers
+frozen at a step, evaluation every N steps (mean cosine to the teacher, or
+accuracy) with best-state keeping, metrics as JSON lines, and checkpoints
+that resume exactly (model, optimizer, schedule, RNG and data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tnsurgery.calibration import _to_device
+from tnsurgery.errors import UserInputError
+from tnsurgery.tracing import call_model
+
+# --------------------------------------------------------------------- spec
+
+
+class DistillOptions(BaseModel):
+    """How the student is matched to the teacher (``mode: distill``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of logit KL.")
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of distillation vs the task loss when batches carry labels.",
+    )
+    features: Literal["surgered", "none"] = Field(
+        "surgered",
+        description="'surgered': match each surgered module's output to the teacher's "
+        "module it replaced (label-free); 'none': outputs only.",
+    )
+    output: Literal["auto", "kl", "mse", "none"] = Field(
+        "auto",
+        description="Loss on the model outputs: 'kl' (logits at the temperature), 'mse' "
+        "(normalized), 'auto': kl for a 2-D output tensor, mse otherwise.",
+    )
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the feature loss.")
+
+
+class CheckpointOptions(BaseModel):
+    """Where and how often to save a resumable state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(100, ge=1, description="Save every this many steps (and at the end).")
+    dir: str = Field("checkpoints", description="Directory of the checkpoints.")
+
+
+class Training(BaseModel):
+    """The spec's ``training`` section (every option has a default but ``data``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["distill", "finetune"] = Field("distill", description="distill or finetune.")
+    data: dict[str, Any] = Field(..., description="Training batches (same sources as calibration).")
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    scheduler: Literal["cosine", "step", "plateau", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr.")
+    step_size: int = Field(100, ge=1, description="'step' schedule: decay every this many steps.")
+    gamma: float = Field(0.5, gt=0, le=1, description="'step'/'plateau': decay factor.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (null: none).")
+    seed: int = Field(0, description="Seed of the run (initial RNG state, data order).")
+    trainable: Literal["surgered", "all"] = Field(
+        "surgered",
+        description="'surgered': only the layers surgery made train (the rest frozen); "
+        "'all': every parameter.",
+    )
+    loss: Literal["cross_entropy", "mse"] = Field(
+        "cross_entropy", description="Task loss when batches carry labels."
+    )
+    labels: str | int | None = Field(
+        None,
+        description="Where a batch holds its labels: a key of a dict batch, or the index of "
+        "a tuple batch (e.g. -1); null: no labels (distillation only).",
+    )
+    distill: DistillOptions = Field(default_factory=DistillOptions)
+    freeze_observers_at: int | None = Field(
+        None, ge=0, description="QAT: step at which observers stop updating (scales frozen)."
+    )
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every this many steps.")
+    eval_data: dict[str, Any] | None = Field(
+        None, description="Evaluation batches (default: none; then the metric is skipped)."
+    )
+    metric: Literal["cosine", "accuracy"] = Field(
+        "cosine",
+        description="'cosine': mean cosine of outputs to the teacher's; 'accuracy': of the "
+        "argmax against labels.",
+    )
+    keep_best: bool = Field(True, description="End with the best evaluated state.")
+    checkpoint: CheckpointOptions | None = Field(None, description="Resumable checkpoints.")
+    log: str | None = Field(None, description="Write metrics as JSON lines to this file.")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _split_labels(batch: Any, where: str | int | None) -> tuple[Any, torch.Tensor | None]:
+    if where is None:
+        return batch, None
+    if isinstance(batch, dict) and isinstance(where, str):
+        rest = {k: v for k, v in batch.items() if k != where}
+        return rest, batch.get(where)
+    if isinstance(batch, (tuple, list)) and isinstance(where, int):
+        items = list(batch)
+        label = items.pop(where)
+        return (items[0] if len(items) == 1 else tuple(items)), label
+    raise UserInputError(f"training: labels={where!r} does not fit a {type(batch).__name__} batch")
+
+
+def _main_tensor(out: Any) -> torch.Tensor:
+    """The tensor a model's output is judged by: itself, ``last_hidden_state`` /
+    ``logits`` of a Hugging Face output, or its first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = getattr(out, key, None)
+        if v is None and isinstance(out, dict):
+            v = out.get(key)
+        if isinstance(v, torch.Tensor):
+            return v
+    values = out.values() if isinstance(out, dict) else out
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise UserInputError(f"training: the model returned no tensor ({type(out).__name__})")
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``‖s − t‖² / ‖t‖²`` (per batch): scale-free, so layers weigh alike."""
+    s, t = student.float(), teacher.float()
+    return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
+
+
+def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of softmaxes at ``temperature``, times ``temperature²``."""
+    t = temperature
+    log_p = F.log_softmax(student.float() / t, dim=-1)
+    q = F.softmax(teacher.float() / t, dim=-1)
+    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+class _Capture:
+    """Forward hooks storing the outputs of named modules (for feature distillation)."""
+
+    def __init__(self, model: nn.Module, names: list[str], detach: bool):
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.handles = []
+        for name in names:
+            if name not in modules:
+                continue
+
+            def hook(mod, args, out, name=name):
+                if isinstance(out, torch.Tensor):
+                    self.outputs[name] = out.detach() if detach else out
+
+            self.handles.append(modules[name].register_forward_hook(hook))
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _lr_factor(opts: Training, step: int) -> float:
+    """Multiplier of ``lr`` at ``step`` (0-based) for warmup + cosine/step/constant."""
+    if opts.warmup_steps and step < opts.warmup_steps:
+        return (step + 1) / opts.warmup_steps
+    after = step - opts.warmup_steps
+    span = max(1, opts.steps - opts.warmup_steps)
+    if opts.scheduler == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
+    if opts.scheduler == "step":
+        return opts.gamma ** (after // opts.step_size)
+    return 1.0  # constant, and plateau (driven by evaluations)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: steps, losses, evaluations, timing, best state."""
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    resumed_from: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible summary (for the manifest)."""
+        return {
+            "steps": self.steps,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "evals": self.evals,
+            "seconds": round(self.seconds, 2),
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "resumed_from": self.resumed_from,
+        }
+
+
+# ------------------------------------------------------------------ trainer
+
+
+def surgered_names(model: nn.Module) -> list[str]:
+    """Names of the modules surgery made (from the manifest attached to ``model``)."""
+    from tnsurgery.surgery import get_manifest
+
+    manifest = get_manifest(model) or {}
+    names: list[str] = []
+    for record in [*manifest.get("history", []), manifest]:
+        names += [r["name"] for r in record.get("replacements", [])]
+    return list(dict.fromkeys(names))
+
+
+def _batches_forever(opts: Training, model: nn.Module, registry, skip: int) -> Iterator[Any]:
+    """Cycle over the training data; ``skip`` batches are passed over (resume)."""
+    from tnsurgery import data as data_mod
+
+    epoch, seen = 0, 0
+    while True:
+        got = False
+        for batch in data_mod.batches(
+            opts.data, model, opts.batch_size, None, opts.seed + epoch, registry=registry
+        ):
+            got = True
+            if seen < skip:
+                seen += 1
+                continue
+            seen += 1
+            yield batch
+        if not got:
+            raise UserInputError("training: the data source gave no batch")
+        epoch += 1
+
+
+def train(
+    model: nn.Module,
+    spec_or_training: Any,
+    teacher: nn.Module | None = None,
+    *,
+    registry=None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train a surgered ``model`` in place as the spec's ``training`` section says.
+
+    Args:
+        model: the surgered model (its manifest names the surgered modules).
+        spec_or_training: a spec (dict, path, :class:`~tnsurgery.spec.Spec`) with a
+            ``training`` section, or a :class:`Training` / its dict.
+        teacher: the original model (required for ``distill``); frozen here.
+        registry: data sources and transforms (installed plugins by default).
+        progress: ``progress(step, steps, metrics)`` after each step.
+        resume: continue from the latest checkpoint in ``checkpoint.dir`` if any.
+
+    Returns:
+        A :class:`TrainResult`; it is also recorded in the model's manifest
+        under ``"training"``.
+    """
+    opts = _training_options(spec_or_training, registry)
+    if opts.mode == "distill" and teacher is None:
+        raise UserInputError("training: mode 'distill' needs the original model as teacher")
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    names = surgered_names(model)
+    _set_trainable(model, opts, names)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserInputError("training: no parameter to train (is the model surgered?)")
+    optimizer = _optimizer(opts, params)
+    plateau_scale = 1.0
+    state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None}
+    result = TrainResult()
+    ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
+    if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
+        state = _load_checkpoint(ckpt_dir / "last.pt", model, optimizer)
+        result.resumed_from = state["step"]
+        result.losses = state.get("losses", [])
+        result.evals = state.get("evals", [])
+        plateau_scale = state.get("plateau_scale", 1.0)
+    best_state = state.get("best_state")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    features = opts.mode == "distill" and opts.distill.features == "surgered"
+    s_cap = _Capture(model, names, detach=False) if features else None
+    t_cap = _Capture(teacher, names, detach=True) if features and teacher is not None else None
+    log = open(opts.log, "a", encoding="utf-8") if opts.log else None  # noqa: SIM115
+    start, t0 = state["step"], time.perf_counter()
+    batches = _batches_forever(opts, model, registry, skip=start)
+    try:
+        model.train()
+        for step in range(start, opts.steps):
+            if opts.freeze_observers_at is not None and step == opts.freeze_observers_at:
+                from tnsurgery.quant import set_observers
+
+                set_observers(model, False)
+            factor = _lr_factor(opts, step) * plateau_scale
+            for group in optimizer.param_groups:
+                group["lr"] = opts.lr * factor
+            inputs, labels = _split_labels(next(batches), opts.labels)
+            inputs = _to_device(inputs, model)
+            loss, parts = _loss(opts, model, teacher, inputs, labels, s_cap, t_cap)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+            optimizer.step()
+            result.losses.append(float(loss.detach()))
+            metrics = {"step": step + 1, "loss": result.losses[-1], "lr": opts.lr * factor, **parts}
+            done = step + 1
+            if (
+                opts.eval_every
+                and opts.eval_data
+                and (done % opts.eval_every == 0 or done == opts.steps)
+            ):
+                value = evaluate(model, teacher, opts, registry)
+                model.train()
+                metrics[opts.metric] = value
+                result.evals.append({"step": done, opts.metric: value})
+                best = state.get("best_metric")
+                if best is None or value > best:
+                    state["best_metric"], state["best_step"] = value, done
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                elif opts.scheduler == "plateau":
+                    plateau_scale *= opts.gamma
+            if log:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if progress:
+                progress(done, opts.steps, metrics)
+            if ckpt_dir is not None and (done % opts.checkpoint.every == 0 or done == opts.steps):
+                state.update(step=done, losses=result.losses, evals=result.evals)
+                state["plateau_scale"] = plateau_scale
+                _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
+    finally:
+        model.eval()
+        for cap in (s_cap, t_cap):
+            if cap is not None:
+                cap.remove()
+        if log:
+            log.close()
+    if opts.keep_best and best_state is not None:
+        model.load_state_dict(best_state)
+    result.steps = opts.steps
+    result.seconds = time.perf_counter() - t0
+    result.best_metric, result.best_step = state.get("best_metric"), state.get("best_step")
+    _record(model, opts, result)
+    return result
+
+
+def _training_options(source: Any, registry) -> Training:
+    if isinstance(source, Training):
+        return source
+    if isinstance(source, dict) and "rules" not in source:
+        return Training.model_validate(source)
+    from tnsurgery.spec import load_spec
+
+    spec = load_spec(source, registry)
+    if spec.training is None:
+        raise UserInputError("the spec has no 'training' section")
+    return spec.training
+
+
+def _set_trainable(model: nn.Module, opts: Training, names: list[str]) -> None:
+    if opts.trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name in modules:
+            for p in modules[name].parameters():
+                p.requires_grad_(True)
+
+
+def _optimizer(opts: Training, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
+        )
+    cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+def _loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
+    parts: dict[str, float] = {}
+    if s_cap:
+        s_cap.clear()
+    if t_cap:
+        t_cap.clear()
+    out = _main_tensor(call_model(model, inputs))
+    total = out.new_zeros((), dtype=torch.float32)
+    if opts.mode == "distill":
+        with torch.no_grad():
+            t_out = _main_tensor(call_model(teacher, inputs))
+        d = opts.distill
+        kind = d.output
+        if kind == "auto":
+            kind = "kl" if out.dim() == 2 else "mse"
+        distill = out.new_zeros((), dtype=torch.float32)
+        if kind == "kl":
+            distill = distill + kd_kl(out, t_out, d.temperature)
+        elif kind == "mse":
+            distill = distill + normalized_mse(out, t_out)
+        if s_cap and t_cap and s_cap.outputs:
+            feats = [
+                normalized_mse(s_cap.outputs[n], t_cap.outputs[n])
+                for n in s_cap.outputs
+                if n in t_cap.outputs
+            ]
+            if feats:
+                feat = torch.stack(feats).mean()
+                parts["feature_loss"] = float(feat.detach())
+                distill = distill + d.feature_weight * feat
+        parts["distill_loss"] = float(distill.detach())
+        if labels is not None:
+            task = _task_loss(opts, out, labels)
+            parts["task_loss"] = float(task.detach())
+            total = d.alpha * distill + (1 - d.alpha) * task
+        else:
+            total = distill
+    else:
+        if labels is None:
+            raise UserInputError("training: mode 'finetune' needs labels (set 'labels')")
+        total = _task_loss(opts, out, labels)
+    return total, parts
+
+
+def _task_loss(opts: Training, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    labels = labels.to(out.device)
+    if opts.loss == "mse":
+        return F.mse_loss(out.float(), labels.float().reshape(out.shape))
+    return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1).long())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, teacher: nn.Module | None, opts: Training, registry=None) -> float:
+    """The metric on ``eval_data``: mean cosine of (mean-pooled) outputs to the
+    teacher's, or accuracy against labels."""
+    from tnsurgery import data as data_mod
+
+    model.eval()
+    total, count = 0.0, 0
+    for batch in data_mod.batches(
+        opts.eval_data, model, opts.batch_size, None, opts.seed, registry=registry
+    ):
+        inputs, labels = _split_labels(batch, opts.labels)
+        inputs = _to_device(inputs, model)
+        out = _main_tensor(call_model(model, inputs))
+        if opts.metric == "accuracy":
+            if labels is None:
+                raise UserInputError("training: metric 'accuracy' needs labels")
+            total += float((out.argmax(-1).cpu() == labels.reshape(out.shape[:-1])).sum())
+            count += int(labels.numel())
+            continue
+        if teacher is None:
+            raise UserInputError("training: metric 'cosine' needs the teacher")
+        ref = _main_tensor(call_model(teacher, inputs))
+        a, b = _pool(out, inputs), _pool(ref, inputs)
+        total += float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum())
+        count += a.shape[0]
+    return total / max(count, 1)
+
+
+def _pool(t: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """Per-example vectors: mean over tokens (masked) for sequence outputs."""
+    if t.dim() <= 2:
+        return t.reshape(t.shape[0], -1)
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is not None and mask.shape == t.shape[:2]:
+        m = mask.unsqueeze(-1).to(t.dtype)
+        return (t * m).sum(1) / m.sum(1).clamp_min(1)
+    return t.reshape(t.shape[0], t.shape[1], -1).mean(1)
+
+
+def _save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) -> None:
+    from tnsurgery.io import atomic_files
+
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": {k: v for k, v in state.items() if k != "best_state"},
+        "best_state": best_state,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    with atomic_files(directory / "last.pt") as (tmp,):
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: Path, model, optimizer) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserInputError(f"training: cannot read checkpoint {path}: {exc}") from None
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    random.setstate(payload["rng"]["python"])
+    state = dict(payload["state"])
+    state["best_state"] = payload.get("best_state")
+    return state
+
+
+def _record(model: nn.Module, opts: Training, result: TrainResult) -> None:
+    from tnsurgery.surgery import MANIFEST_ATTR, get_manifest
+
+    manifest = get_manifest(model)
+    if manifest is None:
+        return
+    manifest = dict(manifest)
+    manifest["training"] = {**result.to_dict(), "options": opts.model_dump(mode="json")}
+    object.__setattr__(model, MANIFEST_ATTR, manifest)
