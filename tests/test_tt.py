@@ -175,7 +175,9 @@ def test_path_choice_follows_the_cost_model(layer):
             layer.path = "contract"
             contract = layer.contraction_plan(rows, reuse)
             assert dense.cuts == () and contract.cuts != ()
-            assert plan.cost == min(dense.cost, contract.cost)
+            # contract only when clearly cheaper than dense (the model's margin)
+            expected = contract if contract.cost <= 0.5 * dense.cost else dense
+            assert plan == expected
             assert contract.flops == layer.contraction_flops(rows, contract.cuts)
     layer.path = "auto"
     # training one row: rebuilding the whole weight is not worth it

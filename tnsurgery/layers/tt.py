@@ -21,7 +21,12 @@ PATHS = ("auto", "contract", "dense")
 # benchmarks/bench_tensor.py); and a transpose costs about this many FLOPs per
 # element moved.
 _FULL_SPEED_DIM = 48
-_FLOPS_PER_MOVE = 8
+_FLOPS_PER_MOVE = 24
+# A contraction measured 1.3-2.8x slower than its modelled cost (small batched
+# GEMMs, memory traffic), a dense matmul never: ``auto`` contracts only when the
+# model says it costs at most this fraction of the dense path.
+_CONTRACT_MARGIN = 0.5
+_THIN_BATCHED = 8
 
 
 class ContractionPlan(NamedTuple):
@@ -53,7 +58,12 @@ def _steps(
             options = {"A": _gemm_cost(lead, r * n, m * r2)}
         else:
             options = {
-                "A": lead * _gemm_cost(m * r2, r * n, rest),
+                # batched: each product is thin in rest, but the batch keeps the
+                # kernel busy (measured): only a very thin rest costs extra
+                "A": lead
+                * _gemm_cost(m * r2, r * n, _FULL_SPEED_DIM)
+                * (rest / _FULL_SPEED_DIM)
+                * max(1.0, _THIN_BATCHED / rest),
                 "B": _gemm_cost(lead * rest, r * n, m * r2)
                 + _FLOPS_PER_MOVE * lead * rest * (r * n + m * r2),
             }
@@ -252,7 +262,7 @@ class TTLinear(SurgeryLayer):
         if key in plans:
             return plans[key]
         d = len(self.cores)
-        best = None
+        best = dense = None
         for mask in range(2 ** (d - 1)):
             cuts = tuple(k for k in range(1, d) if mask >> (k - 1) & 1)
             if (self.path == "dense" and cuts) or (self.path == "contract" and not cuts):
@@ -265,8 +275,12 @@ class TTLinear(SurgeryLayer):
             if not reuse:
                 cost += self.merge_flops(cuts)
             plan = ContractionPlan(cuts, forms, float(cost), int(flops))
-            if best is None or plan.cost < best.cost:
+            if not cuts:
+                dense = plan
+            elif best is None or plan.cost < best.cost:
                 best = plan
+        if best is None or (dense is not None and best.cost > _CONTRACT_MARGIN * dense.cost):
+            best = dense
         plans[key] = best
         return best
 
