@@ -498,6 +498,35 @@ def test_hook_register_data_sources(register_plugin):
         surgery.plan(model, bad, registry=reg)
 
 
+def test_hook_register_trainers(register_plugin):
+    from tnsurgery.training import Trainer, TrainResult
+
+    calls = []
+
+    def my_loop(model, training, teacher, *, registry, progress, resume):
+        calls.append((training.steps, teacher is not None))
+        return TrainResult(steps=training.steps)
+
+    class Plugin:
+        @tnsurgery.hookimpl
+        def register_trainers(self, register):
+            register(Trainer("mine", my_loop, "A third party's loop."))
+
+    register_plugin(Plugin(), name="my-trainer")
+    reg = get_registry()
+    assert reg.trainer_origins == {"builtin": "builtin", "mine": "my-trainer"}
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    spec = {
+        "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 2}}],
+        "training": {"trainer": "mine", "data": {"source": "random", "shape": [6]}, "steps": 7},
+    }
+    surgery.apply(model, spec, registry=reg)
+    assert calls == [(7, True)]
+    spec["training"]["trainer"] = "mien"
+    with pytest.raises(SpecError, match="did you mean 'mine'"):
+        surgery.apply(model, spec, registry=reg)
+
+
 # --------------------------------------------------------- transform contract
 
 

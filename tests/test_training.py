@@ -424,3 +424,30 @@ def test_two_gloo_processes_under_torchrun_end_identical(tmp_path):
         teacher, {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 3}}]}
     )
     assert not torch.equal(a["0.u"], start[0].u.detach())
+
+
+def test_mixed_precision_trains_in_bfloat16_autocast():
+    teacher = teacher_mlp()
+    model = surgery.apply(teacher, {"rules": [FACTORIZE]})
+    dtypes = []
+    hook = model[0].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    result = surgery.train(
+        model, Training(data=random_data(64), steps=3, batch_size=16, amp=True), teacher
+    )
+    hook.remove()
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes)
+    assert model[0].u.dtype == torch.float32 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_tensorboard_scalars_or_a_clear_error(tmp_path):
+    teacher = teacher_mlp()
+    model = surgery.apply(teacher, {"rules": [FACTORIZE]})
+    opts = Training(data=random_data(32), steps=2, batch_size=16, tensorboard=str(tmp_path / "tb"))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserInputError, match="pip install tensorboard"):
+            surgery.train(model, opts, teacher)
+        return
+    surgery.train(model, opts, teacher)
+    assert any((tmp_path / "tb").iterdir())

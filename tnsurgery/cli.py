@@ -325,8 +325,14 @@ def plugins(as_json: bool) -> None:
         }
         for name, src in sorted(reg.data_sources.items())
     ]
+    trainers = [
+        {"name": n, "origin": reg.trainer_origins[n], "description": t.description}
+        for n, t in sorted(reg.trainers.items())
+    ]
     if as_json:
-        _emit_json({"transforms": rows, "data_sources": sources, "failed": failures})
+        _emit_json(
+            {"transforms": rows, "data_sources": sources, "trainers": trainers, "failed": failures}
+        )
         return
     table = Table(title="Transforms", header_style="bold")
     for col in ("name", "origin", "types", "params", "description"):
@@ -341,6 +347,12 @@ def plugins(as_json: bool) -> None:
         table.add_column(col, overflow="fold")
     for r in sources:
         table.add_row(r["name"], r["origin"], ", ".join(r["params"]), r["description"])
+    out.print(table)
+    table = Table(title="Trainers", header_style="bold")
+    for col in ("trainer", "origin", "description"):
+        table.add_column(col, overflow="fold")
+    for r in trainers:
+        table.add_row(r["name"], r["origin"], r["description"])
     out.print(table)
     for f in failures:
         line = f"{f['name']} ({f['origin']}): {f['error']}"

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from tnsurgery.data import DataSource
     from tnsurgery.plan import Plan
+    from tnsurgery.training import Trainer
     from tnsurgery.transform import Transform
 
 hookspec = pluggy.HookspecMarker("tnsurgery")
@@ -80,6 +81,19 @@ def register_data_sources(register: Callable[[DataSource], None]) -> None:
     ``batches(params, ctx)`` returning an iterable of batches (a tensor, a
     tuple of tensors, or a dict of tensors for keyword inputs), each of at most
     ``ctx.batch_size`` examples along dim 0 (see :class:`tnsurgery.data.DataContext`).
+    """
+
+
+@hookspec
+def register_trainers(register: Callable[[Trainer], None]) -> None:
+    """Register training loops that a spec's ``"training": {"trainer": NAME}`` selects.
+
+    Call ``register`` once per loop with a :class:`tnsurgery.training.Trainer`:
+    its ``name`` and ``train(model, training, teacher, *, registry, progress,
+    resume)``, which trains the surgered ``model`` in place as the validated
+    :class:`tnsurgery.training.Training` says (``teacher`` is the original model,
+    frozen) and returns a :class:`tnsurgery.training.TrainResult`. The built-in
+    loop is registered the same way, as ``"builtin"``.
     """
 
 

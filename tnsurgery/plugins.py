@@ -22,6 +22,7 @@ from tnsurgery.transform import Transform
 
 if TYPE_CHECKING:
     from tnsurgery.data import DataSource
+    from tnsurgery.training import Trainer
 
 GROUP = "tnsurgery"
 DEFAULT_PLUGINS = (
@@ -31,6 +32,7 @@ DEFAULT_PLUGINS = (
     "tnsurgery.transforms.tucker",
     "tnsurgery.transforms.qat",
     "tnsurgery.data",
+    "tnsurgery.training",
 )
 
 
@@ -52,6 +54,15 @@ class Registry:
     failures: list[PluginFailure] = field(default_factory=list)
     data_sources: dict[str, DataSource] = field(default_factory=dict)
     data_origins: dict[str, str] = field(default_factory=dict)
+    trainers: dict[str, Trainer] = field(default_factory=dict)
+    trainer_origins: dict[str, str] = field(default_factory=dict)
+
+    def get_trainer(self, name: str) -> Trainer:
+        """The trainer called ``name``; ``KeyError`` with the closest names otherwise."""
+        try:
+            return self.trainers[name]
+        except KeyError:
+            raise KeyError(unknown_name_message("trainer", name, self.trainers)) from None
 
     def get_data_source(self, name: Any) -> DataSource:
         """The data source called ``name``; ``KeyError`` with the closest names otherwise."""
@@ -161,6 +172,17 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         "data source",
         reg.data_sources,
         reg.data_origins,
+        reg,
+        origins,
+    )
+    from tnsurgery.training import Trainer
+
+    _collect(
+        pm.hook.register_trainers,
+        Trainer,
+        "trainer",
+        reg.trainers,
+        reg.trainer_origins,
         reg,
         origins,
     )

@@ -297,6 +297,12 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
     # parts failed, so the user sees all problems at once.
     _check_data(raw.get("calibration"), "calibration.data", registry, problems)
     _check_data(raw.get("training"), "training.data", registry, problems)
+    trainer = raw["training"].get("trainer") if isinstance(raw.get("training"), dict) else None
+    if isinstance(trainer, str) and trainer not in registry.trainers:
+        try:
+            registry.get_trainer(trainer)
+        except KeyError as exc:
+            problems.append(f"spec: field 'training.trainer': {exc.args[0]}")
     if isinstance(raw.get("training"), dict) and isinstance(raw["training"].get("eval_data"), dict):
         _check_data(
             {"data": raw["training"]["eval_data"]}, "training.eval_data", registry, problems

@@ -36,6 +36,7 @@ from torch import nn
 
 from tnsurgery.calibration import _to_device
 from tnsurgery.errors import UserInputError
+from tnsurgery.hookspecs import hookimpl
 from tnsurgery.tracing import call_model
 
 # --------------------------------------------------------------------- spec
@@ -158,6 +159,19 @@ class Training(BaseModel):
         "trains the last k/N of the surgered layers (in call order), last layers first.",
     )
     tt: TTOptions = Field(default_factory=TTOptions, description="TT layer hygiene.")
+    trainer: str = Field(
+        "builtin",
+        description="Which trainer runs this section: 'builtin', or one a plugin registers "
+        "(register_trainers), e.g. a Lightning or Accelerate loop.",
+    )
+    amp: bool = Field(
+        False,
+        description="Mixed precision: forward passes under autocast (bfloat16 on CPU, "
+        "float16 on CUDA); the weights and the optimizer stay in float32.",
+    )
+    tensorboard: str | None = Field(
+        None, description="Also write the metrics as TensorBoard scalars to this directory."
+    )
 
 
 # ------------------------------------------------------------------ helpers
@@ -333,6 +347,23 @@ def _maybe_init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+@dataclass(frozen=True)
+class Trainer:
+    """A training loop, as a plugin registers it (``register_trainers`` hook).
+
+    Attributes:
+        name: the ``training.trainer`` value that selects it.
+        train: ``train(model, training, teacher, *, registry, progress, resume)``
+            with the arguments of :func:`train` (``training`` a validated
+            :class:`Training`); returns a :class:`TrainResult`.
+        description: one line for ``tnsurgery plugins``.
+    """
+
+    name: str
+    train: Callable[..., TrainResult]
+    description: str = ""
+
+
 def train(
     model: nn.Module,
     spec_or_training: Any,
@@ -349,14 +380,42 @@ def train(
         spec_or_training: a spec (dict, path, :class:`~tnsurgery.spec.Spec`) with a
             ``training`` section, or a :class:`Training` / its dict.
         teacher: the original model (required for ``distill``); frozen here.
-        registry: data sources and transforms (installed plugins by default).
+        registry: data sources, trainers and transforms (installed plugins by default).
         progress: ``progress(step, steps, metrics)`` after each step.
         resume: continue from the latest checkpoint in ``checkpoint.dir`` if any.
 
     Returns:
         A :class:`TrainResult`; it is also recorded in the model's manifest
-        under ``"training"``.
+        under ``"training"``. ``training.trainer`` picks the loop: the built-in
+        one (:func:`builtin_train`) or a plugin's.
     """
+    from tnsurgery.plugins import get_registry
+
+    opts = _training_options(spec_or_training, registry)
+    registry = registry or get_registry()
+    try:
+        trainer = registry.get_trainer(opts.trainer)
+    except KeyError as exc:
+        raise UserInputError(f"training: field 'trainer': {exc.args[0]}") from None
+    return trainer.train(model, opts, teacher, registry=registry, progress=progress, resume=resume)
+
+
+@hookimpl
+def register_trainers(register):
+    """Register the built-in training loop."""
+    register(Trainer("builtin", builtin_train, "tnsurgery's own loop (this module)."))
+
+
+def builtin_train(
+    model: nn.Module,
+    spec_or_training: Any,
+    teacher: nn.Module | None = None,
+    *,
+    registry=None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """The built-in training loop (see the module docstring and :func:`train`)."""
     opts = _training_options(spec_or_training, registry)
     if opts.mode == "distill" and teacher is None:
         raise UserInputError("training: mode 'distill' needs the original model as teacher")
@@ -395,6 +454,7 @@ def train(
     s_cap = _Capture(model, names, detach=False) if features else None
     t_cap = _Capture(teacher, names, detach=True) if features and teacher is not None else None
     log = open(opts.log, "a", encoding="utf-8") if opts.log and rank == 0 else None  # noqa: SIM115
+    board = _tensorboard(opts.tensorboard) if rank == 0 else None
     start, t0 = state["step"], time.perf_counter()
     batches = _batches_forever(opts, model, registry, skip=start)
     try:
@@ -411,7 +471,8 @@ def train(
                 group["lr"] = opts.lr * factor
             inputs, labels = _split_labels(next(batches), opts.labels)
             inputs = _to_device(inputs, model)
-            loss, parts = _loss(opts, runner, teacher, inputs, labels, s_cap, t_cap)
+            with _autocast(opts, model):
+                loss, parts = _loss(opts, runner, teacher, inputs, labels, s_cap, t_cap)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip is not None:
@@ -439,6 +500,10 @@ def train(
             if log:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+            if board is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        board.add_scalar(k, v, done)
             if progress:
                 progress(done, opts.steps, metrics)
             if ckpt_dir is not None and (done % opts.checkpoint.every == 0 or done == opts.steps):
@@ -457,6 +522,8 @@ def train(
                 cap.remove()
         if log:
             log.close()
+        if board is not None:
+            board.close()
     if opts.keep_best and best_state is not None:
         model.load_state_dict(best_state)
     result.steps = opts.steps
@@ -464,6 +531,31 @@ def train(
     result.best_metric, result.best_step = state.get("best_metric"), state.get("best_step")
     _record(model, opts, result)
     return result
+
+
+def _autocast(opts: Training, model: nn.Module):
+    """Autocast for the forward passes when ``amp`` is on (a no-op context otherwise)."""
+    import contextlib
+
+    if not opts.amp:
+        return contextlib.nullcontext()
+    ref = next(iter(model.parameters()))
+    if ref.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _tensorboard(directory: str | None):
+    """A TensorBoard writer, or ``None`` (with a clear error if asked for but missing)."""
+    if directory is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserInputError(
+            "training: 'tensorboard' needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter(directory)
 
 
 def _unfreeze(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
