@@ -451,3 +451,48 @@ def test_tensorboard_scalars_or_a_clear_error(tmp_path):
         return
     surgery.train(model, opts, teacher)
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_progressive_rank_cuts_ranks_in_stages_and_saves_the_final_shapes(tmp_path):
+    import tnsurgery
+
+    teacher = teacher_mlp()
+    spec = {
+        "rules": [
+            {"match": "0", "transform": "factorize", "params": {"rank": 8}},
+            {
+                "match": "2",
+                "transform": "tt",
+                "params": {"ranks": 8, "in_factors": [4, 8], "out_factors": [4, 8]},
+            },
+        ]
+    }
+    model = surgery.apply(teacher, spec)
+    seen = []
+
+    def progress(step, total, metrics):
+        seen.append((model[0].rank, model[2].ranks[1]))
+
+    opts = Training(
+        data=random_data(64),
+        steps=6,
+        batch_size=16,
+        lr=1e-2,
+        progressive_rank={"final": 0.25, "stages": 3},
+    )
+    surgery.train(model, opts, teacher, progress=progress)
+    assert seen == [(8, 8)] * 2 + [(4, 4)] * 2 + [(2, 2)] * 2
+    # the truncation is the best approximation of the product (checked once by hand)
+    lay = surgery.apply(teacher, {"rules": [spec["rules"][0]]})[0]
+    w = (lay.u @ lay.v).detach().double()
+    lay.truncate_(5)
+    s = torch.linalg.svdvals(w)
+    best = float(s[5:].square().sum().sqrt() / s.square().sum().sqrt())
+    err = float((lay.u @ lay.v - w).detach().norm() / w.norm())
+    assert err == pytest.approx(best, rel=1e-6)
+    # saved and loaded at the final ranks
+    tnsurgery.save(model, tmp_path / "m")
+    again = tnsurgery.load(tmp_path / "m", teacher_mlp())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

@@ -96,6 +96,16 @@ class TTOptions(BaseModel):
     )
 
 
+class ProgressiveRank(BaseModel):
+    """Progressive rank: the surgered layers start at the ranks the spec built and are
+    cut to ``final`` of them over ``stages`` equal stages (geometric steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    final: float = Field(..., gt=0, lt=1, description="Final ranks, as a fraction of the start.")
+    stages: int = Field(3, ge=2, description="Stages (the first trains at the start ranks).")
+
+
 class Training(BaseModel):
     """The spec's ``training`` section (every option has a default but ``data``)."""
 
@@ -159,6 +169,11 @@ class Training(BaseModel):
         "trains the last k/N of the surgered layers (in call order), last layers first.",
     )
     tt: TTOptions = Field(default_factory=TTOptions, description="TT layer hygiene.")
+    progressive_rank: ProgressiveRank | None = Field(
+        None,
+        description="Start at the ranks surgery built and truncate (LowRankLinear) or "
+        "TT-round (TTLinear) them down in stages to a final fraction, training at each stage.",
+    )
     trainer: str = Field(
         "builtin",
         description="Which trainer runs this section: 'builtin', or one a plugin registers "
@@ -466,6 +481,12 @@ def builtin_train(
                 set_observers(model, False)
             if opts.unfreeze_stages and opts.trainable == "surgered":
                 _unfreeze(model, names, opts, step)
+            if opts.progressive_rank is not None and _shrink_at(opts, step):
+                if world > 1:
+                    raise UserInputError("training: progressive_rank is not supported with DDP")
+                _shrink(model, names, opts, step)
+                params = [p for p in model.parameters() if p.requires_grad]
+                optimizer = _optimizer(opts, params)
             factor = _lr_factor(opts, step) * plateau_scale
             for group in optimizer.param_groups:
                 group["lr"] = opts.lr * factor
@@ -525,7 +546,12 @@ def builtin_train(
         if board is not None:
             board.close()
     if opts.keep_best and best_state is not None:
-        model.load_state_dict(best_state)
+        try:
+            model.load_state_dict(best_state)
+        except RuntimeError:  # shapes changed since (progressive rank): keep the last state
+            pass
+    model.__dict__.pop("_start_ranks", None)
+    _refresh_configs(model)
     result.steps = opts.steps
     result.seconds = time.perf_counter() - t0
     result.best_metric, result.best_step = state.get("best_metric"), state.get("best_step")
@@ -556,6 +582,33 @@ def _tensorboard(directory: str | None):
             "training: 'tensorboard' needs the tensorboard package: pip install tensorboard"
         ) from None
     return SummaryWriter(directory)
+
+
+def _shrink_at(opts: Training, step: int) -> bool:
+    """Whether a progressive-rank stage begins at ``step`` (not the first stage)."""
+    stages = opts.progressive_rank.stages
+    return step > 0 and any(step == k * opts.steps // stages for k in range(1, stages))
+
+
+@torch.no_grad()
+def _shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
+    """Cut every surgered LowRankLinear/TTLinear to its stage's ranks."""
+    from tnsurgery.layers.lowrank import LowRankLinear
+    from tnsurgery.layers.tt import TTLinear
+
+    pr = opts.progressive_rank
+    stage = max(k for k in range(1, pr.stages) if step >= k * opts.steps // pr.stages)
+    fraction = pr.final ** (stage / (pr.stages - 1))  # of the start ranks
+    modules = dict(model.named_modules())
+    start = model.__dict__.setdefault("_start_ranks", {})
+    for name in names:
+        layer = modules.get(name)
+        if isinstance(layer, LowRankLinear):
+            r0 = start.setdefault(name, layer.rank)
+            layer.truncate_(max(1, round(r0 * fraction)))
+        elif isinstance(layer, TTLinear):
+            r0 = start.setdefault(name, layer.ranks[1:-1])
+            layer.round_(max_rank=[max(1, round(r * fraction)) for r in r0])
 
 
 def _unfreeze(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
@@ -764,6 +817,27 @@ def _load_checkpoint(path: Path, model, optimizer) -> dict:
     state = dict(payload["state"])
     state["best_state"] = payload.get("best_state")
     return state
+
+
+def _refresh_configs(model: nn.Module) -> None:
+    """Keep the manifest's layer configs in step with layers training reshaped (ranks
+    lowered), so that :func:`tnsurgery.load` rebuilds the right shapes."""
+    from tnsurgery.surgery import get_manifest
+
+    manifest = get_manifest(model)
+    if manifest is None:
+        return
+    from tnsurgery.plugins import qualified_name
+
+    modules = dict(model.named_modules())
+    for record in [*manifest.get("history", []), manifest]:
+        for rep in record.get("replacements", []):
+            layer = modules.get(rep["name"])
+            # the layer itself, or the one a wrapper (qat) holds
+            while layer is not None and qualified_name(type(layer)) != rep.get("layer"):
+                layer = getattr(layer, "inner", None)
+            if layer is not None and hasattr(layer, "config"):
+                rep["config"] = layer.config()
 
 
 def _record(model: nn.Module, opts: Training, result: TrainResult) -> None:

@@ -73,6 +73,25 @@ class LowRankLinear(SurgeryLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.v), self.u, self.bias)
 
+    def truncate_(self, rank: int) -> LowRankLinear:
+        """Lower the rank in place to the best rank-``rank`` approximation of ``u @ v``
+        (progressive-rank schedules). ``u``/``v`` become new Parameters: rebuild the
+        optimizer after."""
+        rank = max(1, min(int(rank), self.rank))
+        with torch.no_grad():
+            u, v = self.u.detach().double(), self.v.detach().double()
+            qu, ru = torch.linalg.qr(u)  # u @ v = qu (ru rvᵀ) qvᵀ, small core in the middle
+            qv, rv = torch.linalg.qr(v.mT)
+            a, s, bt = torch.linalg.svd(ru @ rv.mT)
+            root = s[:rank].sqrt()
+            new_u = (qu @ a[:, :rank]) * root
+            new_v = root[:, None] * (bt[:rank] @ qv.mT)
+        dtype = self.u.dtype
+        self.u = nn.Parameter(new_u.to(dtype).contiguous())
+        self.v = nn.Parameter(new_v.to(dtype).contiguous())
+        self.rank = rank
+        return self
+
     def to_dense(self) -> torch.Tensor:
         return self.u @ self.v
 
