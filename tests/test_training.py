@@ -496,3 +496,42 @@ def test_progressive_rank_cuts_ranks_in_stages_and_saves_the_final_shapes(tmp_pa
     x = torch.randn(4, 16)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def test_distill_match_adds_the_outputs_of_other_modules():
+    teacher = tiny_bert_model()
+    spec = {
+        "rules": [
+            {
+                "match": "encoder.layer.*.**",
+                "types": ["Linear"],
+                "transform": "factorize",
+                "params": {"param_ratio": 0.5},
+            }
+        ]
+    }
+    model = surgery.apply(teacher, spec)
+    training = Training(
+        data={"source": "random", "shape": [8], "vocab_size": 100, "samples": 16},
+        steps=2,
+        batch_size=8,
+        distill={"match": ["encoder.layer.*"], "output": "none"},
+    )
+    from tnsurgery import training as training_mod
+
+    captured = []
+    real = training_mod._Capture
+
+    class Spy(real):
+        def __init__(self, model, names, detach):
+            captured.append(list(names))
+            super().__init__(model, names, detach)
+
+    training_mod._Capture = Spy
+    try:
+        result = surgery.train(model, training, teacher)
+    finally:
+        training_mod._Capture = real
+    assert {"encoder.layer.0", "encoder.layer.1"} <= set(captured[0])
+    assert len(captured[0]) == 2 + 12  # the blocks and the 12 surgered Linears
+    assert all(math.isfinite(v) for v in result.losses)

@@ -65,6 +65,11 @@ class DistillOptions(BaseModel):
         "(normalized), 'auto': kl for a 2-D output tensor, mse otherwise.",
     )
     feature_weight: float = Field(1.0, ge=0, description="Weight of the feature loss.")
+    match: list[str] = Field(
+        default_factory=list,
+        description="Also match the outputs of these modules (spec patterns, e.g. "
+        "'encoder.layer.*': every transformer block's hidden state) to the teacher's.",
+    )
 
 
 class CheckpointOptions(BaseModel):
@@ -249,6 +254,8 @@ class _Capture:
                 continue
 
             def hook(mod, args, out, name=name):
+                if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                    out = out[0]  # e.g. a transformer block's (hidden_states, ...)
                 if isinstance(out, torch.Tensor):
                     self.outputs[name] = out.detach() if detach else out
 
@@ -466,8 +473,14 @@ def builtin_train(
 
         runner = DistributedDataParallel(model, find_unused_parameters=False)
     features = opts.mode == "distill" and opts.distill.features == "surgered"
-    s_cap = _Capture(model, names, detach=False) if features else None
-    t_cap = _Capture(teacher, names, detach=True) if features and teacher is not None else None
+    matched = list(names) if features else []
+    if opts.mode == "distill" and opts.distill.match:
+        from tnsurgery.matching import select
+
+        extra = select(model, opts.distill.match, [], [], (nn.Module,)).names
+        matched += [n for n in extra if n not in matched]
+    s_cap = _Capture(model, matched, detach=False) if matched else None
+    t_cap = _Capture(teacher, matched, detach=True) if matched and teacher is not None else None
     log = open(opts.log, "a", encoding="utf-8") if opts.log and rank == 0 else None  # noqa: SIM115
     board = _tensorboard(opts.tensorboard) if rank == 0 else None
     start, t0 = state["step"], time.perf_counter()
