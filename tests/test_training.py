@@ -64,7 +64,7 @@ def test_label_free_distillation_recovers_the_teacher():
     assert record["steps"] == 150 and record["last_loss"] < record["first_loss"]
     # only the surgered layers trained; the last Linear is the teacher's
     assert torch.equal(trained[4].weight, teacher[4].weight)
-    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # given back as it was
 
 
 def test_finetune_with_labels_lowers_the_task_loss(tmp_path):
@@ -535,3 +535,19 @@ def test_distill_match_adds_the_outputs_of_other_modules():
     assert {"encoder.layer.0", "encoder.layer.1"} <= set(captured[0])
     assert len(captured[0]) == 2 + 12  # the blocks and the 12 surgered Linears
     assert all(math.isfinite(v) for v in result.losses)
+
+
+def test_training_gives_the_teacher_and_the_student_back_as_they_were():
+    teacher = teacher_mlp()
+    teacher.train()
+    teacher[4].weight.requires_grad_(False)  # a user's own choice, kept
+    spec = {
+        "rules": [FACTORIZE],
+        "training": {"data": random_data(64), "steps": 3, "batch_size": 16},
+    }
+    student = surgery.apply(teacher, spec)
+    assert teacher.training and all(m.training for m in teacher.modules())
+    assert [p.requires_grad for p in teacher.parameters()] == [True] * 4 + [False, True]
+    # the student's flags are what they were before training (its copy of the frozen one)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    assert flags.pop("4.weight") is False and all(flags.values())

@@ -445,9 +445,18 @@ def builtin_train(
     random.seed(opts.seed)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     names = sorted(surgered_names(model), key=lambda n: order.get(n, len(order)))
+    # what training changes on the models is given back at the end (the teacher is
+    # the caller's original model: it must come back as it was)
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    if teacher is not None:
+        saved_flags += [(p, p.requires_grad) for p in teacher.parameters()]
+        teacher_modes = [(m, m.training) for m in teacher.modules()]
+    else:
+        teacher_modes = []
     _set_trainable(model, opts, names)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
+        _restore(saved_flags, teacher_modes)
         raise UserInputError("training: no parameter to train (is the model surgered?)")
     optimizer = _optimizer(opts, params)
     plateau_scale = 1.0
@@ -551,6 +560,11 @@ def builtin_train(
                     dist.barrier()
     finally:
         model.eval()
+        _restore(saved_flags, teacher_modes)
+        known = {id(p) for p, _ in saved_flags}
+        for p in model.parameters():  # parameters made during training (progressive rank)
+            if id(p) not in known:
+                p.requires_grad_(True)
         for cap in (s_cap, t_cap):
             if cap is not None:
                 cap.remove()
@@ -674,6 +688,13 @@ def _train_mode(model: nn.Module, opts: Training) -> None:
     for m in model.modules():
         if isinstance(m, FakeQuantizer):
             m.train()
+
+
+def _restore(flags: list, modes: list) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for m, mode in modes:
+        m.training = mode
 
 
 def _training_options(source: Any, registry) -> Training:
