@@ -496,3 +496,43 @@ def test_saved_manifest_metadata_is_compact_and_plan_not_duplicated(tmp_path):
     assert "\n" not in text and '": ' not in text
     manifest = surgery.get_manifest(exported)
     assert manifest["plan"] is None and manifest["history"][0]["plan"] is not None
+
+
+def test_qat_over_tt_is_never_served_from_a_stale_cache():
+    torch.manual_seed(0)
+    layer = _layers()["tt"]
+    q = QATLayer(layer, bits=8).eval()
+    x = torch.randn(64, 24)
+    outs = []
+    for k in range(5):
+        with torch.no_grad():
+            layer.cores[0].mul_(1.5)
+            q.weight_quantizers["cores__0"].observe(layer.cores[0])
+            outs.append(q(x))
+            ref = x @ q.to_dense().T + layer.bias
+        assert torch.allclose(outs[-1], ref, atol=1e-5), k
+
+
+def test_exported_bfloat16_model_runs_in_bfloat16():
+    model = _mlp().to(torch.bfloat16)
+    fq = surgery.apply(
+        model, {"rules": [{"match": "*", "transform": "qat", "params": {"bits": 8}}]}
+    )
+    exported = surgery.convert(fq)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = exported(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), fq(x).float(), atol=1e-2)
+
+
+def test_convert_refuses_an_input_quantizer_that_saw_no_input():
+    fq = surgery.apply(
+        _mlp(), {"rules": [{"match": "0", "transform": "qat", "params": {"activations": 8}}]}
+    )
+    with pytest.raises(UserInputError, match="never seen an input"):
+        surgery.convert(fq)
+    x = torch.randn(4, 64)
+    exported = surgery.convert(fq, x)  # the sample input gives it a scale
+    with torch.no_grad():
+        assert torch.allclose(exported(x), fq.eval()(x), atol=1e-6)

@@ -551,3 +551,54 @@ def test_training_gives_the_teacher_and_the_student_back_as_they_were():
     # the student's flags are what they were before training (its copy of the frozen one)
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     assert flags.pop("4.weight") is False and all(flags.values())
+
+
+def test_a_failing_setup_leaves_the_callers_model_untouched(tmp_path):
+    teacher = teacher_mlp()
+    teacher.train()
+    spec = {
+        "rules": [FACTORIZE],
+        "training": {
+            "data": random_data(32),
+            "steps": 2,
+            "log": str(tmp_path / "no" / "dir" / "x.jsonl"),
+        },
+    }
+    with pytest.raises(UserInputError, match="cannot write the log"):
+        surgery.apply(teacher, spec)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(not m._forward_hooks for m in teacher.modules())
+
+
+def test_progressive_rank_resumes_exactly_across_a_cut(tmp_path):
+    def run(ckpt, stop_at=None):
+        torch.manual_seed(0)
+        teacher = teacher_mlp()
+        model = surgery.apply(
+            teacher, {"rules": [{"match": "0", "transform": "factorize", "params": {"rank": 8}}]}
+        )
+        opts = Training(
+            data=random_data(64),
+            steps=6,
+            batch_size=16,
+            lr=1e-2,
+            progressive_rank={"final": 0.25, "stages": 3},
+            checkpoint={"every": 1, "dir": str(ckpt)},
+        )
+
+        def progress(step, total, metrics):
+            if step == stop_at:
+                raise KeyboardInterrupt
+
+        try:
+            surgery.train(model, opts, teacher, progress=progress)
+        except KeyboardInterrupt:
+            return None
+        return model
+
+    assert run(tmp_path / "a", stop_at=3) is None  # stopped after a cut (step 2)
+    resumed = run(tmp_path / "a")
+    straight = run(tmp_path / "b")
+    assert resumed[0].rank == straight[0].rank == 2
+    a, b = resumed.state_dict(), straight.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -90,6 +90,9 @@ def fake_quantize(
     """
     qmin, qmax = qrange(bits, scheme)
     xf = x.float()
+    # the fused ops want float32 scales and int32 zero points (a model cast to
+    # bfloat16 casts float buffers too)
+    scale, zero_point = scale.float(), zero_point.to(torch.int32)
     if axis is None:
         y = torch.fake_quantize_per_tensor_affine(
             xf, scale.reshape(()), zero_point.reshape(()), qmin, qmax

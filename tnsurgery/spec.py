@@ -216,10 +216,20 @@ def _format_one(loc: tuple, err: dict, raw: Any) -> str:
         owner = Rule
     elif len(loc) >= 2 and loc[0] in ("budget", "calibration", "training"):
         owner = {"budget": Budget, "calibration": Calibration, "training": Training}[loc[0]]
-        if loc[0] == "training" and len(loc) >= 3 and loc[1] in ("distill", "checkpoint"):
-            from tnsurgery.training import CheckpointOptions, DistillOptions
+        if loc[0] == "training" and len(loc) >= 3:
+            from tnsurgery.training import (
+                CheckpointOptions,
+                DistillOptions,
+                ProgressiveRank,
+                TTOptions,
+            )
 
-            owner = DistillOptions if loc[1] == "distill" else CheckpointOptions
+            owner = {
+                "distill": DistillOptions,
+                "checkpoint": CheckpointOptions,
+                "tt": TTOptions,
+                "progressive_rank": ProgressiveRank,
+            }.get(loc[1], owner)
     field = ".".join(str(p) for p in field_loc)
     if err["type"] == "extra_forbidden":
         name = str(field_loc[-1]) if field_loc else "?"

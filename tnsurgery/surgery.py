@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tnsurgery._version import __version__
-from tnsurgery.calibration import CalibrationResult, collect
+from tnsurgery.calibration import CalibrationResult, _to_device, collect
 from tnsurgery.errors import MatchError, SurgeryError, UserInputError
 from tnsurgery.matching import select
 from tnsurgery.plan import PassInfo, Plan, TargetPlan
@@ -64,7 +64,7 @@ def plan(
     registry = registry or get_registry()
     calib = _calibrate(model, spec, registry)
     if sample_input is None and calib is not None:
-        sample_input = calib.first_batch
+        sample_input = _to_device(calib.first_batch, model)
     overrides, budget = _budget(model, spec, registry, sample_input)
     work = copy.deepcopy(model) if len(spec.rules) > 1 else model
     result, _ = _run(
@@ -114,7 +114,7 @@ def apply(
     registry = registry or get_registry()
     calib = _calibrate(model, spec, registry, progress)
     if sample_input is None and calib is not None:
-        sample_input = calib.first_batch
+        sample_input = _to_device(calib.first_batch, model)
     overrides, budget = _budget(model, spec, registry, sample_input)
     work = model if inplace else copy.deepcopy(model)
     # the original is needed to verify and to teach; with inplace it is the pre-surgery copy
@@ -186,6 +186,20 @@ def convert(model: nn.Module, sample_input: Any = None, *, inplace: bool = False
         )
     work = model if inplace else copy.deepcopy(model)
     reference_model = copy.deepcopy(model) if (inplace and sample_input is not None) else model
+    if sample_input is not None:  # input quantizers that never saw an input observe it now
+        with eval_mode(work):
+            call_model(work, sample_input)
+    blind = [
+        n
+        for n in targets
+        if (q := work.get_submodule(n).input_quantizer) is not None and not bool(q.observed)
+    ]
+    if blind:
+        raise UserInputError(
+            f"cannot export {', '.join(blind[:3])}: its input quantizer has never seen an "
+            "input, so it has no scale; run the model on data (train, or give a sample input: "
+            "convert(model, sample_input) / --sample-input) before exporting"
+        )
     bytes_before = tensor_bytes(work)
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     records = []

@@ -458,43 +458,56 @@ def builtin_train(
     if not params:
         _restore(saved_flags, teacher_modes)
         raise UserInputError("training: no parameter to train (is the model surgered?)")
-    optimizer = _optimizer(opts, params)
-    plateau_scale = 1.0
-    state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None}
-    result = TrainResult()
-    ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
-    if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
-        state = _load_checkpoint(ckpt_dir / "last.pt", model, optimizer)
-        result.resumed_from = state["step"]
-        result.losses = state.get("losses", [])
-        result.evals = state.get("evals", [])
-        plateau_scale = state.get("plateau_scale", 1.0)
-    best_state = state.get("best_state")
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    _maybe_init_distributed()
-    rank, world = _dist_rank_world()
-    runner: nn.Module = model
-    if world > 1:  # gradients averaged over the processes at each step
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(model, find_unused_parameters=False)
-    features = opts.mode == "distill" and opts.distill.features == "surgered"
-    matched = list(names) if features else []
-    if opts.mode == "distill" and opts.distill.match:
-        from tnsurgery.matching import select
-
-        extra = select(model, opts.distill.match, [], [], (nn.Module,)).names
-        matched += [n for n in extra if n not in matched]
-    s_cap = _Capture(model, matched, detach=False) if matched else None
-    t_cap = _Capture(teacher, matched, detach=True) if matched and teacher is not None else None
-    log = open(opts.log, "a", encoding="utf-8") if opts.log and rank == 0 else None  # noqa: SIM115
-    board = _tensorboard(opts.tensorboard) if rank == 0 else None
-    start, t0 = state["step"], time.perf_counter()
-    batches = _batches_forever(opts, model, registry, skip=start)
+    s_cap = t_cap = log = board = None
     try:
+        optimizer = _optimizer(opts, params)
+        plateau_scale = 1.0
+        state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None}
+        result = TrainResult()
+        ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
+        if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
+            payload = _read_checkpoint(ckpt_dir / "last.pt")
+            starts = payload["state"].get("start_ranks")
+            if opts.progressive_rank is not None and starts:  # cut as the checkpoint was
+                model.__dict__["_start_ranks"] = dict(starts)
+                _shrink(model, names, opts, payload["state"]["step"])
+                params = [p for p in model.parameters() if p.requires_grad]
+                optimizer = _optimizer(opts, params)
+            state = _apply_checkpoint(payload, model, optimizer)
+            result.resumed_from = state["step"]
+            result.losses = state.get("losses", [])
+            result.evals = state.get("evals", [])
+            plateau_scale = state.get("plateau_scale", 1.0)
+        best_state = state.get("best_state")
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        _maybe_init_distributed()
+        rank, world = _dist_rank_world()
+        runner: nn.Module = model
+        if world > 1:  # gradients averaged over the processes at each step
+            from torch.nn.parallel import DistributedDataParallel
+
+            runner = DistributedDataParallel(
+                model, find_unused_parameters=bool(opts.unfreeze_stages)
+            )
+        features = opts.mode == "distill" and opts.distill.features == "surgered"
+        matched = list(names) if features else []
+        if opts.mode == "distill" and opts.distill.match:
+            from tnsurgery.matching import select
+
+            extra = select(model, opts.distill.match, [], [], (nn.Module,)).names
+            matched += [n for n in extra if n not in matched]
+        s_cap = _Capture(model, matched, detach=False) if matched else None
+        t_cap = _Capture(teacher, matched, detach=True) if matched and teacher is not None else None
+        try:
+            log = open(opts.log, "a", encoding="utf-8") if opts.log and rank == 0 else None  # noqa: SIM115
+        except OSError as exc:
+            raise UserInputError(f"training: cannot write the log {opts.log}: {exc}") from None
+        board = _tensorboard(opts.tensorboard) if rank == 0 else None
+        start, t0 = state["step"], time.perf_counter()
+        batches = _batches_forever(opts, model, registry, skip=start)
         _train_mode(model, opts)
         for step in range(start, opts.steps):
             if opts.freeze_observers_at is not None and step == opts.freeze_observers_at:
@@ -509,6 +522,9 @@ def builtin_train(
                 _shrink(model, names, opts, step)
                 params = [p for p in model.parameters() if p.requires_grad]
                 optimizer = _optimizer(opts, params)
+                # a state of an earlier stage has other shapes: the best is of this stage
+                best_state = None
+                state["best_metric"] = state["best_step"] = None
             factor = _lr_factor(opts, step) * plateau_scale
             for group in optimizer.param_groups:
                 group["lr"] = opts.lr * factor
@@ -551,6 +567,7 @@ def builtin_train(
                 progress(done, opts.steps, metrics)
             if ckpt_dir is not None and (done % opts.checkpoint.every == 0 or done == opts.steps):
                 state.update(step=done, losses=result.losses, evals=result.evals)
+                state["start_ranks"] = model.__dict__.get("_start_ranks")
                 state["plateau_scale"] = plateau_scale
                 if rank == 0:
                     _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
@@ -624,7 +641,20 @@ def _shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> No
     from tnsurgery.layers.tt import TTLinear
 
     pr = opts.progressive_rank
-    stage = max(k for k in range(1, pr.stages) if step >= k * opts.steps // pr.stages)
+    cuttable = [
+        n
+        for n in names
+        if isinstance(dict(model.named_modules()).get(n), (LowRankLinear, TTLinear))
+    ]
+    if not cuttable:
+        raise UserInputError(
+            "training: progressive_rank cuts LowRankLinear (factorize on Linear) and TTLinear "
+            "layers; this model has none it can cut (qat-wrapped layers are not cut)"
+        )
+    reached = [k for k in range(1, pr.stages) if step >= k * opts.steps // pr.stages]
+    if not reached:
+        return
+    stage = max(reached)
     fraction = pr.final ** (stage / (pr.stages - 1))  # of the start ranks
     modules = dict(model.named_modules())
     start = model.__dict__.setdefault("_start_ranks", {})
@@ -839,12 +869,20 @@ def _save_checkpoint(directory: Path, model, optimizer, state: dict, best_state)
         torch.save(payload, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer) -> dict:
+def _read_checkpoint(path: Path) -> dict:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserInputError(f"training: cannot read checkpoint {path}: {exc}") from None
-    model.load_state_dict(payload["model"])
+
+
+def _apply_checkpoint(payload: dict, model, optimizer) -> dict:
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise UserInputError(
+            f"training: the checkpoint does not fit this model (another spec?): {exc}"
+        ) from None
     optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"]["torch"])
     random.setstate(payload["rng"]["python"])

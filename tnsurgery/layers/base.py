@@ -52,9 +52,9 @@ class SurgeryLayer(nn.Module):
     def reuses_weights(self, params: list[torch.Tensor]) -> bool:
         """Whether tensors derived from ``params`` can be cached across calls now:
         in eager inference (no gradient wanted), not under ``torch.compile``."""
-        return not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        )
+        if self.__dict__.get("_no_weight_cache") or torch.compiler.is_compiling():
+            return False  # (a wrapper passes new tensors each call: never cache them)
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
     def cached_value(self, name: Any, params: list[torch.Tensor], build) -> Any:
         """``build()``, cached under ``name`` in inference until one of ``params``

@@ -104,6 +104,10 @@ class QATLayer(SurgeryLayer):
         if granularity not in ("per_channel", "per_tensor"):
             raise ValueError("granularity must be 'per_channel' or 'per_tensor'")
         self.inner = inner
+        for m in inner.modules():  # its tensors are swapped each call: no weight caching
+            if isinstance(m, SurgeryLayer):
+                m.__dict__["_no_weight_cache"] = True
+                m.clear_dense_cache()
         self.bits, self.scheme, self.granularity = bits, scheme, granularity
         self.observer, self.learn_scale, self.activations = observer, learn_scale, activations
         self.axes = axes
@@ -282,6 +286,7 @@ class QuantizedLayer(SurgeryLayer):
                     "axis": q.axis,
                     "bits": q.bits,
                     "scheme": q.scheme,
+                    "dtype": str(p.dtype).removeprefix("torch."),
                 }
             else:
                 floats[name] = list(p.shape)
@@ -326,8 +331,10 @@ class QuantizedLayer(SurgeryLayer):
             q = unpack_bits(
                 getattr(self, f"{k}_q"), t["bits"], qmin, tuple(t["shape"]), torch.int16
             )
-            w = dequantize(q, scale, getattr(self, f"{k}_zero_point"), t["axis"])
-            out[name] = w.to(scale.dtype)
+            w = dequantize(q, scale.float(), getattr(self, f"{k}_zero_point"), t["axis"])
+            floats = [p for p in self.float_params.values()]
+            dtype = floats[0].dtype if floats else getattr(torch, t.get("dtype", "float32"))
+            out[name] = w.to(dtype)
         return out
 
     def dequantized(self) -> dict[str, torch.Tensor]:

@@ -97,7 +97,7 @@ def _unwhiten(v: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
     """``V`` (n, r) of an SVD of ``W·L`` -> the factor for ``W``: ``L⁻ᵀ V``."""
     if chol is None:
         return v
-    return torch.linalg.solve_triangular(chol.mT.to(v.dtype), v, upper=True)
+    return torch.linalg.solve_triangular(chol.mT.to(v.dtype).to(v.device), v, upper=True)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -154,6 +154,7 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     m, n = w.shape
     white = whitening_factor(ctx, params, n)
     if white is not None:  # every truncation below acts on W·L: the output on the data
+        white = white.to(w.device)
         w = w.double() @ white
     full = min(m, n)
     dense = m * n
