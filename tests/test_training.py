@@ -602,3 +602,19 @@ def test_progressive_rank_resumes_exactly_across_a_cut(tmp_path):
     assert resumed[0].rank == straight[0].rank == 2
     a, b = resumed.state_dict(), straight.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inconsistent_training_options_are_spec_errors():
+    bad = {
+        "rules": [FACTORIZE],
+        "training": {
+            "mode": "finetune",
+            "data": random_data(),
+            "eval_every": 10,
+            "scheduler": "plateau",
+        },
+    }
+    with pytest.raises(SpecError) as info:
+        surgery.apply(teacher_mlp(), bad)
+    text = str(info.value)
+    assert "needs 'labels'" in text and "'eval_every' needs 'eval_data'" in text

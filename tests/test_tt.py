@@ -357,3 +357,10 @@ def test_onnx_export_matches_eager(tmp_path, path):
     (got,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(got), layer(x), atol=1e-4)
+
+
+def test_one_core_layer_contracts_as_one_matmul():
+    single = TTLinear(6, 4, (6,), (4,), [1, 1], dtype=torch.float64)
+    single.path = "contract"
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.allclose(single(x), x @ single.to_dense().T + single.bias)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tnsurgery.calibration import _to_device
@@ -192,6 +192,23 @@ class Training(BaseModel):
     tensorboard: str | None = Field(
         None, description="Also write the metrics as TensorBoard scalars to this directory."
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Training:
+        problems = []
+        if self.mode == "finetune" and self.labels is None:
+            problems.append("mode 'finetune' needs 'labels' (where batches hold them)")
+        if self.metric == "accuracy" and self.eval_every and self.labels is None:
+            problems.append("metric 'accuracy' needs 'labels'")
+        if self.eval_every and self.eval_data is None:
+            problems.append("'eval_every' needs 'eval_data'")
+        if self.scheduler == "plateau" and not self.eval_every:
+            problems.append("scheduler 'plateau' follows evaluations: set 'eval_every'")
+        if self.unfreeze_stages and self.trainable == "all":
+            problems.append("'unfreeze_stages' unfreezes surgered layers: use trainable 'surgered'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # ------------------------------------------------------------------ helpers
@@ -863,7 +880,11 @@ def _save_checkpoint(directory: Path, model, optimizer, state: dict, best_state)
         "optimizer": optimizer.state_dict(),
         "state": {k: v for k, v in state.items() if k != "best_state"},
         "best_state": best_state,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     with atomic_files(directory / "last.pt") as (tmp,):
         torch.save(payload, tmp)
@@ -885,6 +906,8 @@ def _apply_checkpoint(payload: dict, model, optimizer) -> dict:
         ) from None
     optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"]["torch"])
+    if payload["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     random.setstate(payload["rng"]["python"])
     state = dict(payload["state"])
     state["best_state"] = payload.get("best_state")

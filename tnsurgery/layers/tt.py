@@ -281,6 +281,9 @@ class TTLinear(SurgeryLayer):
                 best = plan
         if best is None or (dense is not None and best.cost > _CONTRACT_MARGIN * dense.cost):
             best = dense
+        if best is None:  # one core and path 'contract': its only contraction is the matmul
+            flops = 2 * rows * self.in_features * self.out_features
+            best = ContractionPlan((), ("A",), float(flops), flops)
         plans[key] = best
         return best
 
