@@ -618,3 +618,34 @@ def test_inconsistent_training_options_are_spec_errors():
         surgery.apply(teacher_mlp(), bad)
     text = str(info.value)
     assert "needs 'labels'" in text and "'eval_every' needs 'eval_data'" in text
+
+
+def test_resume_refuses_another_recipe_and_trims_the_log(tmp_path):
+    teacher = teacher_mlp()
+    log = tmp_path / "m.jsonl"
+
+    def opts(lr, steps=4):
+        return Training(
+            data=random_data(64),
+            steps=steps,
+            batch_size=16,
+            lr=lr,
+            checkpoint={"every": 2, "dir": str(tmp_path / "ck")},
+            log=str(log),
+        )
+
+    model = surgery.apply(teacher, {"rules": [FACTORIZE]})
+
+    def stop(step, total, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        surgery.train(model, opts(1e-2), teacher, progress=stop)
+    assert len(log.read_text().splitlines()) == 3  # steps 1-3; the checkpoint is at 2
+    with pytest.raises(UserInputError, match="other options"):
+        surgery.train(model, opts(5e-3), teacher)
+    result = surgery.train(model, opts(1e-2, steps=6), teacher)  # longer is the same recipe
+    assert result.resumed_from == 2
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

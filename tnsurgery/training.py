@@ -484,6 +484,12 @@ def builtin_train(
         ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
         if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
             payload = _read_checkpoint(ckpt_dir / "last.pt")
+            saved = payload["state"].get("recipe")
+            if saved is not None and saved != _recipe(opts):
+                raise UserInputError(
+                    f"training: {ckpt_dir / 'last.pt'} was written by a run with other "
+                    "options; give another checkpoint dir, or remove it to start afresh"
+                )
             starts = payload["state"].get("start_ranks")
             if opts.progressive_rank is not None and starts:  # cut as the checkpoint was
                 model.__dict__["_start_ranks"] = dict(starts)
@@ -492,6 +498,7 @@ def builtin_train(
                 optimizer = _optimizer(opts, params)
             state = _apply_checkpoint(payload, model, optimizer)
             result.resumed_from = state["step"]
+            _trim_log(opts.log, state["step"])
             result.losses = state.get("losses", [])
             result.evals = state.get("evals", [])
             plateau_scale = state.get("plateau_scale", 1.0)
@@ -585,6 +592,7 @@ def builtin_train(
             if ckpt_dir is not None and (done % opts.checkpoint.every == 0 or done == opts.steps):
                 state.update(step=done, losses=result.losses, evals=result.evals)
                 state["start_ranks"] = model.__dict__.get("_start_ranks")
+                state["recipe"] = _recipe(opts)
                 state["plateau_scale"] = plateau_scale
                 if rank == 0:
                     _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
@@ -888,6 +896,26 @@ def _save_checkpoint(directory: Path, model, optimizer, state: dict, best_state)
     }
     with atomic_files(directory / "last.pt") as (tmp,):
         torch.save(payload, tmp)
+
+
+def _recipe(opts: Training) -> str:
+    """The options a checkpoint must share with the run resuming it (all but the
+    length of the run and where it writes)."""
+    return opts.model_dump_json(exclude={"steps", "checkpoint", "log", "tensorboard"})
+
+
+def _trim_log(path: str | None, step: int) -> None:
+    """Drop the metrics lines written after the checkpoint a run resumes from."""
+    if not path or not Path(path).exists():
+        return
+    kept = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    Path(path).write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
 
 def _read_checkpoint(path: Path) -> dict:
