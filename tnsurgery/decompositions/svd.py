@@ -98,3 +98,12 @@ def left_singular(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = (u.mT @ m).norm(dim=1)
     order = torch.argsort(s, descending=True)
     return u[:, order], s[order]
+
+
+def rank_for_tail(s: torch.Tensor, delta: float, slack: float = 0.0) -> int:
+    """Fewest leading singular values of ``s`` (decreasing) whose dropped tail has norm
+    ``<= delta·(1 + slack)``; at least 1, at most ``len(s)``."""
+    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s.double().square(), [0]), 0), [0]))
+    # tail[i]: the error when i values are kept; keep the fewest (>= 1) within delta
+    ok = torch.nonzero(torch.cat([tail[1:], tail.new_zeros(1)]) <= delta * (1 + slack))
+    return int(ok[0]) + 1 if len(ok) else len(s)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tnsurgery.decompositions.svd import exact_svd, left_singular
+from tnsurgery.decompositions.svd import exact_svd, left_singular, rank_for_tail
 
 
 def matrix_to_tt_tensor(
@@ -55,10 +55,7 @@ def tt_svd(
         u, s = left_singular(c)
         r = len(s)
         if delta is not None:
-            tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0]))
-            # tail[i] = error if we keep i values; keep the fewest with error <= delta
-            ok = torch.nonzero(torch.cat([tail[1:], tail.new_zeros(1)]) <= delta)
-            r = int(ok[0]) + 1 if len(ok) else len(s)
+            r = rank_for_tail(s, delta)
         if max_ranks is not None:
             r = min(r, int(max_ranks[k]))
         r = max(1, r)
@@ -154,9 +151,7 @@ def tt_round(
         u, sv, v = exact_svd(c3[k].reshape(r * s, r2))
         keep = len(sv)
         if delta is not None:
-            tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(sv.double() ** 2, [0]), 0), [0]))
-            ok = torch.nonzero(torch.cat([tail[1:], tail.new_zeros(1)]) <= delta)
-            keep = int(ok[0]) + 1 if len(ok) else len(sv)
+            keep = rank_for_tail(sv, delta)
         if max_ranks is not None:
             keep = min(keep, int(max_ranks[k]))
         keep = max(1, keep)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tnsurgery.decompositions.svd import left_singular
+from tnsurgery.decompositions.svd import left_singular, rank_for_tail
 
 Factors = list[torch.Tensor | None]
 
@@ -150,21 +150,12 @@ def hosvd(
         u, s = _leading_left(unfold(t, k), t.shape[k])
         r = len(s)
         if delta is not None:
-            r = rank_for_tail(s, delta)
+            r = rank_for_tail(s, delta, slack=1e-12)
         r = max(1, min(r, int(ranks[k])))
         factors.append(u[:, :r])
         spectra.append(s)
     core = _compress(project(t, factors), factors, kept)
     return Tucker(core, factors, spectra)
-
-
-def rank_for_tail(s: torch.Tensor, delta: float) -> int:
-    """Fewest leading singular values of ``s`` whose dropped tail has norm ``<= delta``."""
-    s2 = s.double().square()
-    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]))
-    # tail[i]: the error when i values are kept; keep the fewest (>= 1) within delta
-    ok = torch.nonzero(torch.cat([tail[1:], tail.new_zeros(1)]) <= delta * (1 + 1e-12))
-    return int(ok[0]) + 1 if len(ok) else len(s)
 
 
 def hosvd_error_bound(spectra: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> float:
