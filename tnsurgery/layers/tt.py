@@ -7,14 +7,10 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tnsurgery.decompositions.tt import orthogonalize, tt_matrix_full, tt_round
-from tnsurgery.layers.base import SurgeryLayer
-
-PATHS = ("auto", "contract", "dense")
-
+from tnsurgery.layers.tensorized import TensorizedLinear
 
 # Cost model of one matrix product on thin shapes: below this many rows, columns
 # or inner size, GEMM kernels run proportionally below peak (measured on CPU:
@@ -88,7 +84,7 @@ def _rows(input_shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in input_shape[:-1])
 
 
-class TTLinear(SurgeryLayer):
+class TTLinear(TensorizedLinear):
     """``y = x Wᵀ + b`` with ``W`` held as TT cores ``(r_{k-1}, m_k, n_k, r_k)``.
 
     ``in_features``/``out_features`` may be smaller than the products of the
@@ -122,14 +118,8 @@ class TTLinear(SurgeryLayer):
             raise ValueError(
                 "need d in_factors, d out_factors and d+1 ranks starting and ending at 1"
             )
-        if math.prod(in_factors) < in_features or math.prod(out_factors) < out_features:
-            raise ValueError("the factors' products must cover in_features and out_features")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}")
+        self._set_modes(in_features, out_features, in_factors, out_factors, path)
         kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.in_factors, self.out_factors = tuple(in_factors), tuple(out_factors)
-        self.path = path
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(ranks[k], out_factors[k], in_factors[k], ranks[k + 1], **kw))
             for k in range(d)
@@ -143,14 +133,6 @@ class TTLinear(SurgeryLayer):
     def ranks(self) -> list[int]:
         """TT ranks ``[1, r_1, ..., r_{d-1}, 1]``."""
         return [c.shape[0] for c in self.cores] + [1]
-
-    @property
-    def in_padded(self) -> int:
-        return math.prod(self.in_factors)
-
-    @property
-    def out_padded(self) -> int:
-        return math.prod(self.out_factors)
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -319,18 +301,13 @@ class TTLinear(SurgeryLayer):
         return state.reshape(b, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        return self._rows_forward(x, self._forward_rows)
+
+    def _forward_rows(self, x2: torch.Tensor) -> torch.Tensor:
         plan = self.contraction_plan(x2.shape[0], self.reuses_weights(list(self.cores)))
         if not plan.cuts:
-            y = F.linear(x2, self.cached_dense(list(self.cores)), self.bias)
-        else:
-            if self.in_padded > self.in_features:
-                x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-            y = self._contract(x2, plan)[:, : self.out_features]
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            return self._dense_rows(x2, self.cached_dense(list(self.cores)))
+        return self._contracted_rows(x2, lambda t: self._contract(t, plan))
 
     # ------------------------------------------------------------ reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:

@@ -8,14 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tnsurgery.decompositions.tucker import tucker_to_full
 from tnsurgery.layers.base import SurgeryLayer
 from tnsurgery.layers.lowrank import conv2d_output_hw
-
-PATHS = ("auto", "contract", "dense")
+from tnsurgery.layers.tensorized import TensorizedLinear
 
 
 class TuckerConv2d(SurgeryLayer):
@@ -142,7 +140,7 @@ class TuckerConv2d(SurgeryLayer):
         )
 
 
-class TuckerLinear(SurgeryLayer):
+class TuckerLinear(TensorizedLinear):
     """``y = x Wᵀ + b`` with ``W`` tensorized as ``(m_1..m_d, n_1..n_d)`` (output modes,
     then input modes: a plain reshape of the ``(out, in)`` matrix) and held in Tucker
     form: ``core (ro_1..ro_d, ri_1..ri_d)``, ``out_proj[k] (m_k, ro_k)``,
@@ -174,14 +172,8 @@ class TuckerLinear(SurgeryLayer):
         d = len(in_factors)
         if len(out_factors) != d or len(ranks) != 2 * d:
             raise ValueError("need d in_factors, d out_factors and 2d ranks (out modes, then in)")
-        if math.prod(in_factors) < in_features or math.prod(out_factors) < out_features:
-            raise ValueError("the factors' products must cover in_features and out_features")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}")
+        self._set_modes(in_features, out_features, in_factors, out_factors, path)
         kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.in_factors, self.out_factors = tuple(in_factors), tuple(out_factors)
-        self.path = path
         ro, ri = [int(r) for r in ranks[:d]], [int(r) for r in ranks[d:]]
         self.core = nn.Parameter(torch.empty(*ro, *ri, **kw))
         self.out_proj = nn.ParameterList(
@@ -203,14 +195,6 @@ class TuckerLinear(SurgeryLayer):
     def ranks(self) -> list[int]:
         """Multilinear ranks: the output modes', then the input modes'."""
         return list(self.core.shape)
-
-    @property
-    def in_padded(self) -> int:
-        return math.prod(self.in_factors)
-
-    @property
-    def out_padded(self) -> int:
-        return math.prod(self.out_factors)
 
     def weight_params(self) -> int:
         """Parameters of the core and the factor matrices (bias excluded)."""
@@ -321,20 +305,14 @@ class TuckerLinear(SurgeryLayer):
         return t.reshape(b, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        return self._rows_forward(x, self._forward_rows)
+
+    def _forward_rows(self, x2: torch.Tensor) -> torch.Tensor:
         cached = self.has_dense_cache() and not torch.is_grad_enabled()
         if self.choose_path(x2.shape[0], cached) == "dense":
-            y = F.linear(
-                x2, self.cached_dense([self.core, *self.out_proj, *self.in_proj]), self.bias
-            )
-        else:
-            if self.in_padded > self.in_features:
-                x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-            y = self._contract(x2)[:, : self.out_features]
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            weight = self.cached_dense([self.core, *self.out_proj, *self.in_proj])
+            return self._dense_rows(x2, weight)
+        return self._contracted_rows(x2, self._contract)
 
     # ------------------------------------------------------------ reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
