@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -116,6 +117,32 @@ class LowRankLinear(SurgeryLayer):
         )
 
 
+def geometry_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+    padding_mode: str,
+    **kw: Any,
+) -> nn.Conv2d:
+    """The bias-free k×k conv of a decomposed conv block: it carries the replaced
+    conv's kernel size, stride, padding, dilation and padding mode, so the block's
+    output has the original shape."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        tuple(kernel_size),
+        stride=tuple(stride),
+        padding=padding if isinstance(padding, str) else tuple(padding),
+        dilation=tuple(dilation),
+        padding_mode=padding_mode,
+        bias=False,
+        **kw,
+    )
+
+
 class LowRankConv2d(SurgeryLayer):
     """A k×k conv into ``rank`` channels, then a 1×1 conv to ``out_channels`` (with the bias).
 
@@ -143,16 +170,8 @@ class LowRankConv2d(SurgeryLayer):
         self.out_channels = out_channels
         self.kernel_size = tuple(kernel_size)
         self.rank = rank
-        self.first = nn.Conv2d(
-            in_channels,
-            rank,
-            tuple(kernel_size),
-            stride=tuple(stride),
-            padding=padding if isinstance(padding, str) else tuple(padding),
-            dilation=tuple(dilation),
-            padding_mode=padding_mode,
-            bias=False,
-            **kw,
+        self.first = geometry_conv(
+            in_channels, rank, kernel_size, stride, padding, dilation, padding_mode, **kw
         )
         self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from tnsurgery.decompositions.tucker import tucker_to_full
 from tnsurgery.layers.base import SurgeryLayer
-from tnsurgery.layers.lowrank import conv2d_output_hw
+from tnsurgery.layers.lowrank import conv2d_output_hw, geometry_conv
 from tnsurgery.layers.tensorized import TensorizedLinear
 
 
@@ -48,16 +48,8 @@ class TuckerConv2d(SurgeryLayer):
         self.kernel_size = tuple(kernel_size)
         self.ranks = (r_out, r_in)
         self.first = nn.Conv2d(in_channels, r_in, 1, bias=False, **kw)
-        self.core = nn.Conv2d(
-            r_in,
-            r_out,
-            self.kernel_size,
-            stride=tuple(stride),
-            padding=padding if isinstance(padding, str) else tuple(padding),
-            dilation=tuple(dilation),
-            padding_mode=padding_mode,
-            bias=False,
-            **kw,
+        self.core = geometry_conv(
+            r_in, r_out, self.kernel_size, stride, padding, dilation, padding_mode, **kw
         )
         self.last = nn.Conv2d(r_out, out_channels, 1, bias=bias, **kw)
 
