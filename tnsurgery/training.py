@@ -666,11 +666,8 @@ def _shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> No
     from tnsurgery.layers.tt import TTLinear
 
     pr = opts.progressive_rank
-    cuttable = [
-        n
-        for n in names
-        if isinstance(dict(model.named_modules()).get(n), (LowRankLinear, TTLinear))
-    ]
+    modules = dict(model.named_modules())
+    cuttable = [n for n in names if isinstance(modules.get(n), (LowRankLinear, TTLinear))]
     if not cuttable:
         raise UserInputError(
             "training: progressive_rank cuts LowRankLinear (factorize on Linear) and TTLinear "
@@ -681,10 +678,9 @@ def _shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> No
         return
     stage = max(reached)
     fraction = pr.final ** (stage / (pr.stages - 1))  # of the start ranks
-    modules = dict(model.named_modules())
     start = model.__dict__.setdefault("_start_ranks", {})
-    for name in names:
-        layer = modules.get(name)
+    for name in cuttable:
+        layer = modules[name]
         if isinstance(layer, LowRankLinear):
             r0 = start.setdefault(name, layer.rank)
             layer.truncate_(max(1, round(r0 * fraction)))
