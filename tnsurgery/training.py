@@ -709,6 +709,8 @@ def _tt_hygiene(model: nn.Module, tt: TTOptions, step: int) -> dict[str, Any]:
     to log."""
     from tnsurgery.layers.tt import TTLinear
 
+    if tt == TTOptions():  # nothing asked: no walk over the model each step
+        return {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, TTLinear)]
     logged: dict[str, Any] = {}
     for name, layer in layers:
