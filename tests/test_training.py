@@ -649,3 +649,48 @@ def test_resume_refuses_another_recipe_and_trims_the_log(tmp_path):
     assert result.resumed_from == 2
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_distillation_never_compares_padded_positions():
+    from tnsurgery import training as training_mod
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(50, 16)
+            self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))
+
+    teacher = Tokens().eval()
+    rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 3}}
+    student = surgery.apply(teacher, {"rules": [rule]})
+    ids = torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 2:] = 0
+    mask[2, 4:] = 0
+    opts = Training(data=random_data(), steps=1)
+    names = ["fc1", "fc2"]
+    losses = []
+    for pad in (0, 9, 31):  # whatever the padded positions hold
+        ids = ids.clone()
+        ids[mask == 0] = pad
+        s_cap = training_mod._Capture(student, names, detach=False)
+        t_cap = training_mod._Capture(teacher, names, detach=True)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        loss, parts = training_mod._loss(opts, student, teacher, batch, None, s_cap, t_cap)
+        s_cap.remove()
+        t_cap.remove()
+        losses.append((float(loss.detach()), parts["feature_loss"]))
+        # by hand, on the real tokens only
+        keep = mask.bool()
+        with torch.no_grad():
+            out, ref = student(ids)[keep], teacher(ids)[keep]
+            h, h_ref = student.fc1(student.emb(ids))[keep], teacher.fc1(teacher.emb(ids))[keep]
+        by_hand = normalized_mse(out, ref)
+        feature = (normalized_mse(h, h_ref) + normalized_mse(out, ref)) / 2
+        assert parts["feature_loss"] == pytest.approx(float(feature), rel=1e-5)
+        assert float(loss.detach()) == pytest.approx(float(by_hand + feature), rel=1e-5)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) == losses[2]

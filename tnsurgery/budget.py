@@ -7,13 +7,18 @@ the model. Each layer gets its own ``param_ratio``:
 
 1. **Error curve per layer.** For a set of candidate ratios, the transform's
    own ``plan`` gives the size and the relative weight error it would reach.
-2. **Sensitivity per layer.** Equal weight errors do not hurt the model
+   With a spec-level calibration the error is the layer's predicted *output*
+   error on the calibration data (``predicted_output_error``, e.g. of a
+   whitened ``factorize``), not its weight error.
+2. **Sensitivity per layer.** Equal layer errors do not hurt the model
    equally (we measured: allocating by each layer's spectral energy made
-   all-MiniLM-L6-v2 *worse* than a uniform ratio). With a sample input, each
-   layer is replaced alone by its uniform-ratio approximation and the
-   model's relative output error is measured: ``s = out_err² / weight_err²``
-   is the output damage per unit of squared weight error. Without a sample
-   input every layer counts the same (``s = 1``).
+   all-MiniLM-L6-v2 *worse* than a uniform ratio, with or without
+   calibration). With a sample input (with calibration: its first batch),
+   each layer is replaced alone by its uniform-ratio approximation and the
+   model's relative output error is measured (padding positions left out):
+   ``s = out_err² / layer_err²`` is the output damage per unit of squared
+   layer error. Without a sample input every layer counts the same
+   (``s = 1``).
 3. **Allocation.** Minimize ``Σ s·err²`` subject to the budget, greedily:
    start every layer at its cheapest candidate and keep buying the upgrade
    (to any of its candidates) with the best damage saved per unit of cost
@@ -29,6 +34,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from tnsurgery.calibration import CalibrationResult, padding_mask, unpadded
 from tnsurgery.matching import select
 from tnsurgery.plugins import Registry
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing
@@ -58,10 +64,11 @@ class LayerCurve:
     sensitivity: float = 1.0
 
 
-def _output_vector(output: Any) -> torch.Tensor:
+def _output_vector(output: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every float tensor of ``output``, flattened, without padded positions."""
     from tnsurgery.surgery import float_leaves
 
-    leaves = [t.detach().double().flatten() for _, t in float_leaves(output)]
+    leaves = [unpadded(t.detach(), mask).double().flatten() for _, t in float_leaves(output)]
     return torch.cat(leaves) if leaves else torch.zeros(1, dtype=torch.float64)
 
 
@@ -70,8 +77,13 @@ def allocate(
     spec,
     registry: Registry,
     sample_input: Any = None,
+    calib: CalibrationResult | None = None,
 ) -> tuple[dict[tuple[int, str], BaseModel], dict[str, Any]]:
     """Per-target params (``param_ratio`` overridden) meeting ``spec.budget``.
+
+    With ``calib`` (the spec's calibration statistics), each layer's error curve
+    is its predicted output error on that data, and its approximations are the
+    data-aware ones the transform will build.
 
     Returns ``(overrides, report)``: ``overrides[(rule_index, name)]`` are the
     params to use for that target; ``report`` is JSON-compatible (budget,
@@ -85,9 +97,11 @@ def allocate(
     modules = dict(model.named_modules())
     shapes = _input_shapes(model, modules, sample_input)
     reference = None
+    mask = padding_mask(sample_input)
     if sample_input is not None:
         with eval_mode(model):
-            reference = _output_vector(call_model(model, sample_input))
+            reference = _output_vector(call_model(model, sample_input), mask)
+    damping = spec.calibration.damping if spec.calibration is not None else None
     curves: list[LayerCurve] = []
     seen: set[str] = set()
     for index in rule_ids:
@@ -99,12 +113,24 @@ def allocate(
                 continue
             seen.add(name)
             module = modules[name]
-            curve = _curve(module, name, index, rule, transform, kind, shapes.get(name))
+            extras = {}
+            if calib is not None and name in calib.stats:
+                extras = {"input_stats": calib.stats[name], "damping": damping}
+            curve = _curve(module, name, index, rule, transform, kind, shapes.get(name), extras)
             if curve is None:
                 continue
             if reference is not None:
                 curve.sensitivity = _sensitivity(
-                    model, name, module, rule, transform, fraction, sample_input, reference
+                    model,
+                    name,
+                    module,
+                    rule,
+                    transform,
+                    fraction,
+                    sample_input,
+                    reference,
+                    extras,
+                    mask,
                 )
             curves.append(curve)
     chosen = _greedy(curves, fraction)
@@ -130,6 +156,7 @@ def allocate(
         "fraction": fraction,
         "rules": rule_ids,
         "sensitivity": "output error on the sample input" if reference is not None else "none",
+        "error": "output error on the calibration data" if calib is not None else "weight error",
         "cost_before": before,
         "cost_after": after,
         "achieved": after / before if before else None,
@@ -163,7 +190,9 @@ def _input_shapes(model, modules, sample_input) -> dict[str, tuple]:
     return shapes
 
 
-def _curve(module, name, index, rule, transform, kind, input_shape) -> LayerCurve | None:
+def _curve(
+    module, name, index, rule, transform, kind, input_shape, extras=None
+) -> LayerCurve | None:
     if not isinstance(rule.parsed_params, RankOptions):
         return None
     weight = sum(p.numel() for p in module.parameters())
@@ -173,7 +202,7 @@ def _curve(module, name, index, rule, transform, kind, input_shape) -> LayerCurv
     ctx = Context(
         name=name,
         input_shape=input_shape,
-        extras={"plan_only": True, "decomposition_cache": {}},
+        extras={**(extras or {}), "plan_only": True, "decomposition_cache": {}},
     )
     for ratio in RATIOS[:-1]:
         params = rule.parsed_params.model_copy(update={"param_ratio": ratio})
@@ -184,21 +213,34 @@ def _curve(module, name, index, rule, transform, kind, input_shape) -> LayerCurv
             decision = transform.plan(module, params, ctx) if transform.plan else None
         except Exception:
             decision = None
-        if decision is None or decision.skip_reason or decision.predicted_error is None:
+        error = _layer_error(decision)
+        if error is None:
             continue
         cost = decision.params_after if kind == "params" else decision.flops_after
         if cost is None:
             continue
-        curve.candidates.append(Candidate(ratio, float(cost), decision.predicted_error))
+        curve.candidates.append(Candidate(ratio, float(cost), error))
     curve.candidates.append(Candidate(1.0, before, 0.0))  # leave it dense
     return curve if len(curve.candidates) > 1 else None
 
 
-def _sensitivity(model, name, module, rule, transform, fraction, sample_input, reference) -> float:
-    """Output damage per unit of squared relative weight error, measured by replacing
+def _layer_error(decision) -> float | None:
+    """The error a candidate is ranked by: the predicted output error on the
+    calibration data when the transform reports one, else the weight error."""
+    if decision is None or decision.skip_reason:
+        return None
+    if decision.predicted_output_error is not None:
+        return decision.predicted_output_error
+    return decision.predicted_error
+
+
+def _sensitivity(
+    model, name, module, rule, transform, fraction, sample_input, reference, extras=None, mask=None
+) -> float:
+    """Output damage per unit of squared relative layer error, measured by replacing
     this one layer by its uniform-ratio approximation."""
     params = rule.parsed_params.model_copy(update={"param_ratio": fraction})
-    ctx = Context(name=name)
+    ctx = Context(name=name, extras=dict(extras or {}))
     try:
         decision = transform.plan(module, params, ctx) if transform.plan else None
         if decision is None or decision.skip_reason:
@@ -207,19 +249,24 @@ def _sensitivity(model, name, module, rule, transform, fraction, sample_input, r
         new = transform.build(module, params, ctx)
     except Exception:
         return 1.0
-    weight_err = relative_error(new.to_dense(), module.weight) if hasattr(new, "to_dense") else 0
-    if not weight_err:
+    if decision.predicted_output_error is not None:
+        layer_err = decision.predicted_output_error
+    elif hasattr(new, "to_dense"):
+        layer_err = relative_error(new.to_dense(), module.weight)
+    else:
+        layer_err = 0
+    if not layer_err:
         return 1.0
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     parent._modules[attr] = new
     try:
         with eval_mode(model):
-            out = _output_vector(call_model(model, sample_input))
+            out = _output_vector(call_model(model, sample_input), mask)
     finally:
         parent._modules[attr] = module
     out_err = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
-    return max(out_err**2 / weight_err**2, 1e-12)
+    return max(out_err**2 / layer_err**2, 1e-12)
 
 
 def _greedy(curves: list[LayerCurve], fraction: float) -> list[Candidate]:

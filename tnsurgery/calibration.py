@@ -4,9 +4,12 @@ Surgery with a spec-level ``"calibration"`` runs the original model once over
 the data and accumulates, for each target layer, ``G = Σ x xᵀ`` over every
 input row it sees (a Linear's input vectors; a Conv2d's input patches, as
 ``F.unfold`` lays them out against the kernel matrix ``(out, in·kh·kw)``).
-Nothing else is kept: no activation outlives its forward hook. A transform
-then minimizes ``‖(W − Ŵ) X‖`` on that data instead of ``‖W − Ŵ‖`` (see
-``factorize``'s whitening), because ``‖(W − Ŵ) X‖² = tr((W − Ŵ) G (W − Ŵ)ᵀ)``.
+Padding is left out: when a batch carries an ``attention_mask`` ``(batch, tokens)``
+(Hugging Face text batches), a sequence layer's rows at masked positions are
+dropped, since the model's output never depends on them. Nothing else is
+kept: no activation outlives its forward hook. A transform then minimizes
+``‖(W − Ŵ) X‖`` on that data instead of ``‖W − Ŵ‖`` (see ``factorize``'s
+whitening), because ``‖(W − Ŵ) X‖² = tr((W − Ŵ) G (W − Ŵ)ᵀ)``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,25 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """The ``(batch, tokens)`` boolean mask of real (non-padding) positions of a
+    dict batch with an ``attention_mask``, or ``None`` (nothing is padding)."""
+    if not isinstance(batch, dict):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask.bool()
+
+
+def unpadded(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t`` without its padded positions (``t[mask]``, tokens flattened) when its
+    leading dims are the mask's ``(batch, tokens)``; ``t`` unchanged otherwise."""
+    if mask is None or t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape):
+        return t
+    return t[mask.to(t.device)]
+
+
 def supports(module: nn.Module) -> bool:
     """Whether :func:`collect` can gather statistics for ``module``."""
     if isinstance(module, nn.Linear):
@@ -101,16 +123,24 @@ def collect(
     wanted = [n for n in dict.fromkeys(names) if n in modules and supports(modules[n])]
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {n: 0 for n in wanted}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def make_hook(name: str):
         def hook(mod, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            r = input_rows(mod, args[0].detach())
+            x = args[0].detach()
+            if isinstance(mod, nn.Linear):
+                x = unpadded(x, current["mask"])
+            r = input_rows(mod, x)
             if r is None:
                 return
-            r = r.double()
-            g = r.mT @ r
+            if r.shape[0] == 0:
+                return
+            # one batch's product in float32 (fast; its rounding is far below the
+            # damping), accumulated over batches in float64
+            r = r.double() if r.dtype == torch.float64 else r.float()
+            g = (r.mT @ r).double()
             grams[name] = g.cpu() if name not in grams else grams[name] + g.cpu()
             rows[name] += r.shape[0]
 
@@ -127,6 +157,7 @@ def collect(
             for batch in batches:
                 if first is None:
                     first = batch
+                current["mask"] = padding_mask(batch)
                 call_model(model, _to_device(batch, model))
                 examples += examples_in(batch)
                 count += 1

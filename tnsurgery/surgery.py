@@ -65,7 +65,7 @@ def plan(
     calib = _calibrate(model, spec, registry)
     if sample_input is None and calib is not None:
         sample_input = _to_device(calib.first_batch, model)
-    overrides, budget = _budget(model, spec, registry, sample_input)
+    overrides, budget = _budget(model, spec, registry, sample_input, calib)
     work = copy.deepcopy(model) if len(spec.rules) > 1 else model
     result, _ = _run(
         work, spec, sample_input, allow_empty, registry, False, overrides=overrides, calib=calib
@@ -115,7 +115,7 @@ def apply(
     calib = _calibrate(model, spec, registry, progress)
     if sample_input is None and calib is not None:
         sample_input = _to_device(calib.first_batch, model)
-    overrides, budget = _budget(model, spec, registry, sample_input)
+    overrides, budget = _budget(model, spec, registry, sample_input, calib)
     work = model if inplace else copy.deepcopy(model)
     # the original is needed to verify and to teach; with inplace it is the pre-surgery copy
     needs_original = sample_input is not None or spec.training is not None
@@ -408,12 +408,14 @@ def _calibrate(
         ) from exc
 
 
-def _budget(model, spec: Spec, registry: Registry, sample_input) -> tuple[dict, dict | None]:
+def _budget(
+    model, spec: Spec, registry: Registry, sample_input, calib=None
+) -> tuple[dict, dict | None]:
     if spec.budget is None:
         return {}, None
     from tnsurgery.budget import allocate
 
-    return allocate(model, spec, registry, sample_input)
+    return allocate(model, spec, registry, sample_input, calib)
 
 
 def _select(work, rule: Rule, index: int, transform: Transform, allow_empty: bool):

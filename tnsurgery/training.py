@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from tnsurgery.calibration import _to_device
+from tnsurgery.calibration import _to_device, padding_mask, unpadded
 from tnsurgery.errors import UserInputError
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.tracing import call_model
@@ -794,6 +794,7 @@ def _loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
         t_cap.clear()
     out = _main_tensor(call_model(model, inputs))
     total = out.new_zeros((), dtype=torch.float32)
+    mask = padding_mask(inputs)  # padded tokens are never compared
     if opts.mode == "distill":
         with torch.no_grad():
             t_out = _main_tensor(call_model(teacher, inputs))
@@ -803,12 +804,12 @@ def _loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
             kind = "kl" if out.dim() == 2 else "mse"
         distill = out.new_zeros((), dtype=torch.float32)
         if kind == "kl":
-            distill = distill + kd_kl(out, t_out, d.temperature)
+            distill = distill + kd_kl(unpadded(out, mask), unpadded(t_out, mask), d.temperature)
         elif kind == "mse":
-            distill = distill + normalized_mse(out, t_out)
+            distill = distill + normalized_mse(unpadded(out, mask), unpadded(t_out, mask))
         if s_cap and t_cap and s_cap.outputs:
             feats = [
-                normalized_mse(s_cap.outputs[n], t_cap.outputs[n])
+                normalized_mse(unpadded(s_cap.outputs[n], mask), unpadded(t_cap.outputs[n], mask))
                 for n in s_cap.outputs
                 if n in t_cap.outputs
             ]

@@ -7,11 +7,25 @@ Sizes that do not factor into balanced modes (e.g. primes) are zero-padded
 to the nearest size that does (at most +25%), or refused with the reason.
 ``nn.Conv2d`` is not accepted: use ``factorize`` for convolutions (a TT conv
 would need a channel-mode reshaping that is rarely worth it at k×k kernels).
+
+Data-aware (``whiten``, with a spec-level calibration): the layer's output on
+the data, ``‖(W − Ŵ) X‖``, is what is kept instead of its weight. The input
+second moment ``C`` (damped, zero-padded positions given the mean input
+energy) is approximated by a Kronecker product ``C_1 ⊗ … ⊗ C_d`` over the
+input modes (partial traces, exact when ``C`` is Kronecker-structured), each
+``C_k = L_k L_kᵀ``; TT-SVD then runs on ``W ×_k L_kᵀ`` (every input mode
+whitened) and each core's input index is mapped back by ``L_k⁻ᵀ``, so the
+layer keeps its shapes, ranks and parameter count. ``energy``/``max_error``
+then bound ``‖(W − Ŵ) L‖ / ‖W L‖`` with the Kronecker ``L = ⊗ L_k``: the output
+error exactly when ``C`` is Kronecker, an approximation of it otherwise. The
+plan's ``predicted_output_error`` is always measured against the exact ``C``:
+``sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ))``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -20,6 +34,7 @@ from torch import nn
 from tnsurgery.decompositions.factors import linear_modes
 from tnsurgery.decompositions.svd import compute_dtype
 from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_svd
+from tnsurgery.decompositions.whitening import KroneckerWhitening, kronecker_whitening
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.tt import TTLinear
 from tnsurgery.transform import (
@@ -41,7 +56,13 @@ class TTParams(ModeOptions):
       largest possible rank; ``param_ratio`` picks the largest uniform rank
       cap that keeps that fraction of the layer's parameters; ``energy`` and
       ``max_error`` set the TT-SVD truncation (relative Frobenius error
-      ``max_error``, or ``sqrt(1 - energy)``), split over the d-1 bonds.
+      ``max_error``, or ``sqrt(1 - energy)``), split over the d-1 bonds;
+      whitened, of ``W·L`` instead of ``W``.
+    - ``whiten``: with calibration statistics of the layer's inputs, TT-SVD
+      of the whitened weight ``W·L``, ``L = L_1 ⊗ … ⊗ L_d`` from a Kronecker
+      factoring of the input second moment over the input modes, mapped back
+      by ``L_k⁻ᵀ`` on each core: the layer's output on the data is what is
+      kept. Ignored without calibration statistics.
     """
 
     rank_fields = (*RANK_OPTIONS, "ranks")
@@ -51,6 +72,16 @@ class TTParams(ModeOptions):
     )
     d: int = Field(
         3, ge=2, le=8, description="Number of TT cores (modes) when factors are not given."
+    )
+
+    whiten: bool = Field(
+        True,
+        description="With a spec-level calibration: decompose W·L (L = L_1 ⊗ … ⊗ L_d, "
+        "Cholesky factors of a Kronecker-factored approximation of the layer's input second "
+        "moment over its input modes) and map each core back, which targets the layer's "
+        "output error on the data instead of its weight error; energy/max_error then refer "
+        "to that whitened (output) error, exact when the second moment is Kronecker-structured. "
+        "false: plain TT-SVD of the weight.",
     )
 
     @field_validator("ranks")
@@ -67,6 +98,36 @@ class TTParams(ModeOptions):
         if isinstance(self.ranks, list) and len(self.ranks) != d - 1:
             raise ValueError(f"ranks needs d-1 = {d - 1} values, got {len(self.ranks)}")
         return self
+
+
+def input_whitening(
+    module: nn.Module, ctx: Context, whiten: bool, in_factors: Sequence[int]
+) -> KroneckerWhitening | None:
+    """The Kronecker-factored whitening of a Linear's input modes ``in_factors``, when
+    ``whiten`` is on and the context holds calibration statistics of the layer's
+    inputs (``ctx.extras["input_stats"]``, of size ``in_features``); else ``None``.
+
+    The budget planner plans a layer many times with one
+    ``ctx.extras["decomposition_cache"]``: the whitening is kept there.
+    """
+    stats = ctx.extras.get("input_stats")
+    if (
+        not whiten
+        or stats is None
+        or not isinstance(module, nn.Linear)
+        or stats.gram.shape[0] != module.in_features
+    ):
+        return None
+    damping = ctx.extras.get("damping")
+    damping = 1e-2 if damping is None else float(damping)
+    cache = ctx.extras.get("decomposition_cache")
+    key = ("kronecker_whitening", tuple(int(n) for n in in_factors), damping)
+    if cache is not None and key in cache:
+        return cache[key]
+    white = kronecker_whitening(stats.second_moment(damping), in_factors)
+    if cache is not None:
+        cache[key] = white
+    return white
 
 
 def _max_bond_ranks(in_f, out_f) -> list[int]:
@@ -110,7 +171,9 @@ def _caps(module, params: TTParams, in_f, out_f) -> tuple[list[int] | None, floa
 
 
 def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
-    """TT-SVD the weight at the requested ranks and measure the exact error."""
+    """TT-SVD the weight at the requested ranks and measure the exact error (with
+    calibration statistics and ``whiten``: of the whitened weight, and the exact
+    output error on the data too)."""
     try:
         in_f, out_f = linear_modes(
             module.in_features, module.out_features, params.d, params.in_factors, params.out_factors
@@ -118,12 +181,18 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
     except ValueError as exc:
         return Decision(skip_reason=str(exc))
     caps, rel_error = _caps(module, params, in_f, out_f)
+    white = input_whitening(module, ctx, params.whiten, in_f)
     w = module.weight.detach()
-    a = w.to(compute_dtype(w))
-    padded = torch.zeros(math.prod(out_f), math.prod(in_f), dtype=a.dtype, device=a.device)
+    a = w.to(compute_dtype(w) if white is None else torch.float64)
+    rows_p, cols_p = math.prod(out_f), math.prod(in_f)
+    padded = torch.zeros(rows_p, cols_p, dtype=a.dtype, device=a.device)
     padded[: a.shape[0], : a.shape[1]] = a
+    if white is not None:  # W·(L_1 ⊗ … ⊗ L_d): every truncation acts on the output
+        padded = white.whiten(padded.reshape(rows_p, *in_f), 1).reshape(rows_p, cols_p)
     cores3, _ = tt_svd(matrix_to_tt_tensor(padded, out_f, in_f), caps, rel_error)
     cores = split_cores(cores3, out_f, in_f)
+    if white is not None:  # back to cores of W: L_k⁻ᵀ on each core's input index
+        cores = [white.unwhiten(c, k, axis=2) for k, c in enumerate(cores)]
     ranks = [c.shape[-1] for c in cores[:-1]]
     kept = sum(c.numel() for c in cores)
     bias = module.bias.numel() if module.bias is not None else 0
@@ -135,6 +204,8 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
     }
     if math.prod(in_f) != module.in_features or math.prod(out_f) != module.out_features:
         resolved["padded"] = [math.prod(out_f), math.prod(in_f)]
+    if white is not None:
+        resolved["whitened"] = True
     if kept >= module.in_features * module.out_features:
         return Decision(
             resolved=resolved,
@@ -150,13 +221,17 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
         module.bias.detach() if module.bias is not None else None,
         params.path,
     )
-    err = relative_error(layer.to_dense(), w)  # measured as surgery measures weight_error
+    with torch.no_grad():
+        dense = layer.to_dense()
+    err = relative_error(dense, w)  # measured as surgery measures weight_error
+    out_err = white.output_error(dense, w) if white is not None else None
     rows = math.prod((ctx.input_shape or (1, module.in_features))[:-1])
     return Decision(
         resolved=resolved,
         params_after=kept + bias,
         flops_after=layer.flops((rows, module.in_features)),
         predicted_error=err,
+        predicted_output_error=out_err,
         state=layer,
     )
 

@@ -15,6 +15,17 @@ The ranks start from the truncated HOSVD (the leading singular vectors of
 each unfolding) and are refined by ``hooi_iters`` sweeps of HOOI, which only
 ever lowers the error. The predicted error is measured on the built layer's
 dense weight, so it is the error surgery then reports.
+
+Data-aware Linear (``whiten``, with a spec-level calibration): as for ``tt``,
+the input second moment ``C`` is approximated by a Kronecker product
+``C_1 ⊗ … ⊗ C_d`` over the input modes (partial traces; zero-padded positions
+count as inputs of mean energy), ``C_k = L_k L_kᵀ``, and HOSVD/HOOI run on the
+whitened tensor ``W ×_{n_k} L_kᵀ``; each input factor ``U_k`` then becomes
+``L_k⁻ᵀ U_k`` (no longer orthonormal), so shapes and parameter count are
+unchanged. ``energy``/``max_error`` bound the whitened error
+``‖(W − Ŵ) L‖ / ‖W L‖`` (the output error when ``C`` is Kronecker-structured);
+``predicted_output_error`` is measured against the exact ``C``. Conv2d layers
+are not whitened.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from tnsurgery.transform import (
     build_from_plan,
     relative_error,
 )
+from tnsurgery.transforms.tt import input_whitening
 
 # one entry of ``ranks``: a rank (int >= 1) or a fraction of the mode's largest rank
 RankValue = Annotated[int, Field(strict=True, ge=1)] | Annotated[float, Field(gt=0, le=1)]
@@ -68,6 +80,11 @@ class TuckerParams(ModeOptions):
       modes), which guarantees a relative Frobenius error <= ``max_error``.
     - ``energy``: the same with ``max_error = sqrt(1 - energy)``: the
       approximation keeps at least that fraction of ``‖W‖²``.
+    - ``whiten`` (Linear only): with calibration statistics of the layer's
+      inputs, HOSVD/HOOI of the whitened weight ``W·L``, ``L = L_1 ⊗ … ⊗ L_d``
+      from a Kronecker factoring of the input second moment over the input
+      modes, each input factor mapped back by ``L_k⁻ᵀ``: the layer's output on
+      the data is what is kept; ``max_error``/``energy`` then refer to ``W·L``.
     """
 
     rank_fields = (*RANK_OPTIONS, "ranks")
@@ -85,6 +102,16 @@ class TuckerParams(ModeOptions):
         ge=1,
         le=8,
         description="Linear only: modes per side (out and in) when factors are not given.",
+    )
+
+    whiten: bool = Field(
+        True,
+        description="Linear only, with a spec-level calibration: decompose W·L (L = L_1 ⊗ … "
+        "⊗ L_d, Cholesky factors of a Kronecker-factored approximation of the layer's input "
+        "second moment over its input modes) and map the input factors back, which targets "
+        "the layer's output error on the data instead of its weight error; "
+        "energy/max_error then refer to that whitened (output) error, exact when the second "
+        "moment is Kronecker-structured. false: plain HOSVD/HOOI of the weight.",
     )
 
     @field_validator("ranks", mode="before")
@@ -221,7 +248,9 @@ def _layer(module: nn.Module, dec: Tucker, params: TuckerParams) -> TuckerConv2d
 
 
 def plan(module: nn.Module, params: TuckerParams, ctx: Context) -> Decision:
-    """Resolve the ranks, decompose (HOSVD + HOOI), build the layer and measure its error."""
+    """Resolve the ranks, decompose (HOSVD + HOOI), build the layer and measure its error
+    (a Linear with calibration statistics and ``whiten``: the whitened weight is
+    decomposed, and the exact output error on the data is measured too)."""
     target = _target(module, params)
     if isinstance(target, str):
         return Decision(skip_reason=target)
@@ -255,10 +284,22 @@ def plan(module: nn.Module, params: TuckerParams, ctx: Context) -> Decision:
     if requested is not None and (skip := too_big(feasible_ranks(shape, requested))):
         return skip
     caps = requested or [n if dec else None for n, dec in zip(shape, decomposed, strict=True)]
+    white, in_f = None, target.resolved.get("in_factors")
+    if isinstance(module, nn.Linear):
+        white = input_whitening(module, ctx, params.whiten, in_f)
+    if white is not None:  # W ×_{n_k} L_kᵀ: every truncation acts on the output
+        t = white.whiten(t.double(), len(in_f))
+        resolved["whitened"] = True
     init = hosvd(t, caps, rel_error)
     if skip := too_big(init.ranks):
         return skip
     dec, _ = hooi(t, init, params.hooi_iters)
+    if white is not None:  # back to factors of W: L_k⁻ᵀ U_k on each input mode
+        d = len(in_f)
+        factors = list(dec.factors)
+        for k in range(d):
+            factors[d + k] = white.unwhiten(factors[d + k], k, axis=0)
+        dec = Tucker(dec.core, factors, dec.spectra)
     resolved.update(ranks=shown(dec.ranks), hooi_iters=params.hooi_iters)
     layer = _layer(module, dec, params)
     if isinstance(module, nn.Linear):
@@ -267,12 +308,15 @@ def plan(module: nn.Module, params: TuckerParams, ctx: Context) -> Decision:
     else:
         flops = layer.flops(ctx.input_shape) if ctx.input_shape is not None else None
     with torch.no_grad():  # the error surgery will measure: same layer, same arithmetic
-        err = relative_error(layer.to_dense(), module.weight)
+        approx = layer.to_dense()
+        err = relative_error(approx, module.weight)
+        out_err = white.output_error(approx, module.weight) if white is not None else None
     return Decision(
         resolved=resolved,
         params_after=layer.weight_params() + bias,
         flops_after=flops,
         predicted_error=err,
+        predicted_output_error=out_err,
         state=layer,
     )
 
