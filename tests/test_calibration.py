@@ -363,3 +363,62 @@ def test_budget_with_calibration_ranks_by_output_error(mlp, calib_file):
         err_cal = float((small(x) - ref).norm() / ref.norm())
         err_plain = float((plain(x) - ref).norm() / ref.norm())
     assert err_cal < 0.8 * err_plain
+
+
+def seeded_batches(width: int, seed: int, batch_size: int):
+    """A 'callable' source that shuffles with the seed it is given."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch_size, width, generator=g) for _ in range(2)]
+
+
+def fixed_batches(width: int, seed: int = 123):
+    return [torch.full((1, width), float(seed))]
+
+
+def test_callable_source_gets_the_runs_seed_and_batch_size():
+    get = lambda d, **kw: list(data.batches(d, **kw))  # noqa: E731
+    src = {"source": "callable", "target": "tests.test_calibration:seeded_batches"}
+    a = get({**src, "kwargs": {"width": 3}}, batch_size=5, seed=1)
+    b = get({**src, "kwargs": {"width": 3}}, batch_size=5, seed=2)
+    assert a[0].shape == (5, 3)  # batch_size passed
+    assert not torch.equal(a[0], b[0])  # a new order each epoch (seed + epoch)
+    assert torch.equal(a[0], get({**src, "kwargs": {"width": 3}}, batch_size=5, seed=1)[0])
+    # what the spec sets wins
+    fixed = get({**src, "kwargs": {"width": 3, "seed": 7, "batch_size": 2}}, seed=1)
+    assert fixed[0].shape == (2, 3)
+    assert torch.equal(fixed[0], seeded_batches(3, 7, 2)[0])
+    other = {"source": "callable", "target": "tests.test_calibration:fixed_batches"}
+    assert float(get({**other, "kwargs": {"width": 2}}, seed=5)[0][0, 0]) == 5.0
+
+
+def test_text_source_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<unk>", "<eos>", "a", "b", "c", "longer", "line"]
+    tk = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    assert tok.pad_token is None  # as GPT-2's
+    tok.save_pretrained(tmp_path / "tok")
+    (tmp_path / "lines.txt").write_text("a b\na longer line c\nc\n")
+    src = {
+        "source": "text",
+        "path": str(tmp_path / "lines.txt"),
+        "tokenizer": str(tmp_path / "tok"),
+    }
+    got = list(data.batches(src, batch_size=2))
+    assert got[0]["input_ids"].tolist() == [[2, 3, 1, 1], [2, 5, 6, 4]]
+    assert got[0]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+    # shuffled with the seed: same lines, another order, reproducible
+    def lines(seed):
+        out = []
+        for b in data.batches({**src, "shuffle": True}, batch_size=1, seed=seed):
+            out.append(b["input_ids"][0].tolist())
+        return out
+
+    assert sorted(lines(0)) == sorted(lines(1))
+    assert lines(0) == lines(0)
+    assert any(lines(s) != lines(0) for s in range(1, 6))

@@ -651,18 +651,21 @@ def test_resume_refuses_another_recipe_and_trims_the_log(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+class Tokens(nn.Module):
+    """Token-wise (each position's output depends on its own token only)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))
+
+
 def test_distillation_never_compares_padded_positions():
     from tnsurgery import training as training_mod
-
-    class Tokens(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.emb = nn.Embedding(50, 16)
-            self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 8)
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))
 
     teacher = Tokens().eval()
     rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 3}}
@@ -694,3 +697,76 @@ def test_distillation_never_compares_padded_positions():
         assert parts["feature_loss"] == pytest.approx(float(feature), rel=1e-5)
         assert float(loss.detach()) == pytest.approx(float(by_hand + feature), rel=1e-5)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == losses[2]
+
+
+def test_order_distill_then_compress_trains_the_dense_model_first(tmp_path):
+    teacher = teacher_mlp(0)
+    dense = teacher_mlp(1)  # another model of the same shape: the one to compress
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(3))
+    training = {"data": random_data(256), "steps": 150, "lr": 1e-2, "batch_size": 64}
+    spec = {"rules": [FACTORIZE], "training": {**training, "order": "distill_then_compress"}}
+    before = cosine_to_teacher(dense, teacher, x)
+    small = surgery.apply(dense, spec, teacher=teacher)
+    manifest = surgery.get_manifest(small)
+    assert manifest["training"]["order"] == "distill_then_compress"
+    assert manifest["training"]["steps"] == 150
+    assert manifest["spec"]["training"]["order"] == "distill_then_compress"
+    # the dense model learned the teacher, then was compressed: the result is close to
+    # the teacher, and the factors come from the trained weights, not the original ones
+    assert cosine_to_teacher(small, teacher, x) > before + 0.6  # -0.15 -> 0.80 here
+    assert not torch.equal(dense[0].weight, teacher[0].weight)  # the input is untouched
+    assert torch.equal(dense[0].weight, teacher_mlp(1)[0].weight)
+    # every parameter trained, the non-surgered layer too
+    assert not torch.equal(small[4].weight, dense[4].weight)
+    # the default order trains the factors only, from the given teacher
+    after = surgery.apply(dense, {"rules": [FACTORIZE], "training": training}, teacher=teacher)
+    assert torch.equal(after[4].weight, dense[4].weight)
+    assert cosine_to_teacher(after, teacher, x) > before
+
+
+def test_order_distill_then_compress_needs_another_teacher_and_no_inplace(tmp_path):
+    model = teacher_mlp(0)
+    spec = {
+        "rules": [FACTORIZE],
+        "training": {"data": random_data(64), "steps": 5, "order": "distill_then_compress"},
+    }
+    with pytest.raises(UserInputError, match="needs a teacher other than the model"):
+        surgery.apply(model, spec)
+    with pytest.raises(UserInputError, match="inplace=True"):
+        surgery.apply(model, spec, inplace=True, teacher=teacher_mlp(1))
+    assert torch.equal(model[0].weight, teacher_mlp(0)[0].weight)
+    bad = {**spec, "training": {**spec["training"], "progressive_rank": {"final": 0.5}}}
+    with pytest.raises(SpecError, match="needs order 'compress_then_distill'"):
+        surgery.apply(model, bad, teacher=teacher_mlp(1))
+    # the command line takes the teacher too
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(teacher_mlp(1), tmp_path / "teacher.pt")
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    args = ["apply", str(tmp_path / "spec.json"), str(tmp_path / "model.pt")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "--teacher" in r.output
+    r = CliRunner().invoke(cli, [*args, "--teacher", str(tmp_path / "teacher.pt")])
+    assert r.exit_code == 0, r.output
+
+
+def test_cosine_output_loss_compares_mean_pooled_real_tokens():
+    from tnsurgery import training as training_mod
+
+    teacher = Tokens().eval()
+    rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 2}}
+    student = surgery.apply(teacher, {"rules": [rule]})
+    ids = torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 2:] = 0
+    opts = Training(data=random_data(), distill={"output": "cosine", "features": "none"})
+    batch = {"input_ids": ids, "attention_mask": mask}
+    loss, _ = training_mod._loss(opts, student, teacher, batch, None, None, None)
+    with torch.no_grad():
+        m = mask.unsqueeze(-1).float()
+        a = (student(ids) * m).sum(1) / m.sum(1)
+        b = (teacher(ids) * m).sum(1) / m.sum(1)
+    expected = (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) > 1e-4
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.fc1.parameters())

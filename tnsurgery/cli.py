@@ -426,6 +426,12 @@ def _progress_bar(disable: bool) -> Progress:
     type=click.Path(),
     help="Where to write (default: beside the input, '.surgered').",
 )
+@click.option(
+    "--teacher",
+    type=click.Path(),
+    help="The teacher of the spec's 'training' (default: MODEL itself, before surgery); "
+    "needed by order 'distill_then_compress' with mode 'distill'. Read like MODEL.",
+)
 def apply_cmd(
     spec,
     model,
@@ -437,6 +443,7 @@ def apply_cmd(
     as_json,
     allow_empty,
     output,
+    teacher,
 ):
     """Apply SPEC to MODEL and write the surgered model (same kind as the input) with its
     manifest.json + .safetensors pair."""
@@ -444,13 +451,16 @@ def apply_cmd(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
     target = Path(output) if output else io.default_output(loaded)
+    master = _load(teacher, arch, trust_pickle, allow_class).model if teacher else None
     with _progress_bar(as_json) as bar:
         task = bar.add_task("planning", total=None)
 
         def progress(done: int, total: int, message: str) -> None:
             bar.update(task, completed=done, total=total, description=message)
 
-        small = surgery.apply(loaded.model, s, x, allow_empty=allow_empty, progress=progress)
+        small = surgery.apply(
+            loaded.model, s, x, allow_empty=allow_empty, progress=progress, teacher=master
+        )
         bar.update(task, description=f"writing {target}", total=None)
         written = io.save_like_input(small, loaded, target)
     manifest = surgery.get_manifest(small)

@@ -21,6 +21,7 @@ exactly like these.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +153,20 @@ class CallableParams(BaseModel):
     target: str = Field(
         ..., pattern=r"^[\w.]+:[\w.]+$", description="pkg.module:function returning batches."
     )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments. A function that takes 'seed' or 'batch_size' (and is "
+        "not given them here) gets the run's: training passes seed + epoch, so a shuffling "
+        "loader replays the same epochs after a resume.",
+    )
 
 
 def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
-    """Import and call the function; its batches are used as they come."""
+    """Import and call the function; its batches are used as they come.
+
+    ``seed`` (training: the spec's seed plus the epoch) and ``batch_size`` are
+    passed when the function has a parameter of that name (or ``**kwargs``) and
+    the spec's ``kwargs`` do not set it."""
     from tnsurgery.io import _import_name, cwd_on_path
 
     module, _, name = params.target.partition(":")
@@ -165,7 +175,28 @@ def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
             fn = _import_name(f"{module}.{name}")
     except ImportError as exc:
         raise UserInputError(f"data: cannot import {params.target}: {exc}") from None
-    return fn(**params.kwargs)
+    kwargs = dict(params.kwargs)
+    for key, value in (("seed", ctx.seed), ("batch_size", ctx.batch_size)):
+        if key not in kwargs and _accepts(fn, key):
+            kwargs[key] = value
+    return fn(**kwargs)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword ``name``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if p.name == name and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------- text
@@ -180,6 +211,11 @@ class TextParams(BaseModel):
     tokenizer: str | None = Field(
         None,
         description="Tokenizer directory; default: the Hugging Face model's own directory.",
+    )
+    shuffle: bool = Field(
+        False,
+        description="Shuffle the lines (with the run's seed; in training, a new order each "
+        "epoch, replayed exactly on resume).",
     )
 
 
@@ -205,6 +241,18 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
         tok = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True)
     except Exception as exc:
         raise UserInputError(f"data: cannot load a tokenizer from {where}: {exc}") from None
+    if tok.pad_token is None:  # e.g. GPT-2: pad with its end-of-text (masked out anyway)
+        fill = tok.eos_token or tok.unk_token
+        if fill is not None:
+            tok.pad_token = fill
+        elif ctx.batch_size > 1:
+            raise UserInputError(
+                f"data: the tokenizer in {where} has no pad, end-of-sequence or unknown token "
+                "to pad batches with: set its pad_token, or use batch_size 1"
+            )
+    if params.shuffle:
+        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
+        lines = [lines[i] for i in order.tolist()]
     for start in range(0, len(lines), ctx.batch_size):
         chunk = lines[start : start + ctx.batch_size]
         enc = tok(

@@ -84,6 +84,7 @@ def apply(
     allow_empty: bool = False,
     registry: Registry | None = None,
     progress: Progress | None = None,
+    teacher: nn.Module | None = None,
 ) -> nn.Module:
     """Perform the surgery described by ``spec`` and return the surgered model.
 
@@ -99,6 +100,10 @@ def apply(
         registry: the transforms to use (installed plugins by default).
         progress: called as ``progress(done, total, message)`` before each
             replacement of a rule pass.
+        teacher: the teacher of the spec's ``training`` (``mode: distill``);
+            default: the original model. With ``training.order:
+            "distill_then_compress"`` the dense model is distilled from it
+            first, so it must be another model (or the mode ``finetune``).
 
     Returns:
         The model (same class, device and dtype as the input) with its
@@ -112,13 +117,18 @@ def apply(
     """
     spec = load_spec(spec, registry)
     registry = registry or get_registry()
+    trained_first = None
+    if spec.training is not None and spec.training.order == "distill_then_compress":
+        model, trained_first = _train_dense_first(model, spec, teacher, inplace, registry)
+        inplace = True  # the trained copy is the one to operate on
     calib = _calibrate(model, spec, registry, progress)
     if sample_input is None and calib is not None:
         sample_input = _to_device(calib.first_batch, model)
     overrides, budget = _budget(model, spec, registry, sample_input, calib)
     work = model if inplace else copy.deepcopy(model)
     # the original is needed to verify and to teach; with inplace it is the pre-surgery copy
-    needs_original = sample_input is not None or spec.training is not None
+    train_after = spec.training is not None and trained_first is None
+    needs_original = sample_input is not None or train_after
     original = copy.deepcopy(model) if (inplace and needs_original) else model
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     try:
@@ -134,11 +144,13 @@ def apply(
         result.applied = True
         manifest = _manifest(work, spec, result, new_modules)
         get_plugin_manager().hook.after_surgery(model=work, plan=result, manifest=manifest)
-        if spec.training is not None:
+        if trained_first is not None:  # recorded, the dense model having had no manifest
+            manifest["training"] = trained_first
+        if train_after:
             from tnsurgery.training import train as run_training
 
             object.__setattr__(work, MANIFEST_ATTR, manifest)
-            run_training(work, spec.training, original, registry=registry)
+            run_training(work, spec.training, teacher or original, registry=registry)
             manifest = get_manifest(work)
             if sample_input is not None:  # the output error after training
                 with eval_mode(original, work):
@@ -151,6 +163,36 @@ def apply(
         raise
     object.__setattr__(work, MANIFEST_ATTR, manifest)
     return work
+
+
+def _train_dense_first(
+    model: nn.Module, spec: Spec, teacher: nn.Module | None, inplace: bool, registry: Registry
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``order: distill_then_compress``: train a copy of the dense model (every
+    parameter) before surgery; returns it and the training record."""
+    from tnsurgery.training import train as run_training
+
+    opts = spec.training
+    if inplace:
+        raise UserInputError(
+            "training: order 'distill_then_compress' trains a copy of the dense model before "
+            "surgery: it cannot run with inplace=True"
+        )
+    if opts.mode == "distill" and (teacher is None or teacher is model):
+        raise UserInputError(
+            "training: order 'distill_then_compress' distills the dense model before surgery, "
+            "so it needs a teacher other than the model itself (surgery.apply(..., "
+            "teacher=...), tnsurgery apply --teacher), or mode 'finetune' with labels"
+        )
+    dense = copy.deepcopy(model)
+    dense_opts = opts.model_copy(update={"trainable": "all"})
+    result = run_training(dense, dense_opts, teacher, registry=registry)
+    record = {
+        **result.to_dict(),
+        "options": opts.model_dump(mode="json"),
+        "order": "distill_then_compress",
+    }
+    return dense, record
 
 
 def convert(model: nn.Module, sample_input: Any = None, *, inplace: bool = False) -> nn.Module:

@@ -59,10 +59,12 @@ class DistillOptions(BaseModel):
         description="'surgered': match each surgered module's output to the teacher's "
         "module it replaced (label-free); 'none': outputs only.",
     )
-    output: Literal["auto", "kl", "mse", "none"] = Field(
+    output: Literal["auto", "kl", "mse", "cosine", "none"] = Field(
         "auto",
         description="Loss on the model outputs: 'kl' (logits at the temperature), 'mse' "
-        "(normalized), 'auto': kl for a 2-D output tensor, mse otherwise.",
+        "(normalized), 'cosine' (1 - cosine of per-example vectors, sequence outputs "
+        "mean-pooled over real tokens: sentence embeddings), 'auto': kl for a 2-D output "
+        "tensor, mse otherwise.",
     )
     feature_weight: float = Field(1.0, ge=0, description="Weight of the feature loss.")
     match: list[str] = Field(
@@ -179,6 +181,14 @@ class Training(BaseModel):
         description="Start at the ranks surgery built and truncate (LowRankLinear) or "
         "TT-round (TTLinear) them down in stages to a final fraction, training at each stage.",
     )
+    order: Literal["compress_then_distill", "distill_then_compress"] = Field(
+        "compress_then_distill",
+        description="With surgery.apply / tnsurgery apply: 'compress_then_distill' trains the "
+        "surgered model, starting from the factors surgery built; 'distill_then_compress' "
+        "trains the dense model first (every parameter; distilled from a teacher given to "
+        "apply, or fine-tuned on labels), then compresses the trained model (calibration "
+        "runs on it). Compressing while distilling is 'progressive_rank'.",
+    )
     trainer: str = Field(
         "builtin",
         description="Which trainer runs this section: 'builtin', or one a plugin registers "
@@ -206,6 +216,12 @@ class Training(BaseModel):
             problems.append("scheduler 'plateau' follows evaluations: set 'eval_every'")
         if self.unfreeze_stages and self.trainable == "all":
             problems.append("'unfreeze_stages' unfreezes surgered layers: use trainable 'surgered'")
+        if self.order == "distill_then_compress":
+            for name in ("unfreeze_stages", "progressive_rank"):
+                if getattr(self, name) is not None:
+                    problems.append(
+                        f"'{name}' acts on surgered layers: it needs order 'compress_then_distill'"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -807,6 +823,9 @@ def _loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
             distill = distill + kd_kl(unpadded(out, mask), unpadded(t_out, mask), d.temperature)
         elif kind == "mse":
             distill = distill + normalized_mse(unpadded(out, mask), unpadded(t_out, mask))
+        elif kind == "cosine":
+            a, b = _pool(out.float(), inputs), _pool(t_out.float(), inputs)
+            distill = distill + (1 - F.cosine_similarity(a, b, dim=-1)).mean()
         if s_cap and t_cap and s_cap.outputs:
             feats = [
                 normalized_mse(unpadded(s_cap.outputs[n], mask), unpadded(t_cap.outputs[n], mask))
