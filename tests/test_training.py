@@ -439,6 +439,56 @@ def test_mixed_precision_trains_in_bfloat16_autocast():
     assert model[0].u.dtype == torch.float32 and all(math.isfinite(v) for v in result.losses)
 
 
+def test_loss_scaling_changes_no_update_and_survives_resume(monkeypatch, tmp_path):
+    """The float16 path (a GradScaler; CUDA only) exercised on the CPU: scaling by a power
+    of two and unscaling before clipping gives exactly the unscaled updates."""
+    from tnsurgery import training as training_mod
+
+    teacher = teacher_mlp()
+    opts = Training(data=random_data(64), steps=6, batch_size=16, lr=1e-2, grad_clip=0.5)
+    plain = surgery.apply(teacher, {"rules": [FACTORIZE]})
+    surgery.train(plain, opts, teacher)
+    scalers = []
+
+    def cpu_scaler(o, m):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**12))
+        return scalers[-1]
+
+    monkeypatch.setattr(training_mod, "_grad_scaler", cpu_scaler)
+    scaled = surgery.apply(teacher, {"rules": [FACTORIZE]})
+    ckpt = {"checkpoint": {"every": 3, "dir": str(tmp_path / "ck")}}
+    with_ckpt = Training(**{**opts.model_dump(), **ckpt})
+
+    def crash(step, total, metrics):
+        if step == 4:  # after the checkpoint of step 3
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        surgery.train(scaled, with_ckpt, teacher, progress=crash)
+    saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)["state"]
+    assert saved["grad_scaler"]["scale"] == 2.0**12
+    result = surgery.train(scaled, with_ckpt, teacher)
+    assert result.resumed_from == 3
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert training_mod._grad_scaler.__name__ == "cpu_scaler"
+    monkeypatch.undo()
+    assert training_mod._grad_scaler(opts.model_copy(update={"amp": True}), plain) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float16_autocast_on_cuda_scales_the_loss(monkeypatch):
+    from tnsurgery import training as training_mod
+
+    monkeypatch.setattr(training_mod, "_cuda_amp_dtype", lambda: torch.float16)
+    teacher = teacher_mlp().cuda()
+    model = surgery.apply(teacher, {"rules": [FACTORIZE]})
+    opts = Training(data=random_data(64), steps=5, batch_size=16, amp=True)
+    assert training_mod._grad_scaler(opts, model) is not None
+    result = surgery.train(model, opts, teacher)
+    assert all(math.isfinite(v) for v in result.losses)
+
+
 def test_tensorboard_scalars_or_a_clear_error(tmp_path):
     teacher = teacher_mlp()
     model = surgery.apply(teacher, {"rules": [FACTORIZE]})

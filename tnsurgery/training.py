@@ -196,8 +196,9 @@ class Training(BaseModel):
     )
     amp: bool = Field(
         False,
-        description="Mixed precision: forward passes under autocast (bfloat16 on CPU, "
-        "float16 on CUDA); the weights and the optimizer stay in float32.",
+        description="Mixed precision: forward passes under autocast (bfloat16 on CPU and on "
+        "GPUs that support it, else float16 with loss scaling); the weights and the "
+        "optimizer stay in float32.",
     )
     tensorboard: str | None = Field(
         None, description="Also write the metrics as TensorBoard scalars to this directory."
@@ -494,6 +495,7 @@ def builtin_train(
     s_cap = t_cap = log = board = None
     try:
         optimizer = _optimizer(opts, params)
+        scaler = _grad_scaler(opts, model)
         plateau_scale = 1.0
         state: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None}
         result = TrainResult()
@@ -518,6 +520,8 @@ def builtin_train(
             result.losses = state.get("losses", [])
             result.evals = state.get("evals", [])
             plateau_scale = state.get("plateau_scale", 1.0)
+            if scaler is not None and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
         best_state = state.get("best_state")
         if teacher is not None:
             teacher.eval()
@@ -573,10 +577,18 @@ def builtin_train(
             with _autocast(opts, model):
                 loss, parts = _loss(opts, runner, teacher, inputs, labels, s_cap, t_cap)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                if opts.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                optimizer.step()
+            else:  # float16: scaled loss, gradients unscaled before clipping
+                scaler.scale(loss).backward()
+                if opts.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                scaler.step(optimizer)  # skipped when a gradient overflowed
+                scaler.update()
             result.losses.append(float(loss.detach()))
             metrics = {"step": step + 1, "loss": result.losses[-1], "lr": opts.lr * factor, **parts}
             metrics.update(_tt_hygiene(model, opts.tt, step + 1))
@@ -610,6 +622,7 @@ def builtin_train(
                 state["start_ranks"] = model.__dict__.get("_start_ranks")
                 state["recipe"] = _recipe(opts)
                 state["plateau_scale"] = plateau_scale
+                state["grad_scaler"] = scaler.state_dict() if scaler is not None else None
                 if rank == 0:
                     _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
                 if world > 1:  # no process resumes from a checkpoint not yet written
@@ -652,8 +665,24 @@ def _autocast(opts: Training, model: nn.Module):
         return contextlib.nullcontext()
     ref = next(iter(model.parameters()))
     if ref.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=_cuda_amp_dtype())
     return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _cuda_amp_dtype() -> torch.dtype:
+    """bfloat16 where the GPU supports it (no loss scaling needed), else float16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _grad_scaler(opts: Training, model: nn.Module):
+    """A loss scaler for float16 autocast on CUDA (whose small gradients underflow);
+    ``None`` otherwise (float32, or bfloat16, which has float32's exponent range)."""
+    ref = next(iter(model.parameters()), None)
+    if not opts.amp or ref is None or ref.device.type != "cuda":
+        return None
+    if _cuda_amp_dtype() != torch.float16:
+        return None
+    return torch.amp.GradScaler("cuda")
 
 
 def _tensorboard(directory: str | None):
