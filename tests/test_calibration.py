@@ -422,3 +422,92 @@ def test_text_source_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path)
     assert sorted(lines(0)) == sorted(lines(1))
     assert lines(0) == lines(0)
     assert any(lines(s) != lines(0) for s in range(1, 6))
+
+
+# ------------------------------------------------------------ sequential refit
+
+
+def deep_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(40, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 24)
+    ).eval()
+
+
+def test_sequential_calibration_refits_on_the_surgered_inputs(calib_file):
+    path, x = calib_file
+    x = x[:512]  # the calibration samples
+    model = deep_mlp()
+    spec = spec_for(path, {"rank": 5})
+    plain = surgery.apply(model, spec)
+    spec["calibration"]["sequential"] = True
+    seq = surgery.apply(model, spec)
+    manifest = surgery.get_manifest(seq)
+    assert manifest["plan"]["calibration"]["sequential"]["groups"] == 3
+    targets = {t["name"]: t for t in manifest["plan"]["targets"]}
+    with torch.no_grad():
+        # each layer's reported error is exactly its output error on the data, fed by
+        # the surgered layers before it: ‖X_o Wᵀ − X_c Ŵᵀ‖ / ‖X_o Wᵀ‖ (biases equal)
+        xo = xc = x
+        for i in (0, 2, 4):
+            old, new = model[i], seq[i]
+            want = xo @ old.weight.T
+            got = new(xc) - new.bias
+            err = float((got - want).double().norm() / want.double().norm())
+            assert targets[str(i)]["resolved"]["sequential_output_error"] == pytest.approx(
+                err, rel=1e-4
+            )
+            if i < 4:  # through the activation to the next layer
+                xo, xc = model[i + 1](old(xo)), seq[i + 1](new(xc))
+        # the first layer sees the original inputs: nothing to compensate, same factors
+        assert torch.allclose(seq[0].u @ seq[0].v, plain[0].u @ plain[0].v, atol=1e-5)
+        ref = model(x)
+        err_seq = float((seq(x) - ref).norm() / ref.norm())
+        err_plain = float((plain(x) - ref).norm() / ref.norm())
+    assert err_seq < 0.97 * err_plain
+    held = anisotropic(300, 40, seed=5)  # and on inputs it never saw
+    with torch.no_grad():
+        ref = model(held)
+        assert float((seq(held) - ref).norm()) < float((plain(held) - ref).norm())
+    assert seq[2].u.shape == plain[2].u.shape  # same ranks, same size
+
+
+def test_sequential_groups_layers_that_share_an_input():
+    from tnsurgery.calibration import call_groups
+
+    model = tiny_bert_model()
+    ids = torch.randint(0, 100, (4, 9), generator=torch.Generator().manual_seed(0))
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith("encoder.layer.0") and isinstance(m, nn.Linear)
+    ]
+    groups = call_groups(model, names, {"input_ids": ids})
+    assert groups[0] == [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    assert [len(g) for g in groups] == [3, 1, 1, 1]
+
+
+def test_sequential_calibration_on_a_transformer_lowers_its_output_error(tmp_path):
+    model = tiny_bert_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (48, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 8:] = 0  # some padding
+    torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "ids.pt")
+    rule = {
+        "match": "encoder.layer.*.**",
+        "types": ["Linear"],
+        "transform": "factorize",
+        "params": {"param_ratio": 0.4},
+    }
+    cal = {"data": {"source": "tensors", "path": str(tmp_path / "ids.pt")}, "samples": 48}
+    plain = surgery.apply(model, {"rules": [rule], "calibration": cal})
+    seq = surgery.apply(model, {"rules": [rule], "calibration": {**cal, "sequential": True}})
+    report = surgery.get_manifest(seq)["plan"]["calibration"]["sequential"]
+    assert report["groups"] == 8 and report["refitted"] == 12
+    held = torch.randint(1, 100, (32, 12), generator=g)
+    with torch.no_grad():
+        ref = model(input_ids=held).last_hidden_state
+        e_plain = float((plain(input_ids=held).last_hidden_state - ref).norm() / ref.norm())
+        e_seq = float((seq(input_ids=held).last_hidden_state - ref).norm() / ref.norm())
+    assert e_seq < e_plain

@@ -51,6 +51,7 @@ class CalibrationResult:
     batches: int
     seconds: float
     first_batch: Any = None
+    batches_seen: list[Any] | None = None  # kept for sequential calibration only
 
     def describe(self) -> dict[str, Any]:
         """JSON-compatible summary for the plan and the manifest."""
@@ -116,9 +117,11 @@ def collect(
     batches: Iterable[Any],
     progress: Callable[[int, int, str], None] | None = None,
     total: int | None = None,
+    keep_batches: bool = False,
 ) -> CalibrationResult:
     """Run ``model`` (eval, no grad) over ``batches`` and accumulate each named
-    module's input second moment. The model is left as it was."""
+    module's input second moment. The model is left as it was. ``keep_batches``:
+    also return the batches (``batches_seen``), for a later pass."""
     modules = dict(model.named_modules())
     wanted = [n for n in dict.fromkeys(names) if n in modules and supports(modules[n])]
     grams: dict[str, torch.Tensor] = {}
@@ -152,11 +155,14 @@ def collect(
     t0 = time.perf_counter()
     examples = count = 0
     first = None
+    kept: list[Any] = []
     try:
         with eval_mode(model):
             for batch in batches:
                 if first is None:
                     first = batch
+                if keep_batches:
+                    kept.append(batch)
                 current["mask"] = padding_mask(batch)
                 call_model(model, _to_device(batch, model))
                 examples += examples_in(batch)
@@ -167,7 +173,8 @@ def collect(
         for h in handles:
             h.remove()
     stats = {n: InputStats(grams[n], rows[n]) for n in wanted if n in grams}
-    return CalibrationResult(stats, examples, count, time.perf_counter() - t0, first)
+    seconds = time.perf_counter() - t0
+    return CalibrationResult(stats, examples, count, seconds, first, kept if keep_batches else None)
 
 
 def _to_device(batch: Any, model: nn.Module) -> Any:
@@ -187,3 +194,152 @@ def _to_device(batch: Any, model: nn.Module) -> Any:
     if isinstance(batch, (tuple, list)):
         return tuple(move(v) for v in batch)
     return move(batch)
+
+
+# ------------------------------------------------------- sequential refit
+#
+# Layer by layer, the factors above keep each layer's output on the inputs the
+# *original* model gives it. Once earlier layers are surgered, a layer receives
+# other inputs; sequential calibration re-solves each replacement, in call order,
+# for the inputs it now gets: ``min ‖X_o Wᵀ − X_c Ŵᵀ‖`` with ``X_o`` the original
+# layer's inputs and ``X_c`` the surgered model's, so later layers compensate the
+# errors of earlier ones (as GPTQ and SVD-LLM v2 do).
+
+
+@dataclass
+class CrossStats:
+    """What a refit needs, summed over ``rows`` (non-padding) input rows:
+    ``gram = X_cᵀ X_c`` (the surgered model's inputs to the layer), ``cross = X_cᵀ X_o``
+    and ``gram_original = X_oᵀ X_o`` (the original model's inputs), float64."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    gram_original: torch.Tensor
+    rows: int
+
+
+class _Stop(Exception):
+    """Raised by a hook once every layer of the group has seen its input."""
+
+
+def call_groups(model: nn.Module, names: list[str], batch: Any) -> list[list[str]]:
+    """``names`` in the order ``model`` calls them on ``batch``, grouped: layers that
+    receive the very same input tensor (e.g. a block's query, key and value) form one
+    group, refitted together. Layers never called are left out."""
+    modules = dict(model.named_modules())
+    seen: list[tuple[str, torch.Tensor]] = []  # the inputs themselves, kept alive: an
+    # id() of a freed tensor can come back for the next one
+
+    def make(name):
+        def hook(mod, args):
+            if args and isinstance(args[0], torch.Tensor) and name not in dict(seen):
+                seen.append((name, args[0]))
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(make(n)) for n in names if n in modules]
+    try:
+        with eval_mode(model):
+            call_model(model, _to_device(batch, model))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, tensor in seen:
+        if groups and tensor is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = tensor
+    return groups
+
+
+def cross_stats(
+    original: nn.Module, surgered: nn.Module, group: list[str], batches: list[Any]
+) -> dict[str, CrossStats]:
+    """Run both models over ``batches`` (each stopped once the group has its inputs)
+    and accumulate :class:`CrossStats` for every layer of ``group``."""
+    current: dict[str, Any] = {"mask": None, "inputs": {}, "done": set()}
+    sums: dict[str, list[torch.Tensor]] = {}
+    rows: dict[str, int] = {}
+
+    mods_o, mods_s = dict(original.named_modules()), dict(surgered.named_modules())
+
+    def rows_of(name, args) -> torch.Tensor | None:
+        """Rows as the original layer multiplies them (the replacement takes the same)."""
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        like, x = mods_o[name], args[0].detach()
+        if isinstance(like, nn.Linear):
+            x = unpadded(x, current["mask"])
+        r = input_rows(like, x)
+        if r is None:
+            return None
+        return r.double() if r.dtype == torch.float64 else r.float()
+
+    def hook_original(name):
+        def hook(mod, args):
+            r = rows_of(name, args)
+            if r is not None:
+                current["inputs"][name] = r
+            if len(current["inputs"]) == len(group):
+                raise _Stop
+
+        return hook
+
+    def hook_surgered(name):
+        def hook(mod, args):
+            xc, xo = rows_of(name, args), current["inputs"].get(name)
+            if xc is not None and xo is not None and xc.shape == xo.shape:
+                parts = [(xc.mT @ xc).double(), (xc.mT @ xo).double(), (xo.mT @ xo).double()]
+                if name in sums:
+                    parts = [a + b for a, b in zip(sums[name], parts, strict=True)]
+                sums[name] = parts
+                rows[name] = rows.get(name, 0) + xc.shape[0]
+            current["done"].add(name)
+            if len(current["done"]) == len(group):
+                raise _Stop
+
+        return hook
+
+    handles = [mods_o[n].register_forward_pre_hook(hook_original(n)) for n in group]
+    handles += [mods_s[n].register_forward_pre_hook(hook_surgered(n)) for n in group]
+    try:
+        with eval_mode(original, surgered):
+            for batch in batches:
+                current.update(mask=padding_mask(batch), inputs={}, done=set())
+                for model in (original, surgered):
+                    try:
+                        call_model(model, _to_device(batch, model))
+                    except _Stop:
+                        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: CrossStats(v[0].cpu(), v[1].cpu(), v[2].cpu(), rows[n]) for n, v in sums.items()}
+
+
+def refit_sequentially(
+    original: nn.Module,
+    surgered: nn.Module,
+    names: list[str],
+    batches: list[Any],
+    refit: Callable[[str, CrossStats], None],
+    progress: Callable[[int, int, str], None] | None = None,
+) -> int:
+    """Call ``refit(name, stats)`` for every surgered layer in ``names``, group by
+    group in call order, each group's :class:`CrossStats` gathered after the groups
+    before it were refitted (``refit`` modifies the layer in ``surgered``). Returns
+    the number of groups (passes over ``batches``)."""
+    if not batches:
+        return 0
+    groups = call_groups(surgered, names, batches[0])
+    for k, group in enumerate(groups):
+        if progress:
+            progress(k, len(groups), f"sequential calibration {group[0]}")
+        stats = cross_stats(original, surgered, group, batches)
+        for name in group:
+            if name in stats:
+                refit(name, stats[name])
+    return len(groups)

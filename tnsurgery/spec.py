@@ -138,6 +138,13 @@ class Calibration(BaseModel):
         "(keeps directions the data never visits from being ignored entirely).",
     )
     seed: int = Field(0, description="Seed of the data source (random data).")
+    sequential: bool = Field(
+        False,
+        description="After surgery, re-solve each replacement in call order for the inputs "
+        "it receives from the layers surgered before it, so later layers compensate "
+        "earlier errors (GPTQ / SVD-LLM v2 style): one more pass over the data per group "
+        "of layers sharing an input. Transforms with a refit: factorize (Linear).",
+    )
 
 
 class Spec(BaseModel):

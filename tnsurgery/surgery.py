@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ def apply(
     work = model if inplace else copy.deepcopy(model)
     # the original is needed to verify and to teach; with inplace it is the pre-surgery copy
     train_after = spec.training is not None and trained_first is None
-    needs_original = sample_input is not None or train_after
+    sequential = spec.calibration is not None and spec.calibration.sequential
+    needs_original = sample_input is not None or train_after or sequential
     original = copy.deepcopy(model) if (inplace and needs_original) else model
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     try:
@@ -137,6 +139,10 @@ def apply(
         )
         result.budget = budget
         result.calibration = calib.describe() if calib is not None else None
+        if calib is not None and spec.calibration.sequential:
+            result.calibration["sequential"] = _refit(
+                original, work, spec, result, calib, registry, progress
+            )
         if sample_input is not None:
             _verify(original, work, result, sample_input)
         if result.totals()["model_params_after"] is None:  # a transform did not count
@@ -163,6 +169,43 @@ def apply(
         raise
     object.__setattr__(work, MANIFEST_ATTR, manifest)
     return work
+
+
+def _refit(original, work, spec: Spec, result: Plan, calib, registry, progress) -> dict:
+    """Sequential calibration: refit every replacement whose transform can, in call
+    order, on the inputs the surgered model now gives it. Records each layer's
+    output error on the data (``resolved["sequential_output_error"]``)."""
+    from tnsurgery.calibration import refit_sequentially
+
+    t0 = time.perf_counter()
+    last: dict[str, TargetPlan] = {}  # the rule that made what sits at each name
+    for tp in result.targets:
+        if tp.status == "replace":
+            last[tp.name] = tp
+    originals = dict(original.named_modules())
+    current = dict(work.named_modules())
+    refitted: list[str] = []
+
+    def refit(name: str, stats) -> None:
+        tp = last[name]
+        transform = registry.get(spec.rules[tp.rule_index].transform)
+        if transform.refit is None:
+            return
+        ctx = Context(name=name, input_shape=tp.input_shape)
+        ctx.extras["damping"] = spec.calibration.damping
+        err = transform.refit(current[name], originals[name], stats, ctx)
+        if err is not None:
+            tp.resolved = {**(tp.resolved or {}), "sequential_output_error": err}
+            refitted.append(name)
+
+    names = [n for n in last if n in originals]
+    groups = refit_sequentially(original, work, names, calib.batches_seen or [], refit, progress)
+    calib.batches_seen = None  # not kept past the surgery
+    return {
+        "groups": groups,
+        "refitted": len(refitted),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _train_dense_first(
@@ -441,7 +484,9 @@ def _calibrate(
         cal.data, model, cal.batch_size, cal.samples, cal.seed, registry=registry
     )
     try:
-        return collect(model, names, batches, progress, total=cal.samples)
+        return collect(
+            model, names, batches, progress, total=cal.samples, keep_batches=cal.sequential
+        )
     except UserInputError:
         raise
     except Exception as exc:

@@ -88,6 +88,7 @@ class Decision:
 
 PlanFn = Callable[[nn.Module, BaseModel, Context], Decision]
 BuildFn = Callable[[nn.Module, BaseModel, Context], nn.Module]
+RefitFn = Callable[[nn.Module, nn.Module, Any, Context], "float | None"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,15 @@ class Transform:
             needs ``config()`` and ``from_config()`` (see
             :class:`tnsurgery.layers.base.SurgeryLayer`).
         description: one line for ``tnsurgery plugins``.
+        refit: ``refit(new, old, stats, ctx) -> error | None``; optional. With
+            ``"calibration": {"sequential": true}``, called after the build,
+            layer by layer in call order: ``stats`` is a
+            :class:`tnsurgery.calibration.CrossStats` of the inputs ``new``
+            receives in the surgered model (``X_c``) and ``old`` in the
+            original (``X_o``). Re-solve ``new``'s tensors in place (same
+            shapes) to minimize ``‖X_o Wᵀ − X_c Ŵᵀ‖`` and return that relative
+            output error, or ``None`` when the layer cannot be refitted.
+            ``ctx.extras["damping"]`` holds the spec's damping.
     """
 
     name: str
@@ -119,6 +129,7 @@ class Transform:
     plan: PlanFn | None = None
     layers: tuple[type[nn.Module], ...] = ()
     description: str = ""
+    refit: RefitFn | None = None
 
 
 def build_from_plan(name: str, plan: PlanFn) -> BuildFn:

@@ -234,6 +234,59 @@ def build(module: nn.Module, params: FactorizeParams, ctx: Context) -> nn.Module
     return LowRankConv2d.from_factors(module, u, v)
 
 
+def refit(new: nn.Module, old: nn.Module, stats, ctx: Context) -> float | None:
+    """Sequential calibration of a ``LowRankLinear``: the rank-``r`` ``M = U V`` minimizing
+    ``‖X_o Wᵀ − X_c Mᵀ‖`` (``X_o``: the original layer's inputs, ``X_c``: the inputs it
+    gets in the surgered model). With ``C = X_cᵀX_c = L Lᵀ`` (damped) and
+    ``P = X_cᵀX_o``, that is the rank-``r`` truncation of ``A = W Pᵀ L⁻ᵀ`` mapped back
+    by ``L⁻¹`` (``‖X_c Mᵀ − X_o Wᵀ‖² = ‖M L − A‖² + const``). The new factors are kept
+    only if they do better on the data than the current ones; returns the relative
+    output error of the factors kept (``None``: not a LowRankLinear)."""
+    if not isinstance(new, LowRankLinear) or not isinstance(old, nn.Linear):
+        return None
+    rows = max(stats.rows, 1)
+    w = old.weight.detach().double().cpu()
+    c, p, go = stats.gram / rows, stats.cross / rows, stats.gram_original / rows
+    damping = ctx.extras.get("damping")
+    damping = 1e-2 if damping is None else float(damping)
+    scale = float(torch.diagonal(c).mean().clamp_min(1e-30))
+    chol = _cholesky(c + torch.eye(c.shape[0], dtype=c.dtype) * damping * scale)
+    if chol is None:
+        return None
+
+    def error(m: torch.Tensor) -> float:  # exact, undamped, on the data
+        ref = float(((w @ go) * w).sum())
+        sq = ref - 2 * float(((w @ p.mT) * m).sum()) + float(((m @ c) * m).sum())
+        return (max(sq, 0.0) / ref) ** 0.5 if ref > 0 else 0.0
+
+    rank = new.rank
+    a = w @ torch.linalg.solve_triangular(chol, p, upper=False).mT  # W Pᵀ L⁻ᵀ
+    u, s_, v = gram_svd(a, rank)
+    root = s_[:rank].clamp_min(0).sqrt()
+    fac_u = u[:, :rank] * root
+    fac_v = (_unwhiten(v[:, :rank], chol) * root).mT
+    current = new.u.detach().double().cpu() @ new.v.detach().double().cpu()
+    err_new, err_old = error(fac_u @ fac_v), error(current)
+    if err_new >= err_old:
+        return err_old
+    with torch.no_grad():
+        new.u.copy_(fac_u.to(new.u))
+        new.v.copy_(fac_v.to(new.v))
+    new.clear_dense_cache()
+    return err_new
+
+
+def _cholesky(c: torch.Tensor) -> torch.Tensor | None:
+    jitter = 0.0
+    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(c + jitter * eye)
+        if int(info) == 0:
+            return chol
+        jitter = max(jitter * 10, 1e-10 * float(torch.diagonal(c).mean().clamp_min(1e-30)))
+    return None
+
+
 @hookimpl
 def register_transforms(register):
     """Register ``factorize``."""
@@ -245,6 +298,7 @@ def register_transforms(register):
             build=build,
             plan=plan,
             layers=(LowRankLinear, LowRankConv2d),
+            refit=refit,
             description="Truncated-SVD low-rank factorization (Linear: x·V·Uᵀ+b; "
             "Conv2d: k×k conv into r channels, then 1×1 conv).",
         )
