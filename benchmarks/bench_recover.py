@@ -11,16 +11,22 @@ sentences written for this benchmark (``sentences.EVAL``). Rows:
 - calibrated + budget: the same 50 % of the 36 layers' parameters in total,
   split between layers by the budget (each layer's calibrated output error
   curve times its measured sensitivity), no training; goal >= 0.80;
-- distilled: label-free distillation of that start (feature distillation of
-  the 36 surgered layers + the last hidden state) on other sentences of the
-  same unlabeled corpus; goal >= 0.98 within 10 minutes of training.
+- calibrated + budget + sequential: the factorized layers then re-solved in
+  call order for the inputs the surgered layers before them give them;
+- tt and tucker on the 12 FFN Linears only (``param_ratio`` 0.5 each), plain
+  and calibrated (whitened over a Kronecker-factored input moment);
+- distilled: label-free distillation of the last factorize start (by default the last
+  hidden state matched by normalized MSE, every parameter training) on other
+  sentences of the same unlabeled corpus; goal >= 0.98 within 10 minutes of
+  training.
 
 The unlabeled corpus (``--corpus auto``): WordNet's usage examples (Debian's
 ``wordnet-base``: everyday English sentences), else Debian's ``fortunes``
 (quotes and jokes), else docstrings of Python's standard library.
 
-    python benchmarks/bench_recover.py [--samples 512 2048] [--steps 1800] [--lr 5e-4]
-        [--corpus auto|wordnet|fortunes|docstrings]
+    python benchmarks/bench_recover.py [--samples 512 2048] [--steps 1800] [--lr 3e-4]
+        [--corpus auto|wordnet|fortunes|docstrings] [--trainable all|surgered]
+        [--features none|surgered] [--no-sequential] [--no-tensor]
 """
 
 from __future__ import annotations
@@ -170,7 +176,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=1800, help="distillation steps (0: none)")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--trainable", default="all", choices=("all", "surgered"))
+    parser.add_argument(
+        "--features", default="none", choices=("none", "surgered"), help="distill.features"
+    )
+    parser.add_argument("--no-sequential", action="store_true", help="skip the sequential rows")
+    parser.add_argument("--no-tensor", action="store_true", help="skip the tt / tucker rows")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--corpus", choices=("auto", *CORPORA), default="auto")
     parser.add_argument("--train-max-length", type=int, default=64)
@@ -215,10 +227,24 @@ def main() -> None:
 
     def note(small):
         plan = surgery.get_manifest(small)["plan"]
-        errs = [t["predicted_output_error"] for t in plan["targets"] if t["status"] == "replace"]
+        done = [t for t in plan["targets"] if t["status"] == "replace"]
+        errs = [t["predicted_output_error"] for t in done]
+        seq = [
+            t["resolved"]["sequential_output_error"]
+            for t in done
+            if t["resolved"].get("sequential_output_error") is not None
+        ]
+        cal = plan["calibration"]
+        extra = ""
+        if seq:
+            extra = (
+                f"; sequential pass {cal['sequential']['seconds']:.1f} s over "
+                f"{cal['sequential']['groups']} groups, layer output error median "
+                f"{statistics.median(seq):.3f}"
+            )
         print(
-            f"|   calibration {plan['calibration']['seconds']:.1f} s; predicted layer "
-            f"output error median {statistics.median(errs):.3f} | | | | | |"
+            f"|   calibration {cal['seconds']:.1f} s; predicted layer output error median "
+            f"{statistics.median(errs):.3f}{extra} | | | | | |"
         )
 
     uniform = {**RULE, "params": {"param_ratio": 0.5}}
@@ -233,12 +259,31 @@ def main() -> None:
                 "samples": n,
             }
             note(row("calibrated", {"rules": [uniform], "calibration": calibration}, n))
-            small = row(
-                "calibrated + budget",
-                {"rules": [RULE], "budget": {"params": 0.5}, "calibration": calibration},
-                n,
-            )
+            budget = {"rules": [RULE], "budget": {"params": 0.5}}
+            small = row("calibrated + budget", {**budget, "calibration": calibration}, n)
             note(small)
+            if not args.no_sequential:
+                sequential = {**calibration, "sequential": True}
+                small = row(
+                    "calibrated + budget + sequential", {**budget, "calibration": sequential}, n
+                )
+                note(small)
+        if not args.no_tensor:  # data-aware tt / tucker (Kronecker-factored whitening)
+            n = max(args.samples)
+            text.write_text("\n".join(corpus[:n]) + "\n", encoding="utf-8")
+            calibration = {
+                "data": {"source": "text", "path": str(text), "max_length": args.max_length},
+                "samples": n,
+            }
+            for transform in ("tt", "tucker"):
+                ffn = {**RULE, "match": r"re:encoder\.layer\.\d+\.(intermediate|output)\.dense"}
+                rule = {**ffn, "transform": transform, "params": {"param_ratio": 0.5}}
+                row(f"{transform}, FFN Linears only: plain", {"rules": [rule]}, 0)
+                row(
+                    f"{transform}, FFN Linears only: calibrated",
+                    {"rules": [rule], "calibration": calibration},
+                    n,
+                )
         if args.steps:
             n = max(args.samples)
             train_text = Path(tmp) / "train.txt"
@@ -257,7 +302,8 @@ def distill(model, small, train_text, args, embed, reference, samples) -> None:
         "lr": args.lr,
         "warmup_steps": max(1, args.steps // 20),
         "keep_best": False,
-        "distill": {"output": args.output_loss},
+        "trainable": args.trainable,
+        "distill": {"output": args.output_loss, "features": args.features},
     }
     clock = {"train": 0.0, "since": time.perf_counter()}
 
@@ -266,7 +312,7 @@ def distill(model, small, train_text, args, embed, reference, samples) -> None:
             clock["train"] += time.perf_counter() - clock["since"]
             cos = (embed(small) * reference).sum(-1)
             print(
-                f"|   distilled (budget start) | {samples} | {step} | {clock['train']:.0f} "
+                f"|   distilled | {samples} | {step} | {clock['train']:.0f} "
                 f"(training) | {float(cos.mean()):.4f} | {float(cos.min()):.4f} |",
                 flush=True,
             )

@@ -468,9 +468,10 @@ def test_shipped_example_spec_on_a_conv_net():
     assert surgery.get_manifest(exported)["output_error"] < 1e-6
 
 
-def test_learned_scales_export_bit_exactly():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_learned_scales_export_bit_exactly(scheme):
     torch.manual_seed(0)
-    layer = QATLayer(nn.Linear(64, 32), bits=3, learn_scale=True, activations=6)
+    layer = QATLayer(nn.Linear(64, 32), bits=3, scheme=scheme, learn_scale=True, activations=6)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     x = torch.randn(16, 64)
     for _ in range(5):

@@ -122,7 +122,7 @@ def apply(
     if spec.training is not None and spec.training.order == "distill_then_compress":
         model, trained_first = _train_dense_first(model, spec, teacher, inplace, registry)
         inplace = True  # the trained copy is the one to operate on
-    calib = _calibrate(model, spec, registry, progress)
+    calib = _calibrate(model, spec, registry, progress, building=True)
     if sample_input is None and calib is not None:
         sample_input = _to_device(calib.first_batch, model)
     overrides, budget = _budget(model, spec, registry, sample_input, calib)
@@ -468,9 +468,14 @@ def _bytes_after(module: nn.Module, decision: Decision) -> int | None:
 
 
 def _calibrate(
-    model: nn.Module, spec: Spec, registry: Registry, progress: Progress | None = None
+    model: nn.Module,
+    spec: Spec,
+    registry: Registry,
+    progress: Progress | None = None,
+    building: bool = False,
 ) -> CalibrationResult | None:
-    """Input statistics of every module a rule selects on the original model."""
+    """Input statistics of every module a rule selects on the original model (and,
+    ``building`` with sequential calibration, the batches, for the refit pass)."""
     if spec.calibration is None:
         return None
     from tnsurgery import data
@@ -485,7 +490,12 @@ def _calibrate(
     )
     try:
         return collect(
-            model, names, batches, progress, total=cal.samples, keep_batches=cal.sequential
+            model,
+            names,
+            batches,
+            progress,
+            total=cal.samples,
+            keep_batches=building and cal.sequential,
         )
     except UserInputError:
         raise
