@@ -256,10 +256,17 @@ def call_groups(model: nn.Module, names: list[str], batch: Any) -> list[list[str
 
 
 def cross_stats(
-    original: nn.Module, surgered: nn.Module, group: list[str], batches: list[Any]
+    original: nn.Module,
+    surgered: nn.Module,
+    group: list[str],
+    batches: list[Any],
+    grams_original: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, CrossStats]:
     """Run both models over ``batches`` (each stopped once the group has its inputs)
-    and accumulate :class:`CrossStats` for every layer of ``group``."""
+    and accumulate :class:`CrossStats` for every layer of ``group``.
+    ``grams_original``: ``X_oᵀX_o`` already known (the calibration's, over the same
+    batches), not computed again."""
+    known = grams_original or {}
     current: dict[str, Any] = {"mask": None, "inputs": {}, "done": set()}
     sums: dict[str, list[torch.Tensor]] = {}
     rows: dict[str, int] = {}
@@ -292,7 +299,9 @@ def cross_stats(
         def hook(mod, args):
             xc, xo = rows_of(name, args), current["inputs"].get(name)
             if xc is not None and xo is not None and xc.shape == xo.shape:
-                parts = [(xc.mT @ xc).double(), (xc.mT @ xo).double(), (xo.mT @ xo).double()]
+                parts = [(xc.mT @ xc).double(), (xc.mT @ xo).double()]
+                if name not in known:
+                    parts.append((xo.mT @ xo).double())
                 if name in sums:
                     parts = [a + b for a, b in zip(sums[name], parts, strict=True)]
                 sums[name] = parts
@@ -317,7 +326,10 @@ def cross_stats(
     finally:
         for h in handles:
             h.remove()
-    return {n: CrossStats(v[0].cpu(), v[1].cpu(), v[2].cpu(), rows[n]) for n, v in sums.items()}
+    return {
+        n: CrossStats(v[0].cpu(), v[1].cpu(), known[n] if n in known else v[2].cpu(), rows[n])
+        for n, v in sums.items()
+    }
 
 
 def refit_sequentially(
@@ -327,6 +339,7 @@ def refit_sequentially(
     batches: list[Any],
     refit: Callable[[str, CrossStats], None],
     progress: Callable[[int, int, str], None] | None = None,
+    grams_original: dict[str, torch.Tensor] | None = None,
 ) -> int:
     """Call ``refit(name, stats)`` for every surgered layer in ``names``, group by
     group in call order, each group's :class:`CrossStats` gathered after the groups
@@ -338,7 +351,7 @@ def refit_sequentially(
     for k, group in enumerate(groups):
         if progress:
             progress(k, len(groups), f"sequential calibration {group[0]}")
-        stats = cross_stats(original, surgered, group, batches)
+        stats = cross_stats(original, surgered, group, batches, grams_original)
         for name in group:
             if name in stats:
                 refit(name, stats[name])

@@ -199,7 +199,10 @@ def _refit(original, work, spec: Spec, result: Plan, calib, registry, progress) 
             refitted.append(name)
 
     names = [n for n in last if n in originals]
-    groups = refit_sequentially(original, work, names, calib.batches_seen or [], refit, progress)
+    grams = {n: st.gram for n, st in calib.stats.items()}  # X_oᵀX_o: same batches, rows
+    groups = refit_sequentially(
+        original, work, names, calib.batches_seen or [], refit, progress, grams
+    )
     calib.batches_seen = None  # not kept past the surgery
     return {
         "groups": groups,
