@@ -470,6 +470,34 @@ def test_sequential_calibration_refits_on_the_surgered_inputs(calib_file):
         ref = model(held)
         assert float((seq(held) - ref).norm()) < float((plain(held) - ref).norm())
     assert seq[2].u.shape == plain[2].u.shape  # same ranks, same size
+    for i in (2, 4):  # the manifest describes the refitted factors
+        assert targets[str(i)]["resolved"]["sequential"] == "refitted"
+        dense = (seq[i].u @ seq[i].v).detach().double()
+        w = model[i].weight.detach().double()
+        actual = float((dense - w).norm() / w.norm())
+        assert targets[str(i)]["weight_error"] == pytest.approx(actual, rel=1e-4)
+
+
+def test_sequential_refits_before_a_later_rule_wraps_and_skips_what_it_cannot(calib_file):
+    path, x = calib_file
+    model = deep_mlp()
+    cal = {"data": {"source": "tensors", "path": str(path)}, "samples": 512, "sequential": True}
+    fac = {"match": "*", "types": ["Linear"], "transform": "factorize", "params": {"rank": 5}}
+    qat = {"match": "*", "types": ["LowRankLinear"], "transform": "qat", "params": {"bits": 8}}
+    both = surgery.apply(model, {"rules": [fac, qat], "calibration": cal})
+    report = surgery.get_manifest(both)["plan"]["calibration"]["sequential"]
+    assert report["refitted"] == 2 and report["groups"] == 3  # the qat pass refits nothing
+    assert report["not_refittable"] == 3  # the three QATLayers
+    alone = surgery.apply(model, {"rules": [fac], "calibration": cal})
+    assert torch.allclose(both[2].inner.u, alone[2].u) and torch.allclose(
+        both[4].inner.v, alone[4].v
+    )
+    # a transform without a refit: no pass over the data at all, and the manifest says so
+    tt = {"match": "2", "transform": "tt", "params": {"ranks": [4], "d": 2}}
+    only_tt = surgery.apply(model, {"rules": [tt], "calibration": cal})
+    report = surgery.get_manifest(only_tt)["plan"]["calibration"]["sequential"]
+    assert report["groups"] == 0 and report["not_refittable"] == 1
+    assert "factorize" in report["note"]
 
 
 def test_sequential_groups_layers_that_share_an_input():
@@ -504,10 +532,76 @@ def test_sequential_calibration_on_a_transformer_lowers_its_output_error(tmp_pat
     plain = surgery.apply(model, {"rules": [rule], "calibration": cal})
     seq = surgery.apply(model, {"rules": [rule], "calibration": {**cal, "sequential": True}})
     report = surgery.get_manifest(seq)["plan"]["calibration"]["sequential"]
-    assert report["groups"] == 8 and report["refitted"] == 12
+    assert report["groups"] == 8 and report["not_refittable"] == 0
+    outcome = [t["resolved"]["sequential"] for t in surgery.get_manifest(seq)["plan"]["targets"]]
+    assert len(outcome) == 12 and outcome.count("refitted") == report["refitted"] >= 1
+    assert set(outcome) <= {"refitted", "kept"}
     held = torch.randint(1, 100, (32, 12), generator=g)
     with torch.no_grad():
         ref = model(input_ids=held).last_hidden_state
         e_plain = float((plain(input_ids=held).last_hidden_state - ref).norm() / ref.norm())
         e_seq = float((seq(input_ids=held).last_hidden_state - ref).norm() / ref.norm())
     assert e_seq < e_plain
+
+
+def forwarding_batches(**kwargs):
+    """A loader that forwards its keyword arguments (which must not get 'seed')."""
+    assert "seed" not in kwargs and "batch_size" not in kwargs
+    return [torch.ones(2, kwargs["width"])]
+
+
+def failing_batches(width: int):
+    raise RuntimeError("the bucket is empty")
+
+
+def empty_batches(width: int):
+    return []
+
+
+def test_callable_sources_errors_are_clear_and_kwargs_are_not_stuffed(mlp):
+    got = list(
+        data.batches(
+            {
+                "source": "callable",
+                "target": "tests.test_calibration:forwarding_batches",
+                "kwargs": {"width": 3},
+            },
+            seed=4,
+        )
+    )
+    assert got[0].shape == (2, 3)
+    spec = {
+        "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 2}}],
+        "calibration": {
+            "data": {
+                "source": "callable",
+                "target": "tests.test_calibration:failing_batches",
+                "kwargs": {"width": 40},
+            }
+        },
+    }
+    with pytest.raises(UserInputError, match="failing_batches.*RuntimeError: the bucket is empty"):
+        surgery.apply(mlp, spec)
+    spec["calibration"]["data"]["target"] = "tests.test_calibration:empty_batches"
+    with pytest.raises(UserInputError, match="calibration: the data gave no batch"):
+        surgery.apply(mlp, spec)
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_works_one_line_at_a_time(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert tok.pad_token is None and tok.eos_token is None and tok.unk_token is None
+    tok.save_pretrained(tmp_path / "tok")
+    (tmp_path / "lines.txt").write_text("a b a\nb\n")
+    src = {
+        "source": "text",
+        "path": str(tmp_path / "lines.txt"),
+        "tokenizer": str(tmp_path / "tok"),
+    }
+    got = list(data.batches(src, batch_size=1))
+    assert [b["input_ids"].tolist() for b in got] == [[[0, 1, 0]], [[1]]]
+    with pytest.raises(UserInputError, match="no pad, end-of-sequence or unknown token"):
+        list(data.batches(src, batch_size=2))

@@ -820,3 +820,9 @@ def test_cosine_output_loss_compares_mean_pooled_real_tokens():
     assert float(loss.detach()) > 1e-4
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.fc1.parameters())
+
+
+def test_a_teacher_that_would_not_be_used_is_an_error():
+    model = teacher_mlp(0)
+    with pytest.raises(UserInputError, match="a teacher was given but the spec does not distill"):
+        surgery.apply(model, {"rules": [FACTORIZE]}, teacher=teacher_mlp(1))

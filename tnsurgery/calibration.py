@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tnsurgery.errors import UserInputError
 from tnsurgery.tracing import call_model, eval_mode
 
 
@@ -172,6 +173,8 @@ def collect(
     finally:
         for h in handles:
             h.remove()
+    if count == 0:
+        raise UserInputError("calibration: the data gave no batch")
     stats = {n: InputStats(grams[n], rows[n]) for n in wanted if n in grams}
     seconds = time.perf_counter() - t0
     return CalibrationResult(stats, examples, count, seconds, first, kept if keep_batches else None)
@@ -214,11 +217,11 @@ class CrossStats:
 
     gram: torch.Tensor
     cross: torch.Tensor
-    gram_original: torch.Tensor
+    gram_original: torch.Tensor | None
     rows: int
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # not an Exception: model code catching those lets it through
     """Raised by a hook once every layer of the group has seen its input."""
 
 
@@ -260,12 +263,13 @@ def cross_stats(
     surgered: nn.Module,
     group: list[str],
     batches: list[Any],
-    grams_original: dict[str, torch.Tensor] | None = None,
+    grams_original: dict[str, InputStats] | None = None,
 ) -> dict[str, CrossStats]:
     """Run both models over ``batches`` (each stopped once the group has its inputs)
     and accumulate :class:`CrossStats` for every layer of ``group``.
-    ``grams_original``: ``X_oᵀX_o`` already known (the calibration's, over the same
-    batches), not computed again."""
+    ``grams_original``: the calibration's statistics of the original inputs over the
+    same batches, whose ``X_oᵀX_o`` is reused instead of computed again; where its
+    row count is not this pass's, ``gram_original`` is ``None``."""
     known = grams_original or {}
     current: dict[str, Any] = {"mask": None, "inputs": {}, "done": set()}
     sums: dict[str, list[torch.Tensor]] = {}
@@ -326,10 +330,14 @@ def cross_stats(
     finally:
         for h in handles:
             h.remove()
-    return {
-        n: CrossStats(v[0].cpu(), v[1].cpu(), known[n] if n in known else v[2].cpu(), rows[n])
-        for n, v in sums.items()
-    }
+    out = {}
+    for n, v in sums.items():
+        if n not in known:
+            go = v[2].cpu()
+        else:
+            go = known[n].gram if known[n].rows == rows[n] else None
+        out[n] = CrossStats(v[0].cpu(), v[1].cpu(), go, rows[n])
+    return out
 
 
 def refit_sequentially(
@@ -339,7 +347,7 @@ def refit_sequentially(
     batches: list[Any],
     refit: Callable[[str, CrossStats], None],
     progress: Callable[[int, int, str], None] | None = None,
-    grams_original: dict[str, torch.Tensor] | None = None,
+    grams_original: dict[str, InputStats] | None = None,
 ) -> int:
     """Call ``refit(name, stats)`` for every surgered layer in ``names``, group by
     group in call order, each group's :class:`CrossStats` gathered after the groups
@@ -352,6 +360,8 @@ def refit_sequentially(
         if progress:
             progress(k, len(groups), f"sequential calibration {group[0]}")
         stats = cross_stats(original, surgered, group, batches, grams_original)
+        if any(st.gram_original is None for st in stats.values()):  # rows differ: recount
+            stats = cross_stats(original, surgered, group, batches)
         for name in group:
             if name in stats:
                 refit(name, stats[name])

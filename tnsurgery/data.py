@@ -155,9 +155,9 @@ class CallableParams(BaseModel):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments. A function that takes 'seed' or 'batch_size' (and is "
-        "not given them here) gets the run's: training passes seed + epoch, so a shuffling "
-        "loader replays the same epochs after a resume.",
+        description="Keyword arguments. A function with a parameter named 'seed' or "
+        "'batch_size' (not given here) gets the run's: training passes seed + epoch, so a "
+        "shuffling loader replays the same epochs after a resume.",
     )
 
 
@@ -165,7 +165,8 @@ def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
     """Import and call the function; its batches are used as they come.
 
     ``seed`` (training: the spec's seed plus the epoch) and ``batch_size`` are
-    passed when the function has a parameter of that name (or ``**kwargs``) and
+    passed when the function has a parameter of that very name (not merely
+    ``**kwargs``, which often forwards to something that does not take them) and
     the spec's ``kwargs`` do not set it."""
     from tnsurgery.io import _import_name, cwd_on_path
 
@@ -179,7 +180,12 @@ def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
     for key, value in (("seed", ctx.seed), ("batch_size", ctx.batch_size)):
         if key not in kwargs and _accepts(fn, key):
             kwargs[key] = value
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except Exception as exc:
+        raise UserInputError(
+            f"data: {params.target}({', '.join(kwargs)}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -189,8 +195,6 @@ def _accepts(fn: Callable, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     for p in sig.parameters.values():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            return True
         if p.name == name and p.kind in (
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
             inspect.Parameter.KEYWORD_ONLY,
@@ -250,6 +254,7 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
                 f"data: the tokenizer in {where} has no pad, end-of-sequence or unknown token "
                 "to pad batches with: set its pad_token, or use batch_size 1"
             )
+    padding = tok.pad_token is not None  # batch_size 1 needs none
     if params.shuffle:
         order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
         lines = [lines[i] for i in order.tolist()]
@@ -257,7 +262,7 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
         chunk = lines[start : start + ctx.batch_size]
         enc = tok(
             chunk,
-            padding=True,
+            padding=padding,
             truncation=True,
             max_length=params.max_length,
             return_tensors="pt",

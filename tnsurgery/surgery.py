@@ -119,6 +119,11 @@ def apply(
     spec = load_spec(spec, registry)
     registry = registry or get_registry()
     trained_first = None
+    if teacher is not None and (spec.training is None or spec.training.mode != "distill"):
+        raise UserInputError(
+            "a teacher was given but the spec does not distill (no 'training' section with "
+            "mode 'distill'): it would not be used"
+        )
     if spec.training is not None and spec.training.order == "distill_then_compress":
         model, trained_first = _train_dense_first(model, spec, teacher, inplace, registry)
         inplace = True  # the trained copy is the one to operate on
@@ -134,24 +139,46 @@ def apply(
     original = copy.deepcopy(model) if (inplace and needs_original) else model
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     try:
+        after_rule, report = None, None
+        if sequential:
+            report = {"groups": 0, "refitted": 0, "not_refittable": 0, "seconds": 0.0}
+
+            def after_rule(index: int, todo: list) -> None:
+                _refit(original, work, spec, index, todo, calib, registry, progress, report)
+
         result, new_modules = _run(
-            work, spec, sample_input, allow_empty, registry, True, undo, progress, overrides, calib
+            work,
+            spec,
+            sample_input,
+            allow_empty,
+            registry,
+            True,
+            undo,
+            progress,
+            overrides,
+            calib,
+            after_rule,
         )
         result.budget = budget
         result.calibration = calib.describe() if calib is not None else None
-        if calib is not None and spec.calibration.sequential:
-            result.calibration["sequential"] = _refit(
-                original, work, spec, result, calib, registry, progress
-            )
+        if report is not None:
+            calib.batches_seen = None  # not kept past the surgery
+            if not report["refitted"] and not report["groups"]:
+                report["note"] = (
+                    "no replacement can be refitted (transforms with a refit: "
+                    + (", ".join(t.name for t in registry.transforms.values() if t.refit) or "none")
+                    + ")"
+                )
+            result.calibration["sequential"] = report
         if sample_input is not None:
             _verify(original, work, result, sample_input)
         if result.totals()["model_params_after"] is None:  # a transform did not count
             result.model_params_after = sum(p.numel() for p in work.parameters())
         result.applied = True
         manifest = _manifest(work, spec, result, new_modules)
-        get_plugin_manager().hook.after_surgery(model=work, plan=result, manifest=manifest)
         if trained_first is not None:  # recorded, the dense model having had no manifest
             manifest["training"] = trained_first
+        get_plugin_manager().hook.after_surgery(model=work, plan=result, manifest=manifest)
         if train_after:
             from tnsurgery.training import train as run_training
 
@@ -171,44 +198,64 @@ def apply(
     return work
 
 
-def _refit(original, work, spec: Spec, result: Plan, calib, registry, progress) -> dict:
-    """Sequential calibration: refit every replacement whose transform can, in call
-    order, on the inputs the surgered model now gives it. Records each layer's
-    output error on the data (``resolved["sequential_output_error"]``)."""
+def _refit(
+    original, work, spec: Spec, index: int, todo: list, calib, registry, progress, report
+) -> None:
+    """Sequential calibration of one rule's replacements, right after the rule is
+    built (so a later rule, e.g. ``qat``, wraps the refitted layers): each layer its
+    transform can refit is re-solved in call order on the inputs the surgered model
+    now gives it. Records ``resolved["sequential_output_error"]`` (the layer's output
+    error on the data) and ``resolved["sequential"]`` (``refitted`` or ``kept``: the
+    refit did no better), and updates the target's weight error."""
     from tnsurgery.calibration import refit_sequentially
 
     t0 = time.perf_counter()
-    last: dict[str, TargetPlan] = {}  # the rule that made what sits at each name
-    for tp in result.targets:
-        if tp.status == "replace":
-            last[tp.name] = tp
+    transform = registry.get(spec.rules[index].transform)
     originals = dict(original.named_modules())
     current = dict(work.named_modules())
-    refitted: list[str] = []
+    able = [
+        tp
+        for tp in todo
+        if transform.refit is not None
+        and tp.name in originals
+        and (not transform.refits or isinstance(current[tp.name], transform.refits))
+    ]
+    report["not_refittable"] += len(todo) - len(able)
+    if not able:
+        return
+    by_name = {tp.name: tp for tp in able}
 
     def refit(name: str, stats) -> None:
-        tp = last[name]
-        transform = registry.get(spec.rules[tp.rule_index].transform)
-        if transform.refit is None:
-            return
+        tp, new, old = by_name[name], current[name], originals[name]
+        before = [p._version for p in new.parameters()]
         ctx = Context(name=name, input_shape=tp.input_shape)
         ctx.extras["damping"] = spec.calibration.damping
-        err = transform.refit(current[name], originals[name], stats, ctx)
-        if err is not None:
-            tp.resolved = {**(tp.resolved or {}), "sequential_output_error": err}
-            refitted.append(name)
+        err = transform.refit(new, old, stats, ctx)
+        if err is None:
+            return
+        changed = [p._version for p in new.parameters()] != before
+        tp.resolved = {
+            **(tp.resolved or {}),
+            "sequential_output_error": err,
+            "sequential": "refitted" if changed else "kept",
+        }
+        if changed:
+            report["refitted"] += 1
+            tp.weight_error = _weight_error(old, new)
 
-    names = [n for n in last if n in originals]
-    grams = {n: st.gram for n, st in calib.stats.items()}  # X_oᵀX_o: same batches, rows
-    groups = refit_sequentially(
-        original, work, names, calib.batches_seen or [], refit, progress, grams
-    )
-    calib.batches_seen = None  # not kept past the surgery
-    return {
-        "groups": groups,
-        "refitted": len(refitted),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    grams = {n: st for n, st in calib.stats.items()}  # X_oᵀX_o: same batches and rows
+    try:
+        report["groups"] += refit_sequentially(
+            original, work, list(by_name), calib.batches_seen or [], refit, progress, grams
+        )
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise SurgeryError(
+            f"sequential calibration of rule {index} ({transform.name}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    report["seconds"] = round(report["seconds"] + time.perf_counter() - t0, 3)
 
 
 def _train_dense_first(
@@ -377,6 +424,7 @@ def _run(
     progress: Progress | None = None,
     overrides: dict | None = None,
     calib: CalibrationResult | None = None,
+    after_rule: Callable[[int, list[TargetPlan]], None] | None = None,
 ) -> tuple[Plan, dict[tuple[int, str], nn.Module]]:
     registry = registry or get_registry()
     result = Plan(
@@ -458,6 +506,8 @@ def _run(
                 tp.params_after = sum(p.numel() for p in new.parameters())
             if tp.bytes_after is None:
                 tp.bytes_after = tensor_bytes(new)
+        if after_rule is not None:
+            after_rule(index, todo)
     return result, built
 
 
@@ -488,10 +538,10 @@ def _calibrate(
     for rule in spec.rules:
         transform = registry.get(rule.transform)
         names += select(model, rule.match, rule.exclude, rule.types, transform.module_types).names
-    batches = data.batches(
-        cal.data, model, cal.batch_size, cal.samples, cal.seed, registry=registry
-    )
     try:
+        batches = data.batches(
+            cal.data, model, cal.batch_size, cal.samples, cal.seed, registry=registry
+        )
         return collect(
             model,
             names,

@@ -682,6 +682,8 @@ def _grad_scaler(opts: Training, model: nn.Module):
         return None
     if _cuda_amp_dtype() != torch.float16:
         return None
+    if any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+        return None  # float16 weights: a scaler cannot unscale their gradients
     return torch.amp.GradScaler("cuda")
 
 

@@ -120,6 +120,8 @@ class Transform:
             shapes) to minimize ``‖X_o Wᵀ − X_c Ŵᵀ‖`` and return that relative
             output error, or ``None`` when the layer cannot be refitted.
             ``ctx.extras["damping"]`` holds the spec's damping.
+        refits: the replacement classes ``refit`` accepts (empty: every one);
+            only those layers get the (costly) sequential pass.
     """
 
     name: str
@@ -130,6 +132,7 @@ class Transform:
     layers: tuple[type[nn.Module], ...] = ()
     description: str = ""
     refit: RefitFn | None = None
+    refits: tuple[type[nn.Module], ...] = ()
 
 
 def build_from_plan(name: str, plan: PlanFn) -> BuildFn:

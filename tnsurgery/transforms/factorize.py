@@ -299,6 +299,7 @@ def register_transforms(register):
             plan=plan,
             layers=(LowRankLinear, LowRankConv2d),
             refit=refit,
+            refits=(LowRankLinear,),
             description="Truncated-SVD low-rank factorization (Linear: x·V·Uᵀ+b; "
             "Conv2d: k×k conv into r channels, then 1×1 conv).",
         )
