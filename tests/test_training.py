@@ -826,3 +826,25 @@ def test_a_teacher_that_would_not_be_used_is_an_error():
     model = teacher_mlp(0)
     with pytest.raises(UserInputError, match="a teacher was given but the spec does not distill"):
         surgery.apply(model, {"rules": [FACTORIZE]}, teacher=teacher_mlp(1))
+
+
+def wide_teacher() -> nn.Sequential:
+    """Another architecture than teacher_mlp (for --teacher-arch)."""
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def test_cli_teacher_of_another_architecture(tmp_path):
+    torch.save(teacher_mlp(0), tmp_path / "model.pt")
+    torch.save(wide_teacher().state_dict(), tmp_path / "teacher.pt")
+    spec = {
+        "rules": [FACTORIZE],
+        "training": {"data": random_data(64), "steps": 5, "order": "distill_then_compress"},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    args = ["apply", str(tmp_path / "spec.json"), str(tmp_path / "model.pt")]
+    args += ["--teacher", str(tmp_path / "teacher.pt")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, [*args, "--teacher-arch", "tests.test_training:wide_teacher"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "model.surgered.pt").exists()

@@ -432,6 +432,9 @@ def _progress_bar(disable: bool) -> Progress:
     help="The teacher of the spec's 'training' (default: MODEL itself, before surgery); "
     "needed by order 'distill_then_compress' with mode 'distill'. Read like MODEL.",
 )
+@click.option(
+    "--teacher-arch", help="pkg.module:factory for --teacher when it is another architecture."
+)
 def apply_cmd(
     spec,
     model,
@@ -444,6 +447,7 @@ def apply_cmd(
     allow_empty,
     output,
     teacher,
+    teacher_arch,
 ):
     """Apply SPEC to MODEL and write the surgered model (same kind as the input) with its
     manifest.json + .safetensors pair."""
@@ -451,7 +455,9 @@ def apply_cmd(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
     target = Path(output) if output else io.default_output(loaded)
-    master = _load(teacher, arch, trust_pickle, allow_class).model if teacher else None
+    master = None
+    if teacher:
+        master = _load(teacher, teacher_arch or arch, trust_pickle, allow_class).model
     with _progress_bar(as_json) as bar:
         task = bar.add_task("planning", total=None)
 
@@ -499,6 +505,9 @@ def apply_cmd(
     type=click.Path(),
     help="The original model (before surgery): the teacher of 'distill'. Read like MODEL.",
 )
+@click.option(
+    "--teacher-arch", help="pkg.module:factory for --teacher when it is another architecture."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "-o",
@@ -506,7 +515,7 @@ def apply_cmd(
     type=click.Path(),
     help="Where to write (default: beside the input, '.trained').",
 )
-def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, as_json, output):
+def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arch, as_json, output):
     """Run SPEC's 'training' section on MODEL, a surgered model: distill from --teacher
     (label-free) or fine-tune, then write the trained model like 'apply' does."""
     s = load_spec(spec)
@@ -519,7 +528,9 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, as_json, ou
     loaded = _load(model, arch, trust_pickle, allow_class)
     if surgery.get_manifest(loaded.model) is None:
         raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
-    original = _load(teacher, arch, trust_pickle, allow_class).model if teacher else None
+    original = None
+    if teacher:
+        original = _load(teacher, teacher_arch or arch, trust_pickle, allow_class).model
     target = Path(output) if output else io.default_output(loaded, "trained")
     with _progress_bar(as_json) as bar:
         task = bar.add_task("training", total=s.training.steps)
