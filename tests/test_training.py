@@ -18,7 +18,8 @@ from torch import nn
 from tnsurgery import surgery
 from tnsurgery.cli import cli
 from tnsurgery.errors import SpecError, UserInputError
-from tnsurgery.training import Training, _lr_factor, kd_kl, normalized_mse
+from tnsurgery.losses import kd_kl, normalized_mse, training_loss
+from tnsurgery.training import Training, _lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -570,18 +571,18 @@ def test_distill_match_adds_the_outputs_of_other_modules():
     from tnsurgery import training as training_mod
 
     captured = []
-    real = training_mod._Capture
+    real = training_mod.FeatureCapture
 
     class Spy(real):
         def __init__(self, model, names, detach):
             captured.append(list(names))
             super().__init__(model, names, detach)
 
-    training_mod._Capture = Spy
+    training_mod.FeatureCapture = Spy
     try:
         result = surgery.train(model, training, teacher)
     finally:
-        training_mod._Capture = real
+        training_mod.FeatureCapture = real
     assert {"encoder.layer.0", "encoder.layer.1"} <= set(captured[0])
     assert len(captured[0]) == 2 + 12  # the blocks and the 12 surgered Linears
     assert all(math.isfinite(v) for v in result.losses)
@@ -730,10 +731,10 @@ def test_distillation_never_compares_padded_positions():
     for pad in (0, 9, 31):  # whatever the padded positions hold
         ids = ids.clone()
         ids[mask == 0] = pad
-        s_cap = training_mod._Capture(student, names, detach=False)
-        t_cap = training_mod._Capture(teacher, names, detach=True)
+        s_cap = training_mod.FeatureCapture(student, names, detach=False)
+        t_cap = training_mod.FeatureCapture(teacher, names, detach=True)
         batch = {"input_ids": ids, "attention_mask": mask}
-        loss, parts = training_mod._loss(opts, student, teacher, batch, None, s_cap, t_cap)
+        loss, parts = training_loss(opts, student, teacher, batch, None, s_cap, t_cap)
         s_cap.remove()
         t_cap.remove()
         losses.append((float(loss.detach()), parts["feature_loss"]))
@@ -800,7 +801,6 @@ def test_order_distill_then_compress_needs_another_teacher_and_no_inplace(tmp_pa
 
 
 def test_cosine_output_loss_compares_mean_pooled_real_tokens():
-    from tnsurgery import training as training_mod
 
     teacher = Tokens().eval()
     rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 2}}
@@ -810,7 +810,7 @@ def test_cosine_output_loss_compares_mean_pooled_real_tokens():
     mask[1, 2:] = 0
     opts = Training(data=random_data(), distill={"output": "cosine", "features": "none"})
     batch = {"input_ids": ids, "attention_mask": mask}
-    loss, _ = training_mod._loss(opts, student, teacher, batch, None, None, None)
+    loss, _ = training_loss(opts, student, teacher, batch, None, None, None)
     with torch.no_grad():
         m = mask.unsqueeze(-1).float()
         a = (student(ids) * m).sum(1) / m.sum(1)

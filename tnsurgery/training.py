@@ -16,6 +16,11 @@ warmup, gradient clipping, seeds, which parameters train, QAT observers
 frozen at a step, evaluation every N steps (mean cosine to the teacher, or
 accuracy) with best-state keeping, metrics as JSON lines, and checkpoints
 that resume exactly (model, optimizer, schedule, RNG and data position).
+
+This module holds the options (the spec's ``training`` section) and the loop;
+the losses are in :mod:`tnsurgery.losses`, checkpoint I/O in
+:mod:`tnsurgery.checkpoints`, and the staged recipes (progressive rank and
+unfreezing, TT hygiene) in :mod:`tnsurgery.recipes`.
 """
 
 from __future__ import annotations
@@ -34,9 +39,24 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from tnsurgery.calibration import _to_device, padding_mask, unpadded
+from tnsurgery.calibration import _to_device
+from tnsurgery.checkpoints import (
+    apply_checkpoint,
+    read_checkpoint,
+    recipe,
+    refresh_configs,
+    save_checkpoint,
+    trim_log,
+)
 from tnsurgery.errors import UserInputError
 from tnsurgery.hookspecs import hookimpl
+from tnsurgery.losses import (
+    FeatureCapture,
+    main_tensor,
+    pooled,
+    training_loss,
+)
+from tnsurgery.recipes import shrink, shrink_at, tt_hygiene, unfreeze
 from tnsurgery.tracing import call_model
 
 # --------------------------------------------------------------------- spec
@@ -244,65 +264,6 @@ def _split_labels(batch: Any, where: str | int | None) -> tuple[Any, torch.Tenso
     raise UserInputError(f"training: labels={where!r} does not fit a {type(batch).__name__} batch")
 
 
-def _main_tensor(out: Any) -> torch.Tensor:
-    """The tensor a model's output is judged by: itself, ``last_hidden_state`` /
-    ``logits`` of a Hugging Face output, or its first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        v = getattr(out, key, None)
-        if v is None and isinstance(out, dict):
-            v = out.get(key)
-        if isinstance(v, torch.Tensor):
-            return v
-    values = out.values() if isinstance(out, dict) else out
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise UserInputError(f"training: the model returned no tensor ({type(out).__name__})")
-
-
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``‖s − t‖² / ‖t‖²`` (per batch): scale-free, so layers weigh alike."""
-    s, t = student.float(), teacher.float()
-    return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
-
-
-def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher ‖ student) of softmaxes at ``temperature``, times ``temperature²``."""
-    t = temperature
-    log_p = F.log_softmax(student.float() / t, dim=-1)
-    q = F.softmax(teacher.float() / t, dim=-1)
-    return F.kl_div(log_p, q, reduction="batchmean") * t * t
-
-
-class _Capture:
-    """Forward hooks storing the outputs of named modules (for feature distillation)."""
-
-    def __init__(self, model: nn.Module, names: list[str], detach: bool):
-        self.outputs: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        self.handles = []
-        for name in names:
-            if name not in modules:
-                continue
-
-            def hook(mod, args, out, name=name):
-                if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-                    out = out[0]  # e.g. a transformer block's (hidden_states, ...)
-                if isinstance(out, torch.Tensor):
-                    self.outputs[name] = out.detach() if detach else out
-
-            self.handles.append(modules[name].register_forward_hook(hook))
-
-    def clear(self) -> None:
-        self.outputs.clear()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _lr_factor(opts: Training, step: int) -> float:
     """Multiplier of ``lr`` at ``step`` (0-based) for warmup + cosine/step/constant."""
     if opts.warmup_steps and step < opts.warmup_steps:
@@ -501,9 +462,9 @@ def builtin_train(
         result = TrainResult()
         ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
         if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
-            payload = _read_checkpoint(ckpt_dir / "last.pt")
+            payload = read_checkpoint(ckpt_dir / "last.pt")
             saved = payload["state"].get("recipe")
-            if saved is not None and saved != _recipe(opts):
+            if saved is not None and saved != recipe(opts):
                 raise UserInputError(
                     f"training: {ckpt_dir / 'last.pt'} was written by a run with other "
                     "options; give another checkpoint dir, or remove it to start afresh"
@@ -511,12 +472,12 @@ def builtin_train(
             starts = payload["state"].get("start_ranks")
             if opts.progressive_rank is not None and starts:  # cut as the checkpoint was
                 model.__dict__["_start_ranks"] = dict(starts)
-                _shrink(model, names, opts, payload["state"]["step"])
+                shrink(model, names, opts, payload["state"]["step"])
                 params = [p for p in model.parameters() if p.requires_grad]
                 optimizer = _optimizer(opts, params)
-            state = _apply_checkpoint(payload, model, optimizer)
+            state = apply_checkpoint(payload, model, optimizer)
             result.resumed_from = state["step"]
-            _trim_log(opts.log, state["step"])
+            trim_log(opts.log, state["step"])
             result.losses = state.get("losses", [])
             result.evals = state.get("evals", [])
             plateau_scale = state.get("plateau_scale", 1.0)
@@ -543,8 +504,12 @@ def builtin_train(
 
             extra = select(model, opts.distill.match, [], [], (nn.Module,)).names
             matched += [n for n in extra if n not in matched]
-        s_cap = _Capture(model, matched, detach=False) if matched else None
-        t_cap = _Capture(teacher, matched, detach=True) if matched and teacher is not None else None
+        s_cap = FeatureCapture(model, matched, detach=False) if matched else None
+        t_cap = (
+            FeatureCapture(teacher, matched, detach=True)
+            if matched and teacher is not None
+            else None
+        )
         try:
             log = open(opts.log, "a", encoding="utf-8") if opts.log and rank == 0 else None  # noqa: SIM115
         except OSError as exc:
@@ -559,11 +524,11 @@ def builtin_train(
 
                 set_observers(model, False)
             if opts.unfreeze_stages and opts.trainable == "surgered":
-                _unfreeze(model, names, opts, step)
-            if opts.progressive_rank is not None and _shrink_at(opts, step):
+                unfreeze(model, names, opts, step)
+            if opts.progressive_rank is not None and shrink_at(opts, step):
                 if world > 1:
                     raise UserInputError("training: progressive_rank is not supported with DDP")
-                _shrink(model, names, opts, step)
+                shrink(model, names, opts, step)
                 params = [p for p in model.parameters() if p.requires_grad]
                 optimizer = _optimizer(opts, params)
                 # a state of an earlier stage has other shapes: the best is of this stage
@@ -575,7 +540,7 @@ def builtin_train(
             inputs, labels = _split_labels(next(batches), opts.labels)
             inputs = _to_device(inputs, model)
             with _autocast(opts, model):
-                loss, parts = _loss(opts, runner, teacher, inputs, labels, s_cap, t_cap)
+                loss, parts = training_loss(opts, runner, teacher, inputs, labels, s_cap, t_cap)
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -591,7 +556,7 @@ def builtin_train(
                 scaler.update()
             result.losses.append(float(loss.detach()))
             metrics = {"step": step + 1, "loss": result.losses[-1], "lr": opts.lr * factor, **parts}
-            metrics.update(_tt_hygiene(model, opts.tt, step + 1))
+            metrics.update(tt_hygiene(model, opts.tt, step + 1))
             done = step + 1
             if (
                 opts.eval_every
@@ -620,11 +585,11 @@ def builtin_train(
             if ckpt_dir is not None and (done % opts.checkpoint.every == 0 or done == opts.steps):
                 state.update(step=done, losses=result.losses, evals=result.evals)
                 state["start_ranks"] = model.__dict__.get("_start_ranks")
-                state["recipe"] = _recipe(opts)
+                state["recipe"] = recipe(opts)
                 state["plateau_scale"] = plateau_scale
                 state["grad_scaler"] = scaler.state_dict() if scaler is not None else None
                 if rank == 0:
-                    _save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
+                    save_checkpoint(ckpt_dir, model, optimizer, state, best_state)
                 if world > 1:  # no process resumes from a checkpoint not yet written
                     import torch.distributed as dist
 
@@ -649,7 +614,7 @@ def builtin_train(
         except RuntimeError:  # shapes changed since (progressive rank): keep the last state
             pass
     model.__dict__.pop("_start_ranks", None)
-    _refresh_configs(model)
+    refresh_configs(model)
     result.steps = opts.steps
     result.seconds = time.perf_counter() - t0
     result.best_metric, result.best_step = state.get("best_metric"), state.get("best_step")
@@ -698,86 +663,6 @@ def _tensorboard(directory: str | None):
             "training: 'tensorboard' needs the tensorboard package: pip install tensorboard"
         ) from None
     return SummaryWriter(directory)
-
-
-def _shrink_at(opts: Training, step: int) -> bool:
-    """Whether a progressive-rank stage begins at ``step`` (not the first stage)."""
-    stages = opts.progressive_rank.stages
-    return step > 0 and any(step == k * opts.steps // stages for k in range(1, stages))
-
-
-@torch.no_grad()
-def _shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
-    """Cut every surgered LowRankLinear/TTLinear to its stage's ranks."""
-    from tnsurgery.layers.lowrank import LowRankLinear
-    from tnsurgery.layers.tt import TTLinear
-
-    pr = opts.progressive_rank
-    modules = dict(model.named_modules())
-    cuttable = [n for n in names if isinstance(modules.get(n), (LowRankLinear, TTLinear))]
-    if not cuttable:
-        raise UserInputError(
-            "training: progressive_rank cuts LowRankLinear (factorize on Linear) and TTLinear "
-            "layers; this model has none it can cut (qat-wrapped layers are not cut)"
-        )
-    reached = [k for k in range(1, pr.stages) if step >= k * opts.steps // pr.stages]
-    if not reached:
-        return
-    stage = max(reached)
-    fraction = pr.final ** (stage / (pr.stages - 1))  # of the start ranks
-    start = model.__dict__.setdefault("_start_ranks", {})
-    for name in cuttable:
-        layer = modules[name]
-        if isinstance(layer, LowRankLinear):
-            r0 = start.setdefault(name, layer.rank)
-            layer.truncate_(max(1, round(r0 * fraction)))
-        elif isinstance(layer, TTLinear):
-            r0 = start.setdefault(name, layer.ranks[1:-1])
-            layer.round_(max_rank=[max(1, round(r * fraction)) for r in r0])
-
-
-def _unfreeze(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
-    """Progressive unfreezing: at ``step``, train the last ``k/N`` of the surgered
-    layers (``names`` in the model's module order, which follows the forward pass in
-    sequential models), ``k`` the current stage (1-based)."""
-    stages = opts.unfreeze_stages
-    stage = min(stages, step * stages // opts.steps + 1)
-    keep = max(1, math.ceil(len(names) * stage / stages))
-    modules = dict(model.named_modules())
-    for i, name in enumerate(names):
-        if name in modules:
-            for p in modules[name].parameters():
-                p.requires_grad_(i >= len(names) - keep)
-
-
-@torch.no_grad()
-def _tt_hygiene(model: nn.Module, tt: TTOptions, step: int) -> dict[str, Any]:
-    """Apply the TT options to every TT layer after an optimizer step; returns what
-    to log."""
-    from tnsurgery.layers.tt import TTLinear
-
-    if tt == TTOptions():  # nothing asked: no walk over the model each step
-        return {}
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, TTLinear)]
-    logged: dict[str, Any] = {}
-    for name, layer in layers:
-        cores = list(layer.cores)
-        if tt.clip_core_norm is not None:
-            for c in cores:
-                norm = float(c.norm())
-                if norm > tt.clip_core_norm:
-                    c.mul_(tt.clip_core_norm / norm)
-        if tt.normalize_cores:
-            norms = [float(c.norm()) for c in cores]
-            if all(v > 0 for v in norms):
-                target = math.prod(norms) ** (1.0 / len(norms))
-                for c, v in zip(cores, norms, strict=True):
-                    c.mul_(target / v)
-        if tt.reorthogonalize_every and step % tt.reorthogonalize_every == 0:
-            layer.orthogonalize_("left")
-        if tt.log_stats_every and step % tt.log_stats_every == 0:
-            logged[f"tt_stats.{name}"] = layer.tt_stats()
-    return logged
 
 
 def _train_mode(model: nn.Module, opts: Training) -> None:
@@ -833,61 +718,6 @@ def _optimizer(opts: Training, params: list[nn.Parameter]) -> torch.optim.Optimi
     return cls(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
 
-def _loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
-    parts: dict[str, float] = {}
-    if s_cap:
-        s_cap.clear()
-    if t_cap:
-        t_cap.clear()
-    out = _main_tensor(call_model(model, inputs))
-    total = out.new_zeros((), dtype=torch.float32)
-    mask = padding_mask(inputs)  # padded tokens are never compared
-    if opts.mode == "distill":
-        with torch.no_grad():
-            t_out = _main_tensor(call_model(teacher, inputs))
-        d = opts.distill
-        kind = d.output
-        if kind == "auto":
-            kind = "kl" if out.dim() == 2 else "mse"
-        distill = out.new_zeros((), dtype=torch.float32)
-        if kind == "kl":
-            distill = distill + kd_kl(unpadded(out, mask), unpadded(t_out, mask), d.temperature)
-        elif kind == "mse":
-            distill = distill + normalized_mse(unpadded(out, mask), unpadded(t_out, mask))
-        elif kind == "cosine":
-            a, b = _pool(out.float(), inputs), _pool(t_out.float(), inputs)
-            distill = distill + (1 - F.cosine_similarity(a, b, dim=-1)).mean()
-        if s_cap and t_cap and s_cap.outputs:
-            feats = [
-                normalized_mse(unpadded(s_cap.outputs[n], mask), unpadded(t_cap.outputs[n], mask))
-                for n in s_cap.outputs
-                if n in t_cap.outputs
-            ]
-            if feats:
-                feat = torch.stack(feats).mean()
-                parts["feature_loss"] = float(feat.detach())
-                distill = distill + d.feature_weight * feat
-        parts["distill_loss"] = float(distill.detach())
-        if labels is not None:
-            task = _task_loss(opts, out, labels)
-            parts["task_loss"] = float(task.detach())
-            total = d.alpha * distill + (1 - d.alpha) * task
-        else:
-            total = distill
-    else:
-        if labels is None:
-            raise UserInputError("training: mode 'finetune' needs labels (set 'labels')")
-        total = _task_loss(opts, out, labels)
-    return total, parts
-
-
-def _task_loss(opts: Training, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    labels = labels.to(out.device)
-    if opts.loss == "mse":
-        return F.mse_loss(out.float(), labels.float().reshape(out.shape))
-    return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1).long())
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, teacher: nn.Module | None, opts: Training, registry=None) -> float:
     """The metric on ``eval_data``: mean cosine of (mean-pooled) outputs to the
@@ -901,7 +731,7 @@ def evaluate(model: nn.Module, teacher: nn.Module | None, opts: Training, regist
     ):
         inputs, labels = _split_labels(batch, opts.labels)
         inputs = _to_device(inputs, model)
-        out = _main_tensor(call_model(model, inputs))
+        out = main_tensor(call_model(model, inputs))
         if opts.metric == "accuracy":
             if labels is None:
                 raise UserInputError("training: metric 'accuracy' needs labels")
@@ -910,106 +740,11 @@ def evaluate(model: nn.Module, teacher: nn.Module | None, opts: Training, regist
             continue
         if teacher is None:
             raise UserInputError("training: metric 'cosine' needs the teacher")
-        ref = _main_tensor(call_model(teacher, inputs))
-        a, b = _pool(out, inputs), _pool(ref, inputs)
+        ref = main_tensor(call_model(teacher, inputs))
+        a, b = pooled(out, inputs), pooled(ref, inputs)
         total += float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum())
         count += a.shape[0]
     return total / max(count, 1)
-
-
-def _pool(t: torch.Tensor, inputs: Any) -> torch.Tensor:
-    """Per-example vectors: mean over tokens (masked) for sequence outputs."""
-    if t.dim() <= 2:
-        return t.reshape(t.shape[0], -1)
-    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    if mask is not None and mask.shape == t.shape[:2]:
-        m = mask.unsqueeze(-1).to(t.dtype)
-        return (t * m).sum(1) / m.sum(1).clamp_min(1)
-    return t.reshape(t.shape[0], t.shape[1], -1).mean(1)
-
-
-def _save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) -> None:
-    from tnsurgery.io import atomic_files
-
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "state": {k: v for k, v in state.items() if k != "best_state"},
-        "best_state": best_state,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-    }
-    with atomic_files(directory / "last.pt") as (tmp,):
-        torch.save(payload, tmp)
-
-
-def _recipe(opts: Training) -> str:
-    """The options a checkpoint must share with the run resuming it (all but the
-    length of the run and where it writes)."""
-    return opts.model_dump_json(exclude={"steps", "checkpoint", "log", "tensorboard"})
-
-
-def _trim_log(path: str | None, step: int) -> None:
-    """Drop the metrics lines written after the checkpoint a run resumes from."""
-    if not path or not Path(path).exists():
-        return
-    kept = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    Path(path).write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-
-
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserInputError(f"training: cannot read checkpoint {path}: {exc}") from None
-
-
-def _apply_checkpoint(payload: dict, model, optimizer) -> dict:
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise UserInputError(
-            f"training: the checkpoint does not fit this model (another spec?): {exc}"
-        ) from None
-    optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    if payload["rng"].get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    random.setstate(payload["rng"]["python"])
-    state = dict(payload["state"])
-    state["best_state"] = payload.get("best_state")
-    return state
-
-
-def _refresh_configs(model: nn.Module) -> None:
-    """Keep the manifest's layer configs in step with layers training reshaped (ranks
-    lowered), so that :func:`tnsurgery.load` rebuilds the right shapes."""
-    from tnsurgery.surgery import get_manifest
-
-    manifest = get_manifest(model)
-    if manifest is None:
-        return
-    from tnsurgery.plugins import qualified_name
-
-    modules = dict(model.named_modules())
-    for record in [*manifest.get("history", []), manifest]:
-        for rep in record.get("replacements", []):
-            layer = modules.get(rep["name"])
-            # the layer itself, or the one a wrapper (qat) holds
-            while layer is not None and qualified_name(type(layer)) != rep.get("layer"):
-                layer = getattr(layer, "inner", None)
-            if layer is not None and hasattr(layer, "config"):
-                rep["config"] = layer.config()
 
 
 def _record(model: nn.Module, opts: Training, result: TrainResult) -> None:
