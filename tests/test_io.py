@@ -558,3 +558,23 @@ def test_file_output_that_is_a_directory_is_refused(tmp_path):
     (tmp_path / "outdir").mkdir()
     with pytest.raises(UserInputError, match="is a directory"):
         io.save_like_input(small, loaded, tmp_path / "outdir")
+
+
+def test_fingerprint_of_a_file_or_directory_follows_its_files(tmp_path):
+    import os
+
+    from tnsurgery.io import fingerprint
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 10)
+    first = fingerprint(d)
+    assert fingerprint(d) == first and len(first) == 16
+    os.utime(d / "model.safetensors", ns=(10**9, 10**9))
+    assert fingerprint(d) != first
+    f = tmp_path / "m.pt"
+    f.write_bytes(b"abc")
+    one = fingerprint(f)
+    f.write_bytes(b"abcd")
+    assert fingerprint(f) != one

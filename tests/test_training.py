@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -269,8 +270,18 @@ def test_cli_train_distills_a_surgered_model(tmp_path):
     r = runner.invoke(cli, ["apply", str(tmp_path / "spec.json"), str(tmp_path / "model.pt")])
     assert r.exit_code == 0, r.output
     surgered = tmp_path / "model.surgered.pt"
+    # no --teacher: the model 'apply' surgered, recorded in the manifest, while unchanged
     r = runner.invoke(cli, ["train", str(tmp_path / "spec.json"), str(surgered)])
-    assert r.exit_code == 2 and "--teacher" in r.output
+    assert r.exit_code == 0, r.output
+    assert f"teacher: {(tmp_path / 'model.pt').resolve()}" in r.output
+    torch.save(teacher_mlp(1), tmp_path / "model.pt")  # the original is replaced
+    os.utime(tmp_path / "model.pt", ns=(10**9, 10**9))  # whatever the clock's resolution
+    r = runner.invoke(cli, ["train", str(tmp_path / "spec.json"), str(surgered)])
+    assert r.exit_code == 2 and "--teacher" in r.output and "has changed since" in r.output
+    (tmp_path / "model.pt").unlink()
+    r = runner.invoke(cli, ["train", str(tmp_path / "spec.json"), str(surgered)])
+    assert r.exit_code == 2 and "is gone" in r.output
+    torch.save(teacher_mlp(), tmp_path / "model.pt")
     r = runner.invoke(
         cli,
         [

@@ -468,6 +468,7 @@ def apply_cmd(
             loaded.model, s, x, allow_empty=allow_empty, progress=progress, teacher=master
         )
         bar.update(task, description=f"writing {target}", total=None)
+        surgery.get_manifest(small)["source"] = io.source_record(loaded)  # train's teacher
         written = io.save_like_input(small, loaded, target)
     manifest = surgery.get_manifest(small)
     p = _plan_from_manifest(manifest)
@@ -521,13 +522,20 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
     s = load_spec(spec)
     if s.training is None:
         raise UserInputError(f"{spec}: the spec has no 'training' section")
-    if s.training.mode == "distill" and not teacher:
-        raise UserInputError(
-            "mode 'distill' needs the original model: give --teacher ORIGINAL_MODEL"
-        )
     loaded = _load(model, arch, trust_pickle, allow_class)
     if surgery.get_manifest(loaded.model) is None:
         raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
+    if s.training.mode == "distill" and not teacher:
+        # the model 'apply' surgered, when it is still there unchanged
+        src, why = io.recorded_source(loaded.model)
+        if why is not None:
+            raise UserInputError(
+                "mode 'distill' needs the original model: give --teacher ORIGINAL_MODEL"
+                + (f" ({why})" if src is not None else "")
+            )
+        teacher, teacher_arch = src["path"], teacher_arch or src.get("arch")
+        if not as_json:
+            out.print(f"teacher: {teacher} (the model it was surgered from)", highlight=False)
     original = None
     if teacher:
         original = _load(teacher, teacher_arch or arch, trust_pickle, allow_class).model
