@@ -145,3 +145,18 @@ def plain_mlp() -> nn.Sequential:
 def broken() -> nn.Module:
     """A factory that fails, for ``--arch`` error handling."""
     raise RuntimeError("this factory is broken on purpose")
+
+
+class TokenMLP(nn.Module):
+    """Token-wise (each position's output depends on its own token only): an
+    embedding, then two Linears; takes Hugging Face-style keyword inputs."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():  # fixed weights, the caller's RNG untouched
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(50, 16)
+            self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))

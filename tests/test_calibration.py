@@ -16,9 +16,11 @@ from tnsurgery.errors import SpecError, UserInputError
 
 try:
     from tests.conftest import tiny_bert_model
+    from tests.models import TokenMLP
 except ImportError:  # plain `pytest` does not put the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.conftest import tiny_bert_model
+    from tests.models import TokenMLP
 
 
 def anisotropic(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -305,19 +307,6 @@ def test_a_model_that_fails_on_the_data_is_a_clear_error(mlp, tmp_path):
     torch.save(torch.randn(8, 7), tmp_path / "wrong.pt")  # 7 features, the model takes 40
     with pytest.raises(UserInputError, match="calibration: running the model on the data failed"):
         surgery.apply(mlp, spec_for(tmp_path / "wrong.pt"))
-
-
-class TokenMLP(nn.Module):
-    """Token-wise: embedding, then two Linears; takes Hugging Face-style kwargs."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(50, 16)
-        self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 8)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))
 
 
 def test_padded_positions_are_left_out_of_the_statistics():

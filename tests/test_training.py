@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 try:
     from tests.conftest import tiny_bert_model
+    from tests.models import TokenMLP
 except ImportError:  # plain `pytest` does not put the repo root on sys.path
     sys.path.insert(0, str(ROOT))
     from tests.conftest import tiny_bert_model
+    from tests.models import TokenMLP
 
 
 def teacher_mlp(seed: int = 0) -> nn.Sequential:
@@ -713,23 +715,10 @@ def test_resume_refuses_another_recipe_and_trims_the_log(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-class Tokens(nn.Module):
-    """Token-wise (each position's output depends on its own token only)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(50, 16)
-        self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 8)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.fc2(torch.relu(self.fc1(self.emb(input_ids))))
-
-
 def test_distillation_never_compares_padded_positions():
     from tnsurgery import training as training_mod
 
-    teacher = Tokens().eval()
+    teacher = TokenMLP().eval()
     rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 3}}
     student = surgery.apply(teacher, {"rules": [rule]})
     ids = torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(0))
@@ -813,7 +802,7 @@ def test_order_distill_then_compress_needs_another_teacher_and_no_inplace(tmp_pa
 
 def test_cosine_output_loss_compares_mean_pooled_real_tokens():
 
-    teacher = Tokens().eval()
+    teacher = TokenMLP().eval()
     rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 2}}
     student = surgery.apply(teacher, {"rules": [rule]})
     ids = torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(0))
