@@ -100,6 +100,22 @@ def unpadded(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t[mask.to(t.device)]
 
 
+def product_rows(module: nn.Module, args: tuple, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of a forward pre-hook's ``args`` as ``module`` (a Linear or Conv2d)
+    multiplies them, padded positions dropped, ready for a Gram product: float32 (one
+    batch's product is fast and its rounding far below the damping; sums over
+    batches are kept in float64) or float64 as given. ``None`` when none apply."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0].detach()
+    if isinstance(module, nn.Linear):
+        x = unpadded(x, mask)
+    r = input_rows(module, x)
+    if r is None:
+        return None
+    return r.double() if r.dtype == torch.float64 else r.float()
+
+
 def supports(module: nn.Module) -> bool:
     """Whether :func:`collect` can gather statistics for ``module``."""
     if isinstance(module, nn.Linear):
@@ -131,19 +147,9 @@ def collect(
 
     def make_hook(name: str):
         def hook(mod, args):
-            if not args or not isinstance(args[0], torch.Tensor):
+            r = product_rows(mod, args, current["mask"])
+            if r is None or r.shape[0] == 0:
                 return
-            x = args[0].detach()
-            if isinstance(mod, nn.Linear):
-                x = unpadded(x, current["mask"])
-            r = input_rows(mod, x)
-            if r is None:
-                return
-            if r.shape[0] == 0:
-                return
-            # one batch's product in float32 (fast; its rounding is far below the
-            # damping), accumulated over batches in float64
-            r = r.double() if r.dtype == torch.float64 else r.float()
             g = (r.mT @ r).double()
             grams[name] = g.cpu() if name not in grams else grams[name] + g.cpu()
             rows[name] += r.shape[0]
@@ -278,16 +284,8 @@ def cross_stats(
     mods_o, mods_s = dict(original.named_modules()), dict(surgered.named_modules())
 
     def rows_of(name, args) -> torch.Tensor | None:
-        """Rows as the original layer multiplies them (the replacement takes the same)."""
-        if not args or not isinstance(args[0], torch.Tensor):
-            return None
-        like, x = mods_o[name], args[0].detach()
-        if isinstance(like, nn.Linear):
-            x = unpadded(x, current["mask"])
-        r = input_rows(like, x)
-        if r is None:
-            return None
-        return r.double() if r.dtype == torch.float64 else r.float()
+        # as the original layer multiplies them (the replacement takes the same)
+        return product_rows(mods_o[name], args, current["mask"])
 
     def hook_original(name):
         def hook(mod, args):

@@ -243,10 +243,9 @@ def _refit(
             report["refitted"] += 1
             tp.weight_error = _weight_error(old, new)
 
-    grams = {n: st for n, st in calib.stats.items()}  # X_oᵀX_o: same batches and rows
-    try:
+    try:  # the calibration's X_oᵀX_o is reused: same batches and rows
         report["groups"] += refit_sequentially(
-            original, work, list(by_name), calib.batches_seen or [], refit, progress, grams
+            original, work, list(by_name), calib.batches_seen or [], refit, progress, calib.stats
         )
     except UserInputError:
         raise

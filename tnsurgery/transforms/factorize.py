@@ -24,6 +24,7 @@ from tnsurgery.decompositions.svd import (
     gram_svd,
     randomized_svd,
 )
+from tnsurgery.decompositions.whitening import cholesky_jittered
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.lowrank import LowRankConv2d, LowRankLinear, conv2d_output_hw
 from tnsurgery.transform import (
@@ -83,14 +84,8 @@ def whitening_factor(ctx: Context, params: FactorizeParams, in_dim: int) -> torc
     stats = ctx.extras.get("input_stats")
     if not params.whiten or stats is None or stats.gram.shape[0] != in_dim:
         return None
-    c = stats.second_moment(ctx.extras.get("damping", 1e-2))
-    jitter = 0.0
-    for _ in range(8):  # damping 0 on rank-deficient data: add the least jitter that works
-        chol, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(in_dim, dtype=c.dtype))
-        if int(info) == 0:
-            return chol
-        jitter = max(jitter * 10, 1e-10 * float(torch.diagonal(c).mean().clamp_min(1e-30)))
-    return None
+    # damping 0 on rank-deficient data: the least jitter that works
+    return cholesky_jittered(stats.second_moment(ctx.extras.get("damping", 1e-2)))
 
 
 def _unwhiten(v: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
@@ -250,7 +245,7 @@ def refit(new: nn.Module, old: nn.Module, stats, ctx: Context) -> float | None:
     damping = ctx.extras.get("damping")
     damping = 1e-2 if damping is None else float(damping)
     scale = float(torch.diagonal(c).mean().clamp_min(1e-30))
-    chol = _cholesky(c + torch.eye(c.shape[0], dtype=c.dtype) * damping * scale)
+    chol = cholesky_jittered(c + torch.eye(c.shape[0], dtype=c.dtype) * damping * scale)
     if chol is None:
         return None
 
@@ -274,17 +269,6 @@ def refit(new: nn.Module, old: nn.Module, stats, ctx: Context) -> float | None:
         new.v.copy_(fac_v.to(new.v))
     new.clear_dense_cache()
     return err_new
-
-
-def _cholesky(c: torch.Tensor) -> torch.Tensor | None:
-    jitter = 0.0
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(c + jitter * eye)
-        if int(info) == 0:
-            return chol
-        jitter = max(jitter * 10, 1e-10 * float(torch.diagonal(c).mean().clamp_min(1e-30)))
-    return None
 
 
 @hookimpl
