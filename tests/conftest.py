@@ -115,6 +115,16 @@ def tiny_bert_model(seed: int = 0) -> nn.Module:
     return transformers.BertModel(config).eval()
 
 
+def encoder_factorize(param_ratio: float) -> dict:
+    """A rule factorizing every encoder Linear of a BERT at ``param_ratio``."""
+    return {
+        "match": "encoder.layer.*.**",
+        "types": ["Linear"],
+        "transform": "factorize",
+        "params": {"param_ratio": param_ratio},
+    }
+
+
 @pytest.fixture(name="trained_like")
 def trained_like_fixture():
     return trained_like

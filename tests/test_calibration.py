@@ -15,11 +15,11 @@ from tnsurgery.calibration import InputStats, collect
 from tnsurgery.errors import SpecError, UserInputError
 
 try:
-    from tests.conftest import tiny_bert_model
+    from tests.conftest import encoder_factorize, tiny_bert_model
     from tests.models import TokenMLP
 except ImportError:  # plain `pytest` does not put the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import tiny_bert_model
+    from tests.conftest import encoder_factorize, tiny_bert_model
     from tests.models import TokenMLP
 
 
@@ -245,14 +245,7 @@ def test_random_source_floats_and_token_ids():
 def test_hugging_face_model_with_random_token_ids():
     model = tiny_bert_model().eval()
     spec = {
-        "rules": [
-            {
-                "match": "encoder.layer.*.**",
-                "types": ["Linear"],
-                "transform": "factorize",
-                "params": {"param_ratio": 0.5},
-            }
-        ],
+        "rules": [encoder_factorize(0.5)],
         "calibration": {
             "data": {
                 "source": "random",
@@ -380,23 +373,35 @@ def test_callable_source_gets_the_runs_seed_and_batch_size():
     assert float(get({**other, "kwargs": {"width": 2}}, seed=5)[0][0, 0]) == 5.0
 
 
-def test_text_source_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+def word_level_text(tmp_path, words, lines, unk=None, **special):
+    """A saved word-level tokenizer (``special``: its eos/unk/pad tokens, if any) and a
+    ``text`` source of ``lines`` read with it."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    words = ["<unk>", "<eos>", "a", "b", "c", "longer", "line"]
-    tk = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    vocab = {w: i for i, w in enumerate(words)}
+    model = (
+        tokenizers.models.WordLevel(vocab, unk_token=unk)
+        if unk
+        else tokenizers.models.WordLevel(vocab)
     )
+    tk = tokenizers.Tokenizer(model)
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
-    assert tok.pad_token is None  # as GPT-2's
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **special)
     tok.save_pretrained(tmp_path / "tok")
-    (tmp_path / "lines.txt").write_text("a b\na longer line c\nc\n")
+    (tmp_path / "lines.txt").write_text(lines)
     src = {
         "source": "text",
         "path": str(tmp_path / "lines.txt"),
         "tokenizer": str(tmp_path / "tok"),
     }
+    return tok, src
+
+
+def test_text_source_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+    words = ["<unk>", "<eos>", "a", "b", "c", "longer", "line"]
+    lines = "a b\na longer line c\nc\n"
+    tok, src = word_level_text(tmp_path, words, lines, unk="<unk>", eos_token="<eos>")
+    assert tok.pad_token is None  # as GPT-2's
     got = list(data.batches(src, batch_size=2))
     assert got[0]["input_ids"].tolist() == [[2, 3, 1, 1], [2, 5, 6, 4]]
     assert got[0]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
@@ -511,12 +516,7 @@ def test_sequential_calibration_on_a_transformer_lowers_its_output_error(tmp_pat
     mask = torch.ones_like(ids)
     mask[::3, 8:] = 0  # some padding
     torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "ids.pt")
-    rule = {
-        "match": "encoder.layer.*.**",
-        "types": ["Linear"],
-        "transform": "factorize",
-        "params": {"param_ratio": 0.4},
-    }
+    rule = encoder_factorize(0.4)
     cal = {"data": {"source": "tensors", "path": str(tmp_path / "ids.pt")}, "samples": 48}
     plain = surgery.apply(model, {"rules": [rule], "calibration": cal})
     seq = surgery.apply(model, {"rules": [rule], "calibration": {**cal, "sequential": True}})
@@ -577,19 +577,8 @@ def test_callable_sources_errors_are_clear_and_kwargs_are_not_stuffed(mlp):
 
 
 def test_a_tokenizer_with_nothing_to_pad_with_works_one_line_at_a_time(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok, src = word_level_text(tmp_path, ["a", "b", "[UNK]"], "a b a\nb\n")
     assert tok.pad_token is None and tok.eos_token is None and tok.unk_token is None
-    tok.save_pretrained(tmp_path / "tok")
-    (tmp_path / "lines.txt").write_text("a b a\nb\n")
-    src = {
-        "source": "text",
-        "path": str(tmp_path / "lines.txt"),
-        "tokenizer": str(tmp_path / "tok"),
-    }
     got = list(data.batches(src, batch_size=1))
     assert [b["input_ids"].tolist() for b in got] == [[[0, 1, 0]], [[1]]]
     with pytest.raises(UserInputError, match="no pad, end-of-sequence or unknown token"):

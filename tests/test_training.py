@@ -25,11 +25,11 @@ from tnsurgery.training import Training, _lr_factor
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
-    from tests.conftest import tiny_bert_model
+    from tests.conftest import encoder_factorize, tiny_bert_model
     from tests.models import TokenMLP
 except ImportError:  # plain `pytest` does not put the repo root on sys.path
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import tiny_bert_model
+    from tests.conftest import encoder_factorize, tiny_bert_model
     from tests.models import TokenMLP
 
 
@@ -164,14 +164,7 @@ def test_observers_freeze_at_the_given_step():
 def test_hugging_face_model_distills_on_random_token_ids():
     teacher = tiny_bert_model()
     spec = {
-        "rules": [
-            {
-                "match": "encoder.layer.*.**",
-                "types": ["Linear"],
-                "transform": "factorize",
-                "params": {"param_ratio": 0.5},
-            }
-        ],
+        "rules": [encoder_factorize(0.5)],
         "training": {
             "data": {"source": "random", "shape": [12], "vocab_size": 100, "samples": 64},
             "steps": 8,
@@ -564,16 +557,7 @@ def test_progressive_rank_cuts_ranks_in_stages_and_saves_the_final_shapes(tmp_pa
 
 def test_distill_match_adds_the_outputs_of_other_modules():
     teacher = tiny_bert_model()
-    spec = {
-        "rules": [
-            {
-                "match": "encoder.layer.*.**",
-                "types": ["Linear"],
-                "transform": "factorize",
-                "params": {"param_ratio": 0.5},
-            }
-        ]
-    }
+    spec = {"rules": [encoder_factorize(0.5)]}
     model = surgery.apply(teacher, spec)
     training = Training(
         data={"source": "random", "shape": [8], "vocab_size": 100, "samples": 16},
