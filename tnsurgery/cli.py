@@ -124,6 +124,11 @@ def _load(model_path: str, arch, trust_pickle, allow_class) -> io.LoadedModel:
         )
 
 
+def _load_teacher(path: str | None, arch, trust_pickle, allow_class) -> torch.nn.Module | None:
+    """The model ``--teacher`` names (``arch``: ``--teacher-arch``, else ``--arch``)."""
+    return _load(path, arch, trust_pickle, allow_class).model if path else None
+
+
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.lower().split("x"))
@@ -455,9 +460,7 @@ def apply_cmd(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
     target = Path(output) if output else io.default_output(loaded)
-    master = None
-    if teacher:
-        master = _load(teacher, teacher_arch or arch, trust_pickle, allow_class).model
+    master = _load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
     with _progress_bar(as_json) as bar:
         task = bar.add_task("planning", total=None)
 
@@ -536,9 +539,7 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
         teacher, teacher_arch = src["path"], teacher_arch or src.get("arch")
         if not as_json:
             out.print(f"teacher: {teacher} (the model it was surgered from)", highlight=False)
-    original = None
-    if teacher:
-        original = _load(teacher, teacher_arch or arch, trust_pickle, allow_class).model
+    original = _load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
     target = Path(output) if output else io.default_output(loaded, "trained")
     with _progress_bar(as_json) as bar:
         task = bar.add_task("training", total=s.training.steps)
