@@ -78,6 +78,13 @@ FORTUNE_FILES = (
 ).split()
 
 
+def shuffled_unique(sentences: list[str], seed: int) -> list[str]:
+    """Each sentence once, in an order fixed by ``seed``."""
+    out = sorted(set(sentences))
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def fortune_corpus(seed: int = 0) -> list[str]:
     """General-domain English sentences from Debian's fortune files (quotes, jokes,
     aphorisms; `apt-get install fortunes`), attributions removed; empty if absent."""
@@ -95,9 +102,7 @@ def fortune_corpus(seed: int = 0) -> list[str]:
                     and not re.search(r"[<>{}\[\]|\\_=@#~^]", s)
                 ):
                     sents.append(s)
-    sents = sorted(set(sents))
-    random.Random(seed).shuffle(sents)
-    return sents
+    return shuffled_unique(sents, seed)
 
 
 WORDNET = Path("/usr/share/wordnet")  # Debian's `wordnet-base` package
@@ -119,9 +124,7 @@ def wordnet_corpus(seed: int = 0) -> list[str]:
                 m = re.fullmatch(r'"(.*)"', piece.strip())
                 if m and len(m.group(1)) >= 25:
                     out.append(m.group(1))
-    out = sorted(set(out))
-    random.Random(seed).shuffle(out)
-    return out
+    return shuffled_unique(out, seed)
 
 
 def unlabeled_corpus(seed: int = 0) -> list[str]:
@@ -147,9 +150,7 @@ def unlabeled_corpus(seed: int = 0) -> list[str]:
                         and not re.search(r"[{}<>=\[\]_|\\`]|::", s)
                     ):
                         sents.append(s)
-    sents = sorted(set(sents))
-    random.Random(seed).shuffle(sents)
-    return sents
+    return shuffled_unique(sents, seed)
 
 
 CORPORA = {
