@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 
 def save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) -> None:
+    """Write ``directory/last.pt`` atomically: model, optimizer, loop state, the best
+    state so far and the RNG states."""
     from tnsurgery.io import atomic_files
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,7 @@ def trim_log(path: str | None, step: int) -> None:
 
 
 def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only`` (a clear error if it cannot be read)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -65,6 +68,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def apply_checkpoint(payload: dict, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG states from ``payload``; returns the loop state
+    (with ``best_state``)."""
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:

@@ -78,14 +78,28 @@ class FeatureCapture:
             self.handles.append(modules[name].register_forward_hook(hook))
 
     def clear(self) -> None:
+        """Forget the outputs of the last forward pass."""
         self.outputs.clear()
 
     def remove(self) -> None:
+        """Remove the hooks."""
         for h in self.handles:
             h.remove()
 
 
-def training_loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
+def training_loss(
+    opts: Training,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    inputs: Any,
+    labels: torch.Tensor | None,
+    s_cap: FeatureCapture | None,
+    t_cap: FeatureCapture | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch and its parts (for the log), as ``opts`` says:
+    ``distill``: the output loss (KL, normalized MSE or cosine) plus the feature loss
+    of the modules ``s_cap``/``t_cap`` watch, mixed with the task loss by ``alpha``
+    when ``labels`` exist; ``finetune``: the task loss. Padded tokens never count."""
     parts: dict[str, float] = {}
     if s_cap:
         s_cap.clear()
@@ -134,6 +148,7 @@ def training_loss(opts, model, teacher, inputs, labels, s_cap, t_cap):
 
 
 def task_loss(opts: Training, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (class indices) or MSE of ``out`` against ``labels``."""
     labels = labels.to(out.device)
     if opts.loss == "mse":
         return F.mse_loss(out.float(), labels.float().reshape(out.shape))
