@@ -7,9 +7,10 @@ import json
 import jsonschema
 import pytest
 from conftest import factorize_only_registry
+from pydantic import ValidationError
 
 from tnsurgery.errors import SpecError, UserInputError
-from tnsurgery.spec import Spec, json_schema, load_spec
+from tnsurgery.spec import Rule, Spec, json_schema, load_spec, spec_problems
 from tnsurgery.transforms.factorize import FactorizeParams
 
 GOOD = {
@@ -112,18 +113,31 @@ def test_load_spec_instance_validates_params(factorize_registry):
     assert loaded.to_dict() == spec.to_dict()
 
 
-def test_parsed_params_before_validation_is_an_error():
+def test_a_spec_is_complete_however_it_is_made():
+    """One pass: Spec.model_validate and Spec(...) resolve transforms and params too."""
     spec = Spec.model_validate(GOOD)
-    with pytest.raises(RuntimeError, match="load_spec"):
-        _ = spec.rules[0].parsed_params
+    assert spec.rules[0].parsed_params.rank == 64
+    assert spec.rules[0].resolved_transform.name == "factorize"
+    built = Spec(rules=[Rule(match="a", transform="factorize", params={"rank": 3})])
+    assert built.rules[0].parsed_params.rank == 3
+    with pytest.raises(RuntimeError, match="Spec.model_validate"):
+        _ = Rule(match="a", transform="factorize").parsed_params
 
 
-def test_spec_instance_with_bad_transform_is_reported(factorize_registry):
-    spec = Spec.model_validate({"rules": [rule(transform="fatorize")]})
-    assert problems_of(spec, factorize_registry) == [
+def test_params_are_checked_by_their_transform_through_the_validation_context(
+    factorize_registry,
+):
+    with pytest.raises(ValidationError) as info:
+        Spec.model_validate(
+            {"rules": [rule(transform="fatorize"), rule(params={"rnk": 3})]},
+            context={"registry": factorize_registry},
+        )
+    locs = [e["loc"] for e in info.value.errors()]
+    assert ("rules", 0, "transform") in locs and ("rules", 1, "params", "rnk") in locs
+    assert spec_problems(info.value, {"rules": [rule(transform="fatorize")]})[0] == (
         "rule 0 (match 'a'): field 'transform': unknown transform 'fatorize'; "
         "did you mean 'factorize'? (valid: factorize)"
-    ]
+    )
 
 
 def test_schema_key_and_description_are_kept(factorize_registry):

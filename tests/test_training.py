@@ -19,8 +19,9 @@ from torch import nn
 from tnsurgery import surgery
 from tnsurgery.cli import cli
 from tnsurgery.errors import SpecError, UserInputError
-from tnsurgery.losses import kd_kl, normalized_mse, training_loss
-from tnsurgery.training import Training, _lr_factor
+from tnsurgery.spec import Training
+from tnsurgery.training.losses import kd_kl, normalized_mse, training_loss
+from tnsurgery.training.steps import lr_factor as _lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -449,7 +450,8 @@ def test_mixed_precision_trains_in_bfloat16_autocast():
 def test_loss_scaling_changes_no_update_and_survives_resume(monkeypatch, tmp_path):
     """The float16 path (a GradScaler; CUDA only) exercised on the CPU: scaling by a power
     of two and unscaling before clipping gives exactly the unscaled updates."""
-    from tnsurgery import training as training_mod
+    from tnsurgery.builtins import trainer as training_mod
+    from tnsurgery.training import steps
 
     teacher = teacher_mlp()
     opts = Training(data=random_data(64), steps=6, batch_size=16, lr=1e-2, grad_clip=0.5)
@@ -461,7 +463,7 @@ def test_loss_scaling_changes_no_update_and_survives_resume(monkeypatch, tmp_pat
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**12))
         return scalers[-1]
 
-    monkeypatch.setattr(training_mod, "_grad_scaler", cpu_scaler)
+    monkeypatch.setattr(training_mod, "grad_scaler", cpu_scaler)
     scaled = surgery.apply(teacher, {"rules": [FACTORIZE]})
     ckpt = {"checkpoint": {"every": 3, "dir": str(tmp_path / "ck")}}
     with_ckpt = Training(**{**opts.model_dump(), **ckpt})
@@ -478,20 +480,20 @@ def test_loss_scaling_changes_no_update_and_survives_resume(monkeypatch, tmp_pat
     assert result.resumed_from == 3
     for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert training_mod._grad_scaler.__name__ == "cpu_scaler"
+    assert training_mod.grad_scaler.__name__ == "cpu_scaler"
     monkeypatch.undo()
-    assert training_mod._grad_scaler(opts.model_copy(update={"amp": True}), plain) is None
+    assert steps.grad_scaler(opts.model_copy(update={"amp": True}), plain) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_float16_autocast_on_cuda_scales_the_loss(monkeypatch):
-    from tnsurgery import training as training_mod
+    from tnsurgery.training import steps as training_mod
 
-    monkeypatch.setattr(training_mod, "_cuda_amp_dtype", lambda: torch.float16)
+    monkeypatch.setattr(training_mod, "cuda_amp_dtype", lambda: torch.float16)
     teacher = teacher_mlp().cuda()
     model = surgery.apply(teacher, {"rules": [FACTORIZE]})
     opts = Training(data=random_data(64), steps=5, batch_size=16, amp=True)
-    assert training_mod._grad_scaler(opts, model) is not None
+    assert training_mod.grad_scaler(opts, model) is not None
     result = surgery.train(model, opts, teacher)
     assert all(math.isfinite(v) for v in result.losses)
 
@@ -565,7 +567,7 @@ def test_distill_match_adds_the_outputs_of_other_modules():
         batch_size=8,
         distill={"match": ["encoder.layer.*"], "output": "none"},
     )
-    from tnsurgery import training as training_mod
+    from tnsurgery.builtins import trainer as training_mod
 
     captured = []
     real = training_mod.FeatureCapture
@@ -700,7 +702,7 @@ def test_resume_refuses_another_recipe_and_trims_the_log(tmp_path):
 
 
 def test_distillation_never_compares_padded_positions():
-    from tnsurgery import training as training_mod
+    from tnsurgery.training import losses as training_mod
 
     teacher = TokenMLP().eval()
     rule = {"match": "fc*", "transform": "factorize", "params": {"rank": 3}}

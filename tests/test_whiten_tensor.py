@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from tnsurgery import surgery
-from tnsurgery.calibration import InputStats
 from tnsurgery.decompositions.whitening import kronecker_factors, kronecker_whitening
+from tnsurgery.stats import InputStats
 from tnsurgery.transform import Context
 from tnsurgery.transforms import tt, tucker
 
@@ -55,7 +55,7 @@ def correlated_data(rows: int = ROWS, seed: int = 2) -> torch.Tensor:
 def ctx_for(x: torch.Tensor, damping: float = 0.0, **extras) -> Context:
     x = x.double()
     stats = InputStats(x.mT @ x, x.shape[0])
-    return Context(name="layer", extras={"input_stats": stats, "damping": damping, **extras})
+    return Context(name="layer", input_stats=stats, damping=damping, **extras)
 
 
 def linear(n_in: int = N_IN, n_out: int = N_OUT, seed: int = 0) -> nn.Linear:
@@ -271,7 +271,7 @@ def test_no_whitening_without_stats_of_the_layers_size_or_on_conv():
     conv = nn.Conv2d(4, 8, 3)
     stats = InputStats(torch.eye(36, dtype=torch.float64), 10)
     dec = tucker.plan(
-        conv, tucker.TuckerParams(ranks=[4, 2]), Context(name="c", extras={"input_stats": stats})
+        conv, tucker.TuckerParams(ranks=[4, 2]), Context(name="c", input_stats=stats)
     )
     assert dec.predicted_output_error is None and "whitened" not in dec.resolved
 
@@ -289,7 +289,7 @@ def test_the_budget_cache_keeps_one_whitening_per_layer():
     lin = linear()
     x = correlated_data()
     cache: dict = {}
-    ctx = ctx_for(x, decomposition_cache=cache)
+    ctx = ctx_for(x, cache=cache)
     first = plan(
         "tt", lin, ctx, param_ratio=0.2, **{k: TT_3[k] for k in ("in_factors", "out_factors")}
     )

@@ -1,8 +1,17 @@
 """tnsurgery: declarative surgery on trained PyTorch models.
 
-The public API: :func:`apply`, :func:`plan`, :func:`load`, :class:`Spec`,
-and the errors users catch. ``from tnsurgery import surgery`` gives the same
-functions under ``surgery.apply`` / ``surgery.plan``.
+The public API, in one place (``docs/architecture.md`` says which module holds what):
+
+- surgery: :func:`apply`, :func:`plan`, :func:`convert` (export QAT layers),
+  :func:`train` (the spec's training section alone);
+- files: :func:`load`, :func:`save`, :func:`get_manifest`;
+- the spec: :class:`Spec`, :func:`load_spec`;
+- for plugin authors: :data:`hookimpl`, :class:`Transform`, :class:`Decision`,
+  :class:`Context`;
+- the errors users catch.
+
+``from tnsurgery import surgery`` gives the same functions as ``surgery.apply``,
+``surgery.plan``, ``surgery.convert`` and ``surgery.train``.
 """
 
 from tnsurgery._version import __version__
@@ -17,22 +26,28 @@ from tnsurgery.errors import (
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.io import load, save
 from tnsurgery.spec import Spec, load_spec
-from tnsurgery.surgery import apply, get_manifest, plan
+from tnsurgery.surgery import apply, convert, get_manifest, plan, train
+from tnsurgery.transform import Context, Decision, Transform
 
 __all__ = [
+    "Context",
+    "Decision",
     "MatchError",
     "ModelLoadError",
     "Spec",
     "SpecError",
     "SurgeryError",
     "TnsurgeryError",
+    "Transform",
     "UserInputError",
     "__version__",
     "apply",
+    "convert",
     "get_manifest",
     "hookimpl",
     "load",
     "load_spec",
     "plan",
     "save",
+    "train",
 ]

@@ -35,8 +35,9 @@ from pydantic import BaseModel
 from torch import nn
 
 from tnsurgery.calibration import CalibrationResult, padding_mask, unpadded
-from tnsurgery.matching import select
-from tnsurgery.plugins import Registry
+from tnsurgery.compare import float_leaves
+from tnsurgery.spec import Spec
+from tnsurgery.targets import RuleTargets
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing
 from tnsurgery.transform import Context, RankOptions, relative_error
 
@@ -66,20 +67,19 @@ class LayerCurve:
 
 def _output_vector(output: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Every float tensor of ``output``, flattened, without padded positions."""
-    from tnsurgery.surgery import float_leaves
-
     leaves = [unpadded(t.detach(), mask).double().flatten() for _, t in float_leaves(output)]
     return torch.cat(leaves) if leaves else torch.zeros(1, dtype=torch.float64)
 
 
 def allocate(
     model: nn.Module,
-    spec,
-    registry: Registry,
+    spec: Spec,
+    targets: list[RuleTargets],
     sample_input: Any = None,
     calib: CalibrationResult | None = None,
 ) -> tuple[dict[tuple[int, str], BaseModel], dict[str, Any]]:
-    """Per-target params (``param_ratio`` overridden) meeting ``spec.budget``.
+    """Per-target params (``param_ratio`` overridden) meeting ``spec.budget``, over
+    the ``targets`` of the rules under the budget (each rule's selection on ``model``).
 
     With ``calib`` (the spec's calibration statistics), each layer's error curve
     is its predicted output error on that data, and its approximations are the
@@ -105,17 +105,14 @@ def allocate(
     curves: list[LayerCurve] = []
     seen: set[str] = set()
     for index in rule_ids:
-        rule = spec.rules[index]
-        transform = registry.get(rule.transform)
-        found = select(model, rule.match, rule.exclude, rule.types, transform.module_types)
-        for name in found.names:
+        rule, transform = spec.rules[index], targets[index].transform
+        for name in targets[index].names:
             if name in seen or aliases.get(name) or tied.get(name):
                 continue
             seen.add(name)
             module = modules[name]
-            extras = {}
-            if calib is not None and name in calib.stats:
-                extras = {"input_stats": calib.stats[name], "damping": damping}
+            stats = calib.stats.get(name) if calib is not None else None
+            extras = {"input_stats": stats, "damping": damping if stats is not None else None}
             curve = _curve(module, name, index, rule, transform, kind, shapes.get(name), extras)
             if curve is None:
                 continue
@@ -199,11 +196,7 @@ def _curve(
     before = float(weight) if kind == "params" else float(module_flops(module, input_shape) or 0)
     curve = LayerCurve(index, name, before)
     # one decomposition for every ratio (transforms that support it reuse it)
-    ctx = Context(
-        name=name,
-        input_shape=input_shape,
-        extras={**(extras or {}), "plan_only": True, "decomposition_cache": {}},
-    )
+    ctx = Context(name=name, input_shape=input_shape, plan_only=True, cache={}, **(extras or {}))
     for ratio in RATIOS[:-1]:
         params = rule.parsed_params.model_copy(update={"param_ratio": ratio})
         for other in params.rank_fields:
@@ -240,7 +233,7 @@ def _sensitivity(
     """Output damage per unit of squared relative layer error, measured by replacing
     this one layer by its uniform-ratio approximation."""
     params = rule.parsed_params.model_copy(update={"param_ratio": fraction})
-    ctx = Context(name=name, extras=dict(extras or {}))
+    ctx = Context(name=name, **(extras or {}))
     try:
         decision = transform.plan(module, params, ctx) if transform.plan else None
         if decision is None or decision.skip_reason:

@@ -23,24 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnsurgery.errors import UserInputError
+from tnsurgery.compare import weight_error
+from tnsurgery.data import batches, examples_in, to_device
+from tnsurgery.errors import SurgeryError, UserInputError
+from tnsurgery.plan import TargetPlan
+from tnsurgery.plugins import Registry
+from tnsurgery.spec import Spec
+from tnsurgery.stats import CrossStats, InputStats
+from tnsurgery.targets import RuleTargets
 from tnsurgery.tracing import call_model, eval_mode
-
-
-@dataclass
-class InputStats:
-    """``gram = Σ x xᵀ`` (float64, on the CPU) over ``rows`` input rows of one layer."""
-
-    gram: torch.Tensor
-    rows: int
-
-    def second_moment(self, damping: float = 0.0) -> torch.Tensor:
-        """``G / rows + damping · mean(diag) · I``: the (damped) input second moment."""
-        c = self.gram / max(self.rows, 1)
-        if damping:
-            mean_diag = float(torch.diagonal(c).mean())
-            c = c + torch.eye(c.shape[0], dtype=c.dtype) * (damping * max(mean_diag, 1e-30))
-        return c
+from tnsurgery.transform import Context, Transform
 
 
 @dataclass
@@ -157,8 +149,6 @@ def collect(
         return hook
 
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in wanted]
-    from tnsurgery.data import examples_in
-
     t0 = time.perf_counter()
     examples = count = 0
     first = None
@@ -171,7 +161,7 @@ def collect(
                 if keep_batches:
                     kept.append(batch)
                 current["mask"] = padding_mask(batch)
-                call_model(model, _to_device(batch, model))
+                call_model(model, to_device(batch, model))
                 examples += examples_in(batch)
                 count += 1
                 if progress:
@@ -186,25 +176,6 @@ def collect(
     return CalibrationResult(stats, examples, count, seconds, first, kept if keep_batches else None)
 
 
-def _to_device(batch: Any, model: nn.Module) -> Any:
-    ref = next(iter(model.parameters()), None)
-    if ref is None:
-        return batch
-
-    def move(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if t.is_floating_point():
-            return t.to(device=ref.device, dtype=ref.dtype)
-        return t.to(device=ref.device)
-
-    if isinstance(batch, dict):
-        return {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return tuple(move(v) for v in batch)
-    return move(batch)
-
-
 # ------------------------------------------------------- sequential refit
 #
 # Layer by layer, the factors above keep each layer's output on the inputs the
@@ -213,18 +184,6 @@ def _to_device(batch: Any, model: nn.Module) -> Any:
 # for the inputs it now gets: ``min ‖X_o Wᵀ − X_c Ŵᵀ‖`` with ``X_o`` the original
 # layer's inputs and ``X_c`` the surgered model's, so later layers compensate the
 # errors of earlier ones (as GPTQ and SVD-LLM v2 do).
-
-
-@dataclass
-class CrossStats:
-    """What a refit needs, summed over ``rows`` (non-padding) input rows:
-    ``gram = X_cᵀ X_c`` (the surgered model's inputs to the layer), ``cross = X_cᵀ X_o``
-    and ``gram_original = X_oᵀ X_o`` (the original model's inputs), float64."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor
-    gram_original: torch.Tensor | None
-    rows: int
 
 
 class _Stop(BaseException):  # not an Exception: model code catching those lets it through
@@ -249,7 +208,7 @@ def call_groups(model: nn.Module, names: list[str], batch: Any) -> list[list[str
     handles = [modules[n].register_forward_pre_hook(make(n)) for n in names if n in modules]
     try:
         with eval_mode(model):
-            call_model(model, _to_device(batch, model))
+            call_model(model, to_device(batch, model))
     finally:
         for h in handles:
             h.remove()
@@ -322,7 +281,7 @@ def cross_stats(
                 current.update(mask=padding_mask(batch), inputs={}, done=set())
                 for model in (original, surgered):
                     try:
-                        call_model(model, _to_device(batch, model))
+                        call_model(model, to_device(batch, model))
                     except _Stop:
                         pass
     finally:
@@ -364,3 +323,93 @@ def refit_sequentially(
             if name in stats:
                 refit(name, stats[name])
     return len(groups)
+
+
+def refit_rule(
+    original: nn.Module,
+    work: nn.Module,
+    transform: Transform,
+    index: int,
+    todo: list[TargetPlan],
+    calib: CalibrationResult,
+    damping: float,
+    progress: Callable[[int, int, str], None] | None,
+    report: dict[str, Any],
+) -> None:
+    """Sequential calibration of one rule's replacements, right after the rule is
+    built (so a later rule, e.g. ``qat``, wraps the refitted layers): each layer its
+    transform can refit is re-solved in call order on the inputs the surgered model
+    now gives it. Records ``resolved["sequential_output_error"]`` (the layer's output
+    error on the data) and ``resolved["sequential"]`` (``refitted`` or ``kept``: the
+    refit did no better), updates the target's weight error, and counts in ``report``
+    (``groups``, ``refitted``, ``not_refittable``, ``seconds``)."""
+    t0 = time.perf_counter()
+    originals = dict(original.named_modules())
+    current = dict(work.named_modules())
+    able = [
+        tp
+        for tp in todo
+        if transform.refit is not None
+        and tp.name in originals
+        and (not transform.refits or isinstance(current[tp.name], transform.refits))
+    ]
+    report["not_refittable"] += len(todo) - len(able)
+    if not able:
+        return
+    by_name = {tp.name: tp for tp in able}
+
+    def refit(name: str, stats: CrossStats) -> None:
+        tp, new, old = by_name[name], current[name], originals[name]
+        before = [p._version for p in new.parameters()]
+        ctx = Context(name=name, input_shape=tp.input_shape, damping=damping)
+        err = transform.refit(new, old, stats, ctx)
+        if err is None:
+            return
+        changed = [p._version for p in new.parameters()] != before
+        tp.resolved = {
+            **(tp.resolved or {}),
+            "sequential_output_error": err,
+            "sequential": "refitted" if changed else "kept",
+        }
+        if changed:
+            report["refitted"] += 1
+            tp.weight_error = weight_error(old, new)
+
+    try:  # the calibration's X_oᵀX_o is reused: same batches and rows
+        report["groups"] += refit_sequentially(
+            original, work, list(by_name), calib.batches_seen or [], refit, progress, calib.stats
+        )
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise SurgeryError(
+            f"sequential calibration of rule {index} ({transform.name}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    report["seconds"] = round(report["seconds"] + time.perf_counter() - t0, 3)
+
+
+def calibrate(
+    model: nn.Module,
+    spec: Spec,
+    targets: list[RuleTargets],
+    registry: Registry,
+    progress: Callable[[int, int, str], None] | None = None,
+    keep_batches: bool = False,
+) -> CalibrationResult | None:
+    """The spec's calibration: input statistics of every module a rule selects on the
+    original ``model`` (and, with ``keep_batches``, the batches, for the sequential
+    refit); ``None`` when the spec has no calibration."""
+    if spec.calibration is None:
+        return None
+    cal = spec.calibration
+    names = [n for t in targets for n in t.names]
+    try:
+        data = batches(cal.data, model, cal.batch_size, cal.samples, cal.seed, registry=registry)
+        return collect(model, names, data, progress, total=cal.samples, keep_batches=keep_batches)
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise UserInputError(
+            f"calibration: running the model on the data failed: {type(exc).__name__}: {exc}"
+        ) from exc

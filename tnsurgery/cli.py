@@ -26,6 +26,7 @@ from rich.table import Table
 from tnsurgery import io, surgery
 from tnsurgery._version import __version__
 from tnsurgery.errors import SpecError, UserInputError
+from tnsurgery.manifest import record
 from tnsurgery.plan import Plan
 from tnsurgery.plugins import get_plugin_manager, get_registry
 from tnsurgery.spec import json_schema, load_spec
@@ -471,10 +472,10 @@ def apply_cmd(
             loaded.model, s, x, allow_empty=allow_empty, progress=progress, teacher=master
         )
         bar.update(task, description=f"writing {target}", total=None)
-        surgery.get_manifest(small)["source"] = io.source_record(loaded)  # train's teacher
+        record(small, "source", io.source_record(loaded))  # train's teacher
         written = io.save_like_input(small, loaded, target)
     manifest = surgery.get_manifest(small)
-    p = _plan_from_manifest(manifest)
+    p = Plan.from_dict(manifest["plan"])
     if as_json:
         _emit_json(
             {
@@ -637,25 +638,6 @@ def _disk_bytes(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size
-
-
-def _plan_from_manifest(manifest: dict) -> Plan:
-    from tnsurgery.plan import PassInfo, TargetPlan
-
-    d = manifest["plan"]
-    p = Plan(
-        targets=[TargetPlan(**t) for t in d["targets"]],
-        passes=[PassInfo(**x) for x in d["passes"]],
-        model_params_before=d["totals"]["model_params_before"],
-        model_params_after=d["totals"]["model_params_after"],
-        model_bytes_before=d["totals"].get("model_bytes_before"),
-        output_error=d["totals"]["output_error"],
-        output_error_name=d["output_error_name"],
-        applied=d["applied"],
-        budget=d.get("budget"),
-        calibration=d.get("calibration"),
-    )
-    return p
 
 
 def effective_rank(weight: torch.Tensor, energy: float = 0.99) -> tuple[int, int]:

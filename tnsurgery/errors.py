@@ -8,6 +8,8 @@ never a traceback. Anything else is a bug (exit code 1).
 
 from __future__ import annotations
 
+import difflib
+
 
 class TnsurgeryError(Exception):
     """Base class of every error raised on purpose by tnsurgery."""
@@ -44,3 +46,11 @@ class ModelLoadError(UserInputError):
 
 class SurgeryError(TnsurgeryError):
     """A transform failed while building a replacement; the model was left untouched."""
+
+
+def did_you_mean(name: str, valid: list[str] | tuple[str, ...]) -> str:
+    """``; did you mean 'x'?`` for the valid name closest to ``name``, or ``""``.
+
+    The one "did you mean" of every message (specs, plugin names, patterns)."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

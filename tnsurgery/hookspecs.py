@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     import click
     from torch import nn
 
-    from tnsurgery.data import DataSource
+    from tnsurgery.datasource import DataSource
     from tnsurgery.plan import Plan
-    from tnsurgery.training import Trainer
+    from tnsurgery.trainer import Trainer
     from tnsurgery.transform import Transform
 
 hookspec = pluggy.HookspecMarker("tnsurgery")
@@ -75,12 +75,12 @@ def register_data_sources(register: Callable[[DataSource], None]) -> None:
     """Register the data sources this plugin provides (for ``calibration`` and
     ``training`` data in a spec).
 
-    Call ``register`` once per source with a :class:`tnsurgery.data.DataSource`:
+    Call ``register`` once per source with a :class:`tnsurgery.datasource.DataSource`:
     its ``name`` (the spec's ``"source"``), its ``params_model`` (pydantic,
     ``extra="forbid"``: the other keys of the ``data`` object), and
     ``batches(params, ctx)`` returning an iterable of batches (a tensor, a
     tuple of tensors, or a dict of tensors for keyword inputs), each of at most
-    ``ctx.batch_size`` examples along dim 0 (see :class:`tnsurgery.data.DataContext`).
+    ``ctx.batch_size`` examples along dim 0 (see :class:`tnsurgery.datasource.DataContext`).
     """
 
 
@@ -88,11 +88,11 @@ def register_data_sources(register: Callable[[DataSource], None]) -> None:
 def register_trainers(register: Callable[[Trainer], None]) -> None:
     """Register training loops that a spec's ``"training": {"trainer": NAME}`` selects.
 
-    Call ``register`` once per loop with a :class:`tnsurgery.training.Trainer`:
+    Call ``register`` once per loop with a :class:`tnsurgery.trainer.Trainer`:
     its ``name`` and ``train(model, training, teacher, *, registry, progress,
     resume)``, which trains the surgered ``model`` in place as the validated
-    :class:`tnsurgery.training.Training` says (``teacher`` is the original model,
-    frozen) and returns a :class:`tnsurgery.training.TrainResult`. The built-in
+    :class:`tnsurgery.spec.Training` says (``teacher`` is the original model,
+    frozen) and returns a :class:`tnsurgery.trainer.TrainResult`. The built-in
     loop is registered the same way, as ``"builtin"``.
     """
 

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tnsurgery.atomic import atomic_dir, atomic_files
 from tnsurgery.errors import ModelLoadError, UserInputError
+from tnsurgery.manifest import MANIFEST_ATTR, MANIFEST_FORMAT, get_manifest
 from tnsurgery.plugins import Registry, get_registry
-from tnsurgery.surgery import MANIFEST_ATTR, MANIFEST_FORMAT, get_manifest
+from tnsurgery.swap import Swaps
 
 TRUSTED_PREFIXES = ("torch.nn.", "tnsurgery.")
 MANIFEST_NAME = "manifest.json"
@@ -77,7 +78,7 @@ def cwd_on_path() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def _import_name(name: str) -> Any:
+def import_name(name: str) -> Any:
     """Import ``pkg.module.Attr`` (nested attributes allowed)."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -142,7 +143,7 @@ def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) 
             refused.append(name)
             continue
         try:
-            obj = _import_name(name)
+            obj = import_name(name)
         except ImportError:
             refused.append(f"{name} (cannot be imported)")
             continue
@@ -210,8 +211,6 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
@@ -224,7 +223,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _hf_class(config: Any) -> Any:
-    import transformers
+    import transformers  # optional dependency (the hf extra)
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
@@ -235,7 +234,7 @@ def _hf_class(config: Any) -> Any:
 
 def _load_hf(path: Path) -> nn.Module:
     try:
-        import transformers
+        import transformers  # optional dependency (the hf extra)
     except ImportError:
         raise ModelLoadError(
             f"{path} is a Hugging Face model directory: pip install transformers"
@@ -316,64 +315,6 @@ def load_model(
 
 def _sidecar_manifest(path: Path) -> Path:
     return path.with_name(path.name.rsplit(".", 1)[0] + ".manifest.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path: Path, directory: bool = False) -> None:
-    """Give a temp file or dir (created 0600/0700) the mode a plain write would have."""
-    base = 0o777 if directory else 0o666
-    os.chmod(path, base & ~_umask())
-
-
-@contextmanager
-def atomic_files(*targets: Path) -> Iterator[list[Path]]:
-    """Temporary paths to write, renamed onto ``targets`` only if the block succeeds.
-
-    On failure the temporary files are removed and the targets are untouched.
-    """
-    temps = []
-    try:
-        for t in targets:
-            t.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent)
-            os.close(fd)
-            temps.append(Path(name))
-        yield temps
-        for tmp, t in zip(temps, targets, strict=True):
-            _publish_mode(tmp)
-            os.replace(tmp, t)
-    finally:
-        for tmp in temps:
-            if tmp.exists():
-                tmp.unlink()
-
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary directory that replaces ``target`` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        _publish_mode(tmp, directory=True)
-        for f in tmp.rglob("*"):
-            if f.is_file() and not (f.stat().st_mode & 0o044):
-                _publish_mode(f)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _state_for_safetensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -594,19 +535,14 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
     manifest, weights_path = _find_pair(Path(path))
     state, _ = _read_safetensors(weights_path)
     classes = (registry or get_registry()).layer_classes()
-    undo: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
+    with Swaps(base_model) as swaps:
         for record in [*manifest.get("history", []), manifest]:
             for rep in record.get("replacements", []):
-                _replay(base_model, rep, classes, undo)
+                _replay(base_model, rep, classes, swaps)
         for alias, target in manifest.get("aliases", {}).items():
             if target in state:
                 state[alias] = state[target]
         _load_state_dict(base_model, state, weights_path)
-    except BaseException:
-        for parent, attr, old in reversed(undo):
-            parent._modules[attr] = old
-        raise
     object.__setattr__(
         base_model,
         MANIFEST_ATTR,
@@ -615,7 +551,7 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
     return base_model
 
 
-def _replay(base: nn.Module, rep: dict, classes: dict[str, type], undo: list) -> None:
+def _replay(base: nn.Module, rep: dict, classes: dict[str, type], swaps: Swaps) -> None:
     name, layer = rep["name"], rep["layer"]
     cls = classes.get(layer)
     if cls is None:
@@ -635,5 +571,4 @@ def _replay(base: nn.Module, rep: dict, classes: dict[str, type], undo: list) ->
     ref = next(iter(current.parameters()), None) if current is not None else None
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    parent._modules[attr] = new
-    undo.append((parent, attr, current))
+    swaps.swap(name, new)

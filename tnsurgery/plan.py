@@ -126,3 +126,29 @@ class Plan:
             "budget": self.budget,
             "calibration": self.calibration,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """The plan back from :meth:`to_dict` (e.g. from a manifest's ``"plan"``)."""
+        totals = d.get("totals", {})
+        fields = {f for f in TargetPlan.__dataclass_fields__}
+        targets = []
+        for t in d.get("targets", []):
+            t = {k: v for k, v in t.items() if k in fields}
+            if t.get("input_shape") is not None:
+                t["input_shape"] = tuple(t["input_shape"])
+            if t.get("output_shape") is not None:
+                t["output_shape"] = tuple(t["output_shape"])
+            targets.append(TargetPlan(**t))
+        return cls(
+            targets=targets,
+            passes=[PassInfo(**x) for x in d.get("passes", [])],
+            model_params_before=totals.get("model_params_before", 0),
+            model_params_after=totals.get("model_params_after"),
+            model_bytes_before=totals.get("model_bytes_before"),
+            output_error=totals.get("output_error"),
+            output_error_name=d.get("output_error_name"),
+            applied=d.get("applied", False),
+            budget=d.get("budget"),
+            calibration=d.get("calibration"),
+        )

@@ -1,28 +1,38 @@
 """The plugin manager: built-in and third-party plugins, found one way.
 
-Every plugin, the built-in transforms included, is a module named by an
-entry point in the ``tnsurgery`` group. When tnsurgery runs from a source
-tree that was not installed (no entry-point metadata), its own built-ins are
-registered from :data:`DEFAULT_PLUGINS` through the same manager.
+Every plugin, the built-in ones included (:mod:`tnsurgery.transforms` and
+:mod:`tnsurgery.builtins`), is a module named by an entry point in the
+``tnsurgery`` group. When tnsurgery runs from a source tree that was not
+installed (no entry-point metadata), its own built-ins are registered from
+:data:`DEFAULT_PLUGINS` through the same manager. Nothing else in the core
+imports a built-in plugin: it reaches them through :func:`get_registry`.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
 from tnsurgery import hookspecs
-from tnsurgery.transform import Transform
+from tnsurgery.datasource import DataSource
+from tnsurgery.errors import did_you_mean
+from tnsurgery.trainer import Trainer
+from tnsurgery.transform import Transform, qualified_name
 
-if TYPE_CHECKING:
-    from tnsurgery.data import DataSource
-    from tnsurgery.training import Trainer
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "PluginFailure",
+    "Registry",
+    "get_plugin_manager",
+    "get_registry",
+    "qualified_name",
+    "unknown_name_message",
+]
 
 GROUP = "tnsurgery"
 DEFAULT_PLUGINS = (
@@ -31,8 +41,8 @@ DEFAULT_PLUGINS = (
     "tnsurgery.transforms.cp",
     "tnsurgery.transforms.tucker",
     "tnsurgery.transforms.qat",
-    "tnsurgery.data",
-    "tnsurgery.training",
+    "tnsurgery.builtins.data_sources",
+    "tnsurgery.builtins.trainer",
 )
 
 
@@ -89,16 +99,10 @@ class Registry:
         return out
 
 
-def qualified_name(cls: type) -> str:
-    """``module.QualName`` of a class."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def unknown_name_message(kind: str, name: str, valid) -> str:
     """``unknown transform 'fatorize'; did you mean 'factorize'? (valid: ...)``."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(name, valid)
     return f"unknown {kind} '{name}'{hint} (valid: {', '.join(valid) or 'none installed'})"
 
 
@@ -164,8 +168,6 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         reg,
         origins,
     )
-    from tnsurgery.data import DataSource
-
     _collect(
         pm.hook.register_data_sources,
         DataSource,
@@ -175,8 +177,6 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         reg,
         origins,
     )
-    from tnsurgery.training import Trainer
-
     _collect(
         pm.hook.register_trainers,
         Trainer,

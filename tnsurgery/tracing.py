@@ -21,7 +21,18 @@ import torch
 import torch.fx
 from torch import nn
 
-from tnsurgery.layers.lowrank import conv2d_output_hw
+from tnsurgery.flops import module_flops
+
+__all__ = [
+    "CallInfo",
+    "TraceResult",
+    "call_model",
+    "eval_mode",
+    "module_flops",
+    "sharing",
+    "tensor_bytes",
+    "trace",
+]
 
 
 @dataclass
@@ -182,26 +193,6 @@ def trace(
     if sample_input is None:
         return TraceResult("none", error, {t: CallInfo() for t in targets})
     return TraceResult("hooks", error, _hooked_run(model, model, targets, sample_input))
-
-
-def module_flops(module: nn.Module, input_shape: tuple[int, ...] | None) -> int | None:
-    """FLOPs (2 per multiply-add) of one call; a Linear without shape counts one row."""
-    if hasattr(module, "flops") and callable(module.flops):
-        if input_shape is None and hasattr(module, "in_features"):
-            input_shape = (1, module.in_features)
-        return module.flops(input_shape) if input_shape is not None else None
-    if isinstance(module, nn.Linear):
-        rows = 1
-        for d in (input_shape or (1, module.in_features))[:-1]:
-            rows *= int(d)
-        return 2 * rows * module.in_features * module.out_features
-    if isinstance(module, nn.Conv2d) and input_shape is not None:
-        n = input_shape[0] if len(input_shape) == 4 else 1
-        h, w = conv2d_output_hw(module, input_shape[-2:])
-        kh, kw = module.kernel_size
-        per_out = (module.in_channels // module.groups) * kh * kw
-        return 2 * n * h * w * module.out_channels * per_out
-    return None
 
 
 def tensor_bytes(module: nn.Module) -> int:

@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from tnsurgery.stats import InputStats
+
 RANK_OPTIONS = ("rank", "rank_ratio", "param_ratio", "energy", "max_error")
 
 
@@ -35,18 +37,26 @@ class Context:
         decision: during ``build``, the :class:`Decision` that ``plan``
             returned for this target (its ``state`` may carry work to reuse,
             e.g. an SVD); ``None`` during ``plan``.
-        extras: free-form data for plugins that cooperate. With a spec-level
-            calibration, ``extras["input_stats"]`` holds the target's
-            :class:`tnsurgery.calibration.InputStats` and ``extras["damping"]``
-            the spec's damping. The budget planner calls ``plan`` at many ranks
-            with one ``extras["decomposition_cache"]`` dict per layer: a
-            transform may keep a rank-independent decomposition there.
+        input_stats: with a spec-level calibration, the second moment of the
+            target's inputs on the data (:class:`tnsurgery.stats.InputStats`);
+            ``None`` otherwise.
+        damping: the spec's calibration damping (relative ridge on the input
+            moment); ``None`` without calibration (transforms default to 1e-2).
+        plan_only: ``plan`` is called only to report (``tnsurgery plan``, the
+            budget's candidates): no ``build`` will follow with this decision,
+            so nothing needs to be kept in ``Decision.state``.
+        cache: the budget planner calls ``plan`` at many ranks with one dict
+            per layer: a transform may keep a rank-independent decomposition
+            there (``None``: no cache).
     """
 
     name: str
     input_shape: tuple[int, ...] | None = None
     decision: Decision | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    input_stats: InputStats | None = None
+    damping: float | None = None
+    plan_only: bool = False
+    cache: dict[Any, Any] | None = None
 
 
 @dataclass
@@ -65,7 +75,7 @@ class Decision:
             predict it (``None`` otherwise).
         predicted_output_error: relative error of the layer's output on the
             calibration data, ``‖(W − Ŵ) X‖ / ‖W X‖``, when the transform used
-            ``ctx.extras["input_stats"]`` (``None`` otherwise).
+            ``ctx.input_stats`` (``None`` otherwise).
         bytes_after: bytes the replacement stores, when not simply its
             parameters in their dtype (e.g. ``qat``: the packed integers export
             writes); ``None``: counted from ``params_after``.
@@ -114,14 +124,22 @@ class Transform:
         refit: ``refit(new, old, stats, ctx) -> error | None``; optional. With
             ``"calibration": {"sequential": true}``, called after the build,
             layer by layer in call order: ``stats`` is a
-            :class:`tnsurgery.calibration.CrossStats` of the inputs ``new``
+            :class:`tnsurgery.stats.CrossStats` of the inputs ``new``
             receives in the surgered model (``X_c``) and ``old`` in the
             original (``X_o``). Re-solve ``new``'s tensors in place (same
             shapes) to minimize ``‖X_o Wᵀ − X_c Ŵᵀ‖`` and return that relative
             output error, or ``None`` when the layer cannot be refitted.
-            ``ctx.extras["damping"]`` holds the spec's damping.
+            ``ctx.damping`` holds the spec's damping.
         refits: the replacement classes ``refit`` accepts (empty: every one);
             only those layers get the (costly) sequential pass.
+        export: ``export(layer) -> nn.Module``; optional. Makes the deployable
+            layer from a trained one of the classes in ``exports`` (``qat``: a
+            ``QATLayer`` becomes a ``QuantizedLayer`` storing integers), for
+            :func:`tnsurgery.convert` / ``tnsurgery export``. It must not modify
+            ``layer``; a :class:`~tnsurgery.errors.UserInputError` it raises
+            (e.g. a quantizer that never saw data) is shown to the user. The
+            layer it returns must be one of ``layers``.
+        exports: the layer classes ``export`` accepts.
     """
 
     name: str
@@ -133,6 +151,13 @@ class Transform:
     description: str = ""
     refit: RefitFn | None = None
     refits: tuple[type[nn.Module], ...] = ()
+    export: Callable[[nn.Module], nn.Module] | None = None
+    exports: tuple[type[nn.Module], ...] = ()
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class: how manifests name a layer class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def build_from_plan(name: str, plan: PlanFn) -> BuildFn:

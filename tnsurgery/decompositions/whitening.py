@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -134,3 +135,28 @@ def kronecker_whitening(
             return None
         chol.append(lk)
     return KroneckerWhitening(chol, c)
+
+
+def input_whitening(
+    module: Any, ctx: Any, whiten: bool, in_factors: Sequence[int]
+) -> KroneckerWhitening | None:
+    """The Kronecker-factored whitening of a Linear's input modes ``in_factors``, when
+    ``whiten`` is on and the transform's context holds calibration statistics of the
+    layer's inputs (``ctx.input_stats``, of size ``in_features``); else ``None``.
+
+    ``ctx`` is a :class:`tnsurgery.transform.Context` (read for ``input_stats``,
+    ``damping`` and ``cache``). The budget planner plans a layer many times with one
+    ``ctx.cache``: the whitening is kept there.
+    """
+    stats = ctx.input_stats
+    in_features = getattr(module, "in_features", None)
+    if not whiten or stats is None or in_features is None or stats.gram.shape[0] != in_features:
+        return None
+    damping = 1e-2 if ctx.damping is None else float(ctx.damping)
+    key = ("kronecker_whitening", tuple(int(n) for n in in_factors), damping)
+    if ctx.cache is not None and key in ctx.cache:
+        return ctx.cache[key]
+    white = kronecker_whitening(stats.second_moment(damping), in_factors)
+    if ctx.cache is not None:
+        ctx.cache[key] = white
+    return white

@@ -81,11 +81,11 @@ class _Svd:
 def whitening_factor(ctx: Context, params: FactorizeParams, in_dim: int) -> torch.Tensor | None:
     """``L`` (lower triangular, float64) with ``L Lᵀ`` the target's damped input second
     moment, when calibration statistics exist and ``whiten`` is on."""
-    stats = ctx.extras.get("input_stats")
+    stats = ctx.input_stats
     if not params.whiten or stats is None or stats.gram.shape[0] != in_dim:
         return None
     # damping 0 on rank-deficient data: the least jitter that works
-    return cholesky_jittered(stats.second_moment(ctx.extras.get("damping", 1e-2)))
+    return cholesky_jittered(stats.second_moment(1e-2 if ctx.damping is None else ctx.damping))
 
 
 def _unwhiten(v: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
@@ -156,7 +156,7 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     per_rank = m + n
     bias = module.bias.numel() if module.bias is not None else 0
     reuse = None
-    cache = ctx.extras.get("decomposition_cache")  # shared by calls at several ranks
+    cache = ctx.cache  # shared by calls at several ranks
     if cache is not None and "spectrum" not in cache:
         cache["spectrum"] = spectrum(w, params)
     if params.needs_spectrum or cache is not None:
@@ -242,8 +242,7 @@ def refit(new: nn.Module, old: nn.Module, stats, ctx: Context) -> float | None:
     rows = max(stats.rows, 1)
     w = old.weight.detach().double().cpu()
     c, p, go = stats.gram / rows, stats.cross / rows, stats.gram_original / rows
-    damping = ctx.extras.get("damping")
-    damping = 1e-2 if damping is None else float(damping)
+    damping = 1e-2 if ctx.damping is None else float(ctx.damping)
     scale = float(torch.diagonal(c).mean().clamp_min(1e-30))
     chol = cholesky_jittered(c + torch.eye(c.shape[0], dtype=c.dtype) * damping * scale)
     if chol is None:

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from tnsurgery.errors import UserInputError
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.base import SurgeryLayer
 from tnsurgery.layers.qat import QATLayer, QuantizedLayer, quant_axes
@@ -103,6 +104,19 @@ def build(module: nn.Module, params: QatParams, ctx: Context) -> nn.Module:
     return decision.state
 
 
+def export(layer: QATLayer) -> QuantizedLayer:
+    """The integer layer of a trained :class:`QATLayer` (see ``QuantizedLayer.from_qat``);
+    refuses a layer whose input quantizer never saw an input (it has no scale)."""
+    q = layer.input_quantizer
+    if q is not None and not bool(q.observed):
+        raise UserInputError(
+            "its input quantizer has never seen an input, so it has no scale; run the "
+            "model on data (train, or give a sample input: convert(model, sample_input) "
+            "/ --sample-input) before exporting"
+        )
+    return QuantizedLayer.from_qat(layer)
+
+
 @hookimpl
 def register_transforms(register):
     """Register ``qat``."""
@@ -114,6 +128,8 @@ def register_transforms(register):
             build=build,
             plan=plan,
             layers=(QATLayer, QuantizedLayer),
+            export=export,
+            exports=(QATLayer,),
             description="Fake quantization for QAT (per tensor of every factor/core, STE); "
             "`tnsurgery export` stores the integer weights.",
         )

@@ -25,7 +25,6 @@ plan's ``predicted_output_error`` is always measured against the exact ``C``:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -34,7 +33,7 @@ from torch import nn
 from tnsurgery.decompositions.factors import linear_modes
 from tnsurgery.decompositions.svd import compute_dtype
 from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_svd
-from tnsurgery.decompositions.whitening import KroneckerWhitening, kronecker_whitening
+from tnsurgery.decompositions.whitening import input_whitening
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.tt import TTLinear
 from tnsurgery.transform import (
@@ -98,36 +97,6 @@ class TTParams(ModeOptions):
         if isinstance(self.ranks, list) and len(self.ranks) != d - 1:
             raise ValueError(f"ranks needs d-1 = {d - 1} values, got {len(self.ranks)}")
         return self
-
-
-def input_whitening(
-    module: nn.Module, ctx: Context, whiten: bool, in_factors: Sequence[int]
-) -> KroneckerWhitening | None:
-    """The Kronecker-factored whitening of a Linear's input modes ``in_factors``, when
-    ``whiten`` is on and the context holds calibration statistics of the layer's
-    inputs (``ctx.extras["input_stats"]``, of size ``in_features``); else ``None``.
-
-    The budget planner plans a layer many times with one
-    ``ctx.extras["decomposition_cache"]``: the whitening is kept there.
-    """
-    stats = ctx.extras.get("input_stats")
-    if (
-        not whiten
-        or stats is None
-        or not isinstance(module, nn.Linear)
-        or stats.gram.shape[0] != module.in_features
-    ):
-        return None
-    damping = ctx.extras.get("damping")
-    damping = 1e-2 if damping is None else float(damping)
-    cache = ctx.extras.get("decomposition_cache")
-    key = ("kronecker_whitening", tuple(int(n) for n in in_factors), damping)
-    if cache is not None and key in cache:
-        return cache[key]
-    white = kronecker_whitening(stats.second_moment(damping), in_factors)
-    if cache is not None:
-        cache[key] = white
-    return white
 
 
 def _max_bond_ranks(in_f, out_f) -> list[int]:

@@ -42,6 +42,7 @@ from torch import nn
 from tnsurgery.decompositions.factors import linear_modes
 from tnsurgery.decompositions.svd import compute_dtype
 from tnsurgery.decompositions.tucker import Tucker, feasible_ranks, hooi, hosvd
+from tnsurgery.decompositions.whitening import input_whitening
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.tucker import TuckerConv2d, TuckerLinear
 from tnsurgery.transform import (
@@ -53,7 +54,6 @@ from tnsurgery.transform import (
     build_from_plan,
     relative_error,
 )
-from tnsurgery.transforms.tt import input_whitening
 
 # one entry of ``ranks``: a rank (int >= 1) or a fraction of the mode's largest rank
 RankValue = Annotated[int, Field(strict=True, ge=1)] | Annotated[float, Field(gt=0, le=1)]

@@ -7,22 +7,17 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from tnsurgery.atomic import atomic_files
 from tnsurgery.errors import UserInputError
-
-if TYPE_CHECKING:
-    from tnsurgery.training import Training
+from tnsurgery.spec import Training
 
 
 def save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) -> None:
     """Write ``directory/last.pt`` atomically: model, optimizer, loop state, the best
     state so far and the RNG states."""
-    from tnsurgery.io import atomic_files
-
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -84,24 +79,3 @@ def apply_checkpoint(payload: dict, model, optimizer) -> dict:
     state = dict(payload["state"])
     state["best_state"] = payload.get("best_state")
     return state
-
-
-def refresh_configs(model: nn.Module) -> None:
-    """Keep the manifest's layer configs in step with layers training reshaped (ranks
-    lowered), so that :func:`tnsurgery.load` rebuilds the right shapes."""
-    from tnsurgery.surgery import get_manifest
-
-    manifest = get_manifest(model)
-    if manifest is None:
-        return
-    from tnsurgery.plugins import qualified_name
-
-    modules = dict(model.named_modules())
-    for record in [*manifest.get("history", []), manifest]:
-        for rep in record.get("replacements", []):
-            layer = modules.get(rep["name"])
-            # the layer itself, or the one a wrapper (qat) holds
-            while layer is not None and qualified_name(type(layer)) != rep.get("layer"):
-                layer = getattr(layer, "inner", None)
-            if layer is not None and hasattr(layer, "config"):
-                rep["config"] = layer.config()

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,8 @@ from torch import nn
 
 from tnsurgery.calibration import padding_mask, unpadded
 from tnsurgery.errors import UserInputError
+from tnsurgery.spec import Training
 from tnsurgery.tracing import call_model
-
-if TYPE_CHECKING:
-    from tnsurgery.training import Training
 
 
 def main_tensor(out: Any) -> torch.Tensor:

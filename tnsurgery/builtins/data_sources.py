@@ -1,0 +1,251 @@
+"""The built-in data sources: ``tensors``, ``callable``, ``text`` and ``random``.
+
+A plugin like any other: nothing in tnsurgery's core imports this module; it is
+registered through the ``tnsurgery`` entry-point group (``register_data_sources``),
+exactly as a third party's sources are.
+
+- ``tensors``: a file of tensors (a tensor, a tuple/list or a dict of
+  tensors with the examples along dim 0), loaded with ``weights_only=True``;
+- ``callable``: ``pkg.module:function`` called with ``kwargs``, returning an
+  iterable of batches (the one place a spec names code: see SECURITY.md);
+- ``text``: a text file, one example a line, tokenized with the tokenizer of
+  the Hugging Face model (or ``tokenizer``, a directory), ``max_length``;
+- ``random``: random floats of ``shape``, or token ids below ``vocab_size``
+  (a Hugging Face dict batch): data-free.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file
+from torch import nn
+
+from tnsurgery.data import split
+from tnsurgery.datasource import DataContext, DataSource
+from tnsurgery.errors import UserInputError
+from tnsurgery.hookspecs import hookimpl
+from tnsurgery.io import cwd_on_path, import_name
+
+# ------------------------------------------------------------------ tensors
+
+
+class TensorsParams(BaseModel):
+    """``tensors``: a ``.pt`` file (or ``.safetensors``) of tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="File of a tensor, a tuple/list or a dict of tensors.")
+
+
+def tensors_batches(params: TensorsParams, ctx: DataContext) -> Iterator[Any]:
+    """Split the file's tensors into batches along dim 0."""
+    path = Path(params.path)
+    if not path.exists():
+        raise UserInputError(f"data: no such file {path}")
+    try:
+        if path.suffix == ".safetensors":
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserInputError(f"data: cannot read {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(data, list):
+        data = tuple(data)
+    values = data.values() if isinstance(data, dict) else data
+    ok = isinstance(data, torch.Tensor) or (
+        isinstance(data, (tuple, dict))
+        and data
+        and all(isinstance(v, torch.Tensor) for v in values)
+    )
+    if not ok:
+        raise UserInputError(
+            f"data: {path} holds a {type(data).__name__}; expected a tensor, a tuple or a "
+            "dict of tensors"
+        )
+    return split(data, ctx.batch_size)
+
+
+# ----------------------------------------------------------------- callable
+
+
+class CallableParams(BaseModel):
+    """``callable``: ``pkg.module:function`` returning an iterable of batches."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str = Field(
+        ..., pattern=r"^[\w.]+:[\w.]+$", description="pkg.module:function returning batches."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments. A function with a parameter named 'seed' or "
+        "'batch_size' (not given here) gets the run's: training passes seed + epoch, so a "
+        "shuffling loader replays the same epochs after a resume.",
+    )
+
+
+def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
+    """Import and call the function; its batches are used as they come.
+
+    ``seed`` (training: the spec's seed plus the epoch) and ``batch_size`` are
+    passed when the function has a parameter of that very name (not merely
+    ``**kwargs``, which often forwards to something that does not take them) and
+    the spec's ``kwargs`` do not set it."""
+    module, _, name = params.target.partition(":")
+    try:
+        with cwd_on_path():
+            fn = import_name(f"{module}.{name}")
+    except ImportError as exc:
+        raise UserInputError(f"data: cannot import {params.target}: {exc}") from None
+    kwargs = dict(params.kwargs)
+    for key, value in (("seed", ctx.seed), ("batch_size", ctx.batch_size)):
+        if key not in kwargs and _accepts(fn, key):
+            kwargs[key] = value
+    try:
+        return fn(**kwargs)
+    except Exception as exc:
+        raise UserInputError(
+            f"data: {params.target}({', '.join(kwargs)}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword ``name``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    for p in sig.parameters.values():
+        if p.name == name and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------- text
+
+
+class TextParams(BaseModel):
+    """``text``: a text file, one example a line, tokenized for a Hugging Face model."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="Text file, one example a line (blank lines skipped).")
+    max_length: int = Field(128, ge=1, description="Truncate each example to this many tokens.")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer directory; default: the Hugging Face model's own directory.",
+    )
+    shuffle: bool = Field(
+        False,
+        description="Shuffle the lines (with the run's seed; in training, a new order each "
+        "epoch, replayed exactly on resume).",
+    )
+
+
+def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenize the lines, ``batch_size`` at a time (padded to the longest of the batch)."""
+    path = Path(params.path)
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"data: cannot read {path}: {exc}") from None
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise UserInputError(f"data: {path} has no non-empty line")
+    where = params.tokenizer or _model_directory(ctx.model)
+    if where is None:
+        raise UserInputError(
+            "data: source 'text' needs a tokenizer: give \"tokenizer\" (a directory), or a "
+            "Hugging Face model loaded from a directory"
+        )
+    try:
+        import transformers  # optional dependency (the hf extra)
+
+        tok = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except Exception as exc:
+        raise UserInputError(f"data: cannot load a tokenizer from {where}: {exc}") from None
+    if tok.pad_token is None:  # e.g. GPT-2: pad with its end-of-text (masked out anyway)
+        fill = tok.eos_token or tok.unk_token
+        if fill is not None:
+            tok.pad_token = fill
+        elif ctx.batch_size > 1:
+            raise UserInputError(
+                f"data: the tokenizer in {where} has no pad, end-of-sequence or unknown token "
+                "to pad batches with: set its pad_token, or use batch_size 1"
+            )
+    padding = tok.pad_token is not None  # batch_size 1 needs none
+    if params.shuffle:
+        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
+        lines = [lines[i] for i in order.tolist()]
+    for start in range(0, len(lines), ctx.batch_size):
+        chunk = lines[start : start + ctx.batch_size]
+        enc = tok(
+            chunk,
+            padding=padding,
+            truncation=True,
+            max_length=params.max_length,
+            return_tensors="pt",
+        )
+        yield {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+
+
+def _model_directory(model: nn.Module | None) -> str | None:
+    config = getattr(model, "config", None)
+    where = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return where if where and Path(where).is_dir() else None
+
+
+# ------------------------------------------------------------------- random
+
+
+class RandomParams(BaseModel):
+    """``random``: data-free batches (floats, or token ids for a text model)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int] = Field(
+        ..., min_length=1, description="Shape of one example (no batch dim), e.g. [3, 32, 32]."
+    )
+    dtype: Literal["float32", "float16", "bfloat16", "int64"] = Field(
+        "float32", description="int64 draws token ids below vocab_size."
+    )
+    vocab_size: int | None = Field(
+        None, ge=2, description="Token ids below this (dtype int64): a Hugging Face dict batch."
+    )
+    samples: int = Field(512, ge=1, description="Examples in all.")
+
+
+def random_batches(params: RandomParams, ctx: DataContext) -> Iterator[Any]:
+    """Seeded random batches: standard normal floats, or uniform token ids with a full
+    attention mask."""
+    g = torch.Generator().manual_seed(ctx.seed)
+    left = params.samples
+    while left > 0:
+        n = min(ctx.batch_size, left)
+        left -= n
+        shape = (n, *params.shape)
+        if params.dtype == "int64" or params.vocab_size is not None:
+            if params.vocab_size is None:
+                raise UserInputError("data: source 'random' with dtype int64 needs vocab_size")
+            ids = torch.randint(0, params.vocab_size, shape, generator=g)
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            yield torch.randn(shape, generator=g).to(getattr(torch, params.dtype))
+
+
+@hookimpl
+def register_data_sources(register):
+    """Register the built-in sources: tensors, callable, text, random."""
+    register(DataSource("tensors", TensorsParams, tensors_batches, "A file of tensors."))
+    register(
+        DataSource(
+            "callable", CallableParams, callable_batches, "pkg.module:function returning batches."
+        )
+    )
+    register(DataSource("text", TextParams, text_batches, "A text file, one example a line."))
+    register(DataSource("random", RandomParams, random_batches, "Random inputs (data-free)."))
