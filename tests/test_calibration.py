@@ -472,6 +472,31 @@ def test_sequential_calibration_refits_on_the_surgered_inputs(calib_file):
         assert targets[str(i)]["weight_error"] == pytest.approx(actual, rel=1e-4)
 
 
+def test_plan_with_sequential_reports_what_apply_records(calib_file):
+    """plan() is apply() stopped early: with calibration.sequential it builds and refits
+    on a copy, so its errors are those apply() then records, and the model is untouched."""
+    path, _ = calib_file
+    model = deep_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = spec_for(path, {"rank": 5})
+    spec["calibration"]["sequential"] = True
+    planned = surgery.plan(model, spec)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model[2], nn.Linear)  # nothing swapped in the caller's model
+    applied = surgery.get_manifest(surgery.apply(model, spec))["plan"]
+    assert planned.calibration["sequential"]["groups"] == 3
+    assert planned.calibration["sequential"]["refitted"] == 2
+    got = {t.name: t for t in planned.targets}
+    for t in applied["targets"]:
+        mine = got[t["name"]]
+        assert mine.resolved["sequential"] == t["resolved"]["sequential"]
+        assert mine.resolved["sequential_output_error"] == pytest.approx(
+            t["resolved"]["sequential_output_error"], rel=1e-9
+        )
+        assert mine.weight_error == pytest.approx(t["weight_error"], rel=1e-9)
+        assert mine.predicted_output_error == pytest.approx(t["predicted_output_error"])
+
+
 def test_sequential_refits_before_a_later_rule_wraps_and_skips_what_it_cannot(calib_file):
     path, x = calib_file
     model = deep_mlp()

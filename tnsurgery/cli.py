@@ -25,6 +25,7 @@ from rich.table import Table
 
 from tnsurgery import io, surgery
 from tnsurgery._version import __version__
+from tnsurgery.demo import demo_input, demo_model, demo_spec
 from tnsurgery.errors import SpecError, UserInputError
 from tnsurgery.manifest import record
 from tnsurgery.plan import Plan
@@ -728,8 +729,6 @@ def _median_ms(fn, x, repeats: int = 15) -> float:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def demo(as_json: bool) -> None:
     """Surgery of a small built-in model with the shipped spec: plan, error, size, speed."""
-    from tnsurgery.demo import demo_input, demo_model, demo_spec
-
     model, spec, x = demo_model(), demo_spec(), demo_input()
     p = surgery.plan(model, spec, x)
     small = surgery.apply(model, spec, x)
