@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tnsurgery import recipes
 from tnsurgery.data import to_device
 from tnsurgery.errors import UserInputError
 from tnsurgery.hookspecs import hookimpl
@@ -33,6 +32,7 @@ from tnsurgery.plugins import Registry
 from tnsurgery.quant import set_observers
 from tnsurgery.spec import Training
 from tnsurgery.trainer import Trainer, TrainResult
+from tnsurgery.training import recipes
 from tnsurgery.training.checkpoints import (
     apply_checkpoint,
     read_checkpoint,

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnsurgery.flops import conv2d_output_hw
 from tnsurgery.layers.base import SurgeryLayer
-from tnsurgery.layers.lowrank import conv2d_output_hw
 
 
 def _pair(v: Any) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tnsurgery.flops import conv2d_output_hw
 from tnsurgery.layers.base import SurgeryLayer
 
 
@@ -92,6 +93,15 @@ class LowRankLinear(SurgeryLayer):
         self.v = nn.Parameter(new_v.to(dtype).contiguous())
         self.rank = rank
         return self
+
+    def cuttable_ranks(self) -> tuple[int, ...]:
+        """``(rank,)``: progressive rank cuts it with :meth:`truncate_`."""
+        return (self.rank,)
+
+    def cut_ranks_(self, ranks: Sequence[int]) -> None:
+        """:meth:`truncate_` to ``ranks[0]``."""
+        (rank,) = ranks
+        self.truncate_(rank)
 
     def to_dense(self) -> torch.Tensor:
         return self.u @ self.v
@@ -235,17 +245,3 @@ class LowRankConv2d(SurgeryLayer):
             f"{self.in_channels}->{self.rank}->{self.out_channels}, kernel={kh}x{kw}, "
             f"rank={self.rank}, weight params {kept}/{dense} ({kept / dense:.1%})"
         )
-
-
-def conv2d_output_hw(conv: nn.Conv2d, hw: tuple[int, int] | torch.Size) -> tuple[int, int]:
-    """Spatial output size of ``conv`` on an input of spatial size ``hw``."""
-    out = []
-    for i in range(2):
-        size = int(hw[i])
-        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-        if isinstance(conv.padding, str):
-            out.append(size if conv.padding == "same" else (size - d * (k - 1) - 1) // s + 1)
-        else:
-            p = conv.padding[i]
-            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return out[0], out[1]

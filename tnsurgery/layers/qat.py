@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from tnsurgery.flops import module_flops
 from tnsurgery.layers.base import SurgeryLayer
 from tnsurgery.quant import (
     FakeQuantizer,
@@ -60,10 +61,35 @@ class _Call(nn.Module):
         return getattr(self.module, self.method)(*args)
 
 
-def _module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int | None:
-    from tnsurgery.tracing import module_flops  # tracing imports the layers
+_MISSING = object()
 
-    return module_flops(module, input_shape)
+
+def _call_with(
+    module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict | None = None
+) -> Any:
+    """``module(*args, **kwargs)`` with the tensors named in ``tensors`` (dotted
+    parameter names) in place of its own: :func:`functional_call`, which refuses to
+    run under the TorchScript tracer; there (``torch.onnx.export(dynamo=False)``)
+    the tensors are swapped in by hand for the call, and back after it."""
+    kwargs = kwargs or {}
+    if not torch.jit.is_tracing():
+        return functional_call(module, tensors, args, kwargs)
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            # a parameter's slot (the wrapped layer), or a plain attribute (a stripped one)
+            slots = owner._parameters if attr in owner._parameters else owner.__dict__
+            saved.append((slots, attr, slots.get(attr, _MISSING)))
+            slots[attr] = tensor
+        return module(*args, **kwargs)
+    finally:
+        for slots, attr, old in reversed(saved):
+            if old is _MISSING:
+                del slots[attr]
+            else:
+                slots[attr] = old
 
 
 class QATLayer(SurgeryLayer):
@@ -166,19 +192,19 @@ class QATLayer(SurgeryLayer):
             return self.inner(*args, **kwargs)
         if self.input_quantizer is not None and args:
             args = (self.input_quantizer(args[0]), *args[1:])
-        return functional_call(self.inner, self._quantized_params(True), args, kwargs)
+        return _call_with(self.inner, self._quantized_params(True), args, kwargs)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``inner`` computes from its fake-quantized tensors."""
         params = self._quantized_params(False)
         if isinstance(self.inner, SurgeryLayer):
             call = _Call(self.inner, "to_dense")
-            return functional_call(call, {f"module.{k}": v for k, v in params.items()}, ())
+            return _call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
         return params["weight"]
 
     # ------------------------------------------------------------- reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
-        return _module_flops(self.inner, input_shape) or 0
+        return module_flops(self.inner, input_shape) or 0
 
     def quantized_bytes(self) -> int:
         """Bytes the exported layer stores: packed integers, scales, zero points,
@@ -260,6 +286,12 @@ class QuantizedLayer(SurgeryLayer):
         self.float_params = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.zeros(shape)) for n, shape in floats.items()}
         )
+        # The float dtype the layer computes in, carried by an empty buffer (not saved)
+        # so that .double(), .to(dtype) and .half() move it, as they move the floats;
+        # it is what a layer without float parameters (no bias) dequantizes to.
+        dtypes = [t.get("dtype", "float32") for t in tensors.values()]
+        dtype = getattr(torch, dtypes[0]) if dtypes else torch.get_default_dtype()
+        self.register_buffer("_float_dtype", torch.empty(0, dtype=dtype), persistent=False)
         self.input_quantizer = FakeQuantizer(**input_quant) if input_quant else None
         if self.input_quantizer is not None:
             self.input_quantizer.observer_enabled.fill_(False)
@@ -333,8 +365,7 @@ class QuantizedLayer(SurgeryLayer):
             )
             w = dequantize(q, scale.float(), getattr(self, f"{k}_zero_point"), t["axis"])
             floats = [p for p in self.float_params.values()]
-            dtype = floats[0].dtype if floats else getattr(torch, t.get("dtype", "float32"))
-            out[name] = w.to(dtype)
+            out[name] = w.to(floats[0].dtype if floats else self._float_dtype.dtype)
         return out
 
     def dequantized(self) -> dict[str, torch.Tensor]:
@@ -351,19 +382,19 @@ class QuantizedLayer(SurgeryLayer):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.input_quantizer is not None and args:
             args = (self.input_quantizer(args[0]), *args[1:])
-        return functional_call(self.inner, self._all_params(), args, kwargs)
+        return _call_with(self.inner, self._all_params(), args, kwargs)
 
     def to_dense(self) -> torch.Tensor:
         params = self._all_params()
         if "weight" in params and not self.inner_config:
             return params["weight"]
         call = _Call(self.inner, "to_dense")
-        return functional_call(call, {f"module.{k}": v for k, v in params.items()}, ())
+        return _call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
 
     # ------------------------------------------------------------- reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
         if not isinstance(self.inner, SurgeryLayer):  # counted from its sizes alone
-            return _module_flops(self.inner, input_shape) or 0
+            return module_flops(self.inner, input_shape) or 0
         with torch.no_grad():
             call = _Call(self.inner, "flops")
             params = {f"module.{k}": v for k, v in self._all_params().items()}

@@ -45,7 +45,7 @@ def _steps(
 ) -> tuple[float, int, tuple[str, ...]]:
     """Cost, FLOPs and per-step layout of contracting ``rows`` inputs through cores of
     ``shapes``, left to right (state ``(rows·m_1..m_k, r_k·n_{k+1}, rest)``)."""
-    rest = math.prod(s[2] for s in shapes)
+    rest = math.prod([s[2] for s in shapes])  # (a list: torch.compile traces it)
     lead, cost, flops, forms = rows, 0.0, 0, []
     for r, m, n, r2 in shapes:
         rest //= n
@@ -357,6 +357,42 @@ class TTLinear(TensorizedLinear):
         self.cores = nn.ParameterList(nn.Parameter(c.contiguous()) for c in new)
         self.clear_dense_cache()
         return self
+
+    # ------------------------------------- training hooks (SurgeryLayer contract)
+    def cuttable_ranks(self) -> tuple[int, ...]:
+        """The inner TT ranks ``(r_1, ..., r_{d-1})``: progressive rank cuts them
+        with :meth:`round_`."""
+        return tuple(self.ranks[1:-1])
+
+    def cut_ranks_(self, ranks: Sequence[int]) -> None:
+        """:meth:`round_` to at most ``ranks`` (one per inner rank)."""
+        self.round_(max_rank=[int(r) for r in ranks])
+
+    def clip_norms_(self, max_norm: float) -> None:
+        """Scale down every core whose Frobenius norm exceeds ``max_norm``."""
+        with torch.no_grad():
+            for c in self.cores:
+                norm = float(c.norm())
+                if norm > max_norm:
+                    c.mul_(max_norm / norm)
+
+    def balance_norms_(self) -> None:
+        """Give every core the geometric mean of the cores' norms (the weight is
+        unchanged: the scales multiply to 1). Nothing when a core is zero."""
+        with torch.no_grad():
+            norms = [float(c.norm()) for c in self.cores]
+            if all(v > 0 for v in norms):
+                target = math.prod(norms) ** (1.0 / len(norms))
+                for c, v in zip(self.cores, norms, strict=True):
+                    c.mul_(target / v)
+
+    def reorthogonalize_(self) -> None:
+        """:meth:`orthogonalize_` to the left-canonical form."""
+        self.orthogonalize_("left")
+
+    def training_stats(self) -> dict[str, list]:
+        """:meth:`tt_stats`."""
+        return self.tt_stats()
 
     def quant_axes(self) -> dict[str, int]:
         """Each core quantized per slice of its outgoing rank (the last core, whose

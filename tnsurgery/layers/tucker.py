@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from tnsurgery.decompositions.tucker import tucker_to_full
+from tnsurgery.flops import conv2d_output_hw
 from tnsurgery.layers.base import SurgeryLayer
-from tnsurgery.layers.lowrank import conv2d_output_hw, geometry_conv
+from tnsurgery.layers.lowrank import geometry_conv
 from tnsurgery.layers.tensorized import TensorizedLinear
 
 
@@ -278,6 +279,7 @@ class TuckerLinear(TensorizedLinear):
         return "dense" if dense < self.contraction_flops(rows) else "contract"
 
     def _contract(self, x: torch.Tensor) -> torch.Tensor:
+        # (.t(), not .mT: the TorchScript ONNX exporter has no aten::mT)
         b = x.shape[0]
         size = self.in_padded
         t = x
@@ -287,12 +289,12 @@ class TuckerLinear(TensorizedLinear):
             t = t.reshape(b, n, size).transpose(1, 2) @ u  # (b, rest, r)
             size *= u.shape[1]
         d = self.d
-        t = t.reshape(b, size) @ self.core.reshape(math.prod(self.ranks[:d]), size).mT
+        t = t.reshape(b, size) @ self.core.reshape(math.prod(self.ranks[:d]), size).t()
         size = t.shape[1]
         for m, u in zip(self.out_factors, self.out_proj, strict=True):
             r = u.shape[1]
             size //= r
-            t = t.reshape(b, r, size).transpose(1, 2) @ u.mT  # (b, rest, m)
+            t = t.reshape(b, r, size).transpose(1, 2) @ u.t()  # (b, rest, m)
             size *= m
         return t.reshape(b, size)
 

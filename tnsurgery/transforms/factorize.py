@@ -25,8 +25,9 @@ from tnsurgery.decompositions.svd import (
     randomized_svd,
 )
 from tnsurgery.decompositions.whitening import cholesky_jittered
+from tnsurgery.flops import conv2d_output_hw
 from tnsurgery.hookspecs import hookimpl
-from tnsurgery.layers.lowrank import LowRankConv2d, LowRankLinear, conv2d_output_hw
+from tnsurgery.layers.lowrank import LowRankConv2d, LowRankLinear
 from tnsurgery.transform import (
     Context,
     Decision,

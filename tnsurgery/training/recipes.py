@@ -5,15 +5,14 @@ norm clipping and normalization, re-orthogonalization, ``tt_stats`` logging)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from tnsurgery.errors import UserInputError
-
-if TYPE_CHECKING:
-    from tnsurgery.training import Training, TTOptions
+from tnsurgery.layers.base import SurgeryLayer
+from tnsurgery.spec import Training, TTOptions
 
 
 def shrink_at(opts: Training, step: int) -> bool:
@@ -24,13 +23,16 @@ def shrink_at(opts: Training, step: int) -> bool:
 
 @torch.no_grad()
 def shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
-    """Cut every surgered LowRankLinear/TTLinear to its stage's ranks."""
-    from tnsurgery.layers.lowrank import LowRankLinear
-    from tnsurgery.layers.tt import TTLinear
-
+    """Cut every surgered layer with ranks to cut (:meth:`SurgeryLayer.cuttable_ranks`
+    not ``None``: LowRankLinear, TTLinear, plugin layers that opt in) to its stage's
+    ranks, a fraction of the ranks it had at the first cut."""
     pr = opts.progressive_rank
     modules = dict(model.named_modules())
-    cuttable = [n for n in names if isinstance(modules.get(n), (LowRankLinear, TTLinear))]
+    cuttable = {
+        n: modules[n]
+        for n in names
+        if isinstance(modules.get(n), SurgeryLayer) and modules[n].cuttable_ranks() is not None
+    }
     if not cuttable:
         raise UserInputError(
             "training: progressive_rank cuts LowRankLinear (factorize on Linear) and TTLinear "
@@ -42,14 +44,11 @@ def shrink(model: nn.Module, names: list[str], opts: Training, step: int) -> Non
     stage = max(reached)
     fraction = pr.final ** (stage / (pr.stages - 1))  # of the start ranks
     start = model.__dict__.setdefault("_start_ranks", {})
-    for name in cuttable:
-        layer = modules[name]
-        if isinstance(layer, LowRankLinear):
-            r0 = start.setdefault(name, layer.rank)
-            layer.truncate_(max(1, round(r0 * fraction)))
-        elif isinstance(layer, TTLinear):
-            r0 = start.setdefault(name, layer.ranks[1:-1])
-            layer.round_(max_rank=[max(1, round(r * fraction)) for r in r0])
+    for name, layer in cuttable.items():
+        r0 = start.setdefault(name, list(layer.cuttable_ranks()))
+        if isinstance(r0, int):  # a checkpoint written when a low-rank layer's was an int
+            r0 = [r0]
+        layer.cut_ranks_(tuple(max(1, round(r * fraction)) for r in r0))
 
 
 def unfreeze(model: nn.Module, names: list[str], opts: Training, step: int) -> None:
@@ -68,30 +67,23 @@ def unfreeze(model: nn.Module, names: list[str], opts: Training, step: int) -> N
 
 @torch.no_grad()
 def tt_hygiene(model: nn.Module, tt: TTOptions, step: int) -> dict[str, Any]:
-    """Apply the TT options to every TT layer after an optimizer step; returns what
-    to log."""
-    from tnsurgery.layers.tt import TTLinear
-    from tnsurgery.training import TTOptions
-
-    if tt == TTOptions():  # nothing asked: no walk over the model each step
+    """Apply the TT options to every layer after an optimizer step, through the
+    :class:`SurgeryLayer` hooks (``clip_norms_``, ``balance_norms_``,
+    ``reorthogonalize_``, ``training_stats``; they do nothing on layers without
+    factors to tend, so in practice on TT layers); returns what to log."""
+    if tt == type(tt)():  # nothing asked: no walk over the model each step
         return {}
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, TTLinear)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SurgeryLayer)]
     logged: dict[str, Any] = {}
     for name, layer in layers:
-        cores = list(layer.cores)
         if tt.clip_core_norm is not None:
-            for c in cores:
-                norm = float(c.norm())
-                if norm > tt.clip_core_norm:
-                    c.mul_(tt.clip_core_norm / norm)
+            layer.clip_norms_(tt.clip_core_norm)
         if tt.normalize_cores:
-            norms = [float(c.norm()) for c in cores]
-            if all(v > 0 for v in norms):
-                target = math.prod(norms) ** (1.0 / len(norms))
-                for c, v in zip(cores, norms, strict=True):
-                    c.mul_(target / v)
+            layer.balance_norms_()
         if tt.reorthogonalize_every and step % tt.reorthogonalize_every == 0:
-            layer.orthogonalize_("left")
+            layer.reorthogonalize_()
         if tt.log_stats_every and step % tt.log_stats_every == 0:
-            logged[f"tt_stats.{name}"] = layer.tt_stats()
+            stats = layer.training_stats()
+            if stats is not None:
+                logged[f"tt_stats.{name}"] = stats
     return logged
