@@ -15,6 +15,7 @@ from torch import nn
 
 import tnsurgery
 from tnsurgery import io, surgery
+from tnsurgery.cli.inputs import default_output
 from tnsurgery.errors import ModelLoadError, UserInputError
 from tnsurgery.layers import LowRankConv2d, LowRankLinear
 from tnsurgery.plugins import Registry
@@ -367,7 +368,7 @@ def test_pickle_in_pickle_out_with_the_pair(tmp_path):
         },
         x,
     )
-    out = io.default_output(loaded)
+    out = default_output(loaded)
     assert out == tmp_path / "in.surgered.pt"
     written = io.save_like_input(small, loaded, out)
     assert written == [
@@ -412,7 +413,7 @@ def test_safetensors_in_safetensors_out(tmp_path, in_repo_root):
     save_file(models.mlp().state_dict(), str(tmp_path / "w.safetensors"))
     loaded = io.load_model(tmp_path / "w.safetensors", arch="tests.models:mlp")
     small = surgery.apply(loaded.model, MLP_SPEC)
-    out = io.default_output(loaded)
+    out = default_output(loaded)
     assert out == tmp_path / "w.surgered.safetensors"
     written = io.save_like_input(small, loaded, out)
     assert written == [out, tmp_path / "w.surgered.manifest.json"]
@@ -429,7 +430,7 @@ def test_hugging_face_in_hugging_face_directory_out(tmp_path):
     loaded = io.load_model(tmp_path / "bert")
     x = bert_input()
     small = surgery.apply(loaded.model, BERT_SPEC, x)
-    out = io.default_output(loaded)
+    out = default_output(loaded)
     assert out == tmp_path / "bert-surgered"
     assert io.save_like_input(small, loaded, out) == [out]
     assert files_in(out) == {"config.json", "vocab.txt", "manifest.json", "model.safetensors"}
@@ -563,7 +564,7 @@ def test_file_output_that_is_a_directory_is_refused(tmp_path):
 def test_fingerprint_of_a_file_or_directory_follows_its_files(tmp_path):
     import os
 
-    from tnsurgery.io import fingerprint
+    from tnsurgery.cli.inputs import fingerprint
 
     d = tmp_path / "hf"
     d.mkdir()

@@ -14,7 +14,6 @@ leaves a partial file, and an input is never overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -372,58 +371,6 @@ def _same_path(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def fingerprint(path: Path) -> str:
-    """A cheap identity of a model file or directory: the names, sizes and
-    modification times of its files (no content is read)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    parts = []
-    for f in files:
-        st = f.stat()
-        parts.append(
-            f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}"
-        )
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def source_record(loaded: LoadedModel) -> dict[str, Any]:
-    """What ``tnsurgery apply`` records of its input in the manifest (``"source"``), so
-    that ``tnsurgery train`` can find the original model again as the teacher."""
-    return {
-        "path": str(loaded.path.resolve()),
-        "kind": loaded.kind,
-        "arch": loaded.arch,
-        "fingerprint": fingerprint(loaded.path),
-    }
-
-
-def recorded_source(model: nn.Module) -> tuple[dict[str, Any] | None, str | None]:
-    """The model a surgered ``model`` was made from, as ``apply`` recorded it, and
-    why it cannot be used (``None`` when it can: the file is there, unchanged)."""
-    manifest = get_manifest(model) or {}
-    src = manifest.get("source")
-    if not isinstance(src, dict) or "path" not in src:
-        return None, "no source recorded"
-    where = Path(src["path"])
-    if not where.exists():
-        return src, f"{where}, which it was surgered from, is gone"
-    if fingerprint(where) != src.get("fingerprint"):
-        return src, f"{where}, which it was surgered from, has changed since"
-    return src, None
-
-
-def default_output(loaded: LoadedModel, tag: str = "surgered") -> Path:
-    """Where ``tnsurgery apply`` (``tag`` "surgered") or ``export`` ("exported") writes
-    when no ``-o`` is given: beside the input."""
-    p = loaded.path
-    if loaded.kind == "hf":
-        return p.with_name(f"{p.name}-{tag}")
-    stem, _, ext = p.name.partition(".")
-    for earlier in ("surgered.", "trained.", "exported."):
-        if ext.startswith(earlier) and f"{tag}." != earlier:
-            ext = ext[len(earlier) :]
-    return p.with_name(f"{stem}.{tag}.{ext or 'pt'}")
 
 
 def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> list[Path]:

@@ -107,3 +107,14 @@ def rank_for_tail(s: torch.Tensor, delta: float, slack: float = 0.0) -> int:
     # tail[i]: the error when i values are kept; keep the fewest (>= 1) within delta
     ok = torch.nonzero(torch.cat([tail[1:], tail.new_zeros(1)]) <= delta * (1 + slack))
     return int(ok[0]) + 1 if len(ok) else len(s)
+
+
+def effective_rank(weight: torch.Tensor, energy: float = 0.99) -> tuple[int, int]:
+    """(rank keeping ``energy`` of the squared singular values, full rank) of a weight."""
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    s2 = torch.linalg.svdvals(w).square()
+    total = float(s2.sum())
+    if total == 0:
+        return 0, min(w.shape)
+    kept = torch.cumsum(s2, 0) / total
+    return int(torch.searchsorted(kept, torch.tensor(energy - 1e-9))) + 1, min(w.shape)

@@ -1,0 +1,82 @@
+"""The ``tnsurgery`` command group: consoles, exit codes and the entry point.
+
+Exit codes: 0 ok, 2 bad input (spec, file, option: a message, never a
+traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from tnsurgery._version import __version__
+from tnsurgery.errors import UserInputError
+from tnsurgery.plugins import get_plugin_manager
+
+# Tables are wide: when the output is not a terminal (pipes, CI logs), do not wrap at 80.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class BadInput(click.ClickException):
+    """Bad input: message only, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        err.print(f"[bold red]Error:[/] {escape(self.format_message())}", highlight=False)
+
+
+class Cli(click.Group):
+    """Turns tnsurgery's user errors into exit code 2, anything else into exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserInputError as exc:
+            raise BadInput(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("TNSURGERY_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]Internal error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
+                "This is a bug in tnsurgery or a plugin; set TNSURGERY_DEBUG=1 for the traceback.",
+                highlight=False,
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=Cli)
+@click.version_option(__version__, prog_name="tnsurgery")
+def cli() -> None:
+    """Declarative surgery on trained PyTorch models."""
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as indented JSON (``--json``)."""
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def main() -> None:
+    """Entry point of the ``tnsurgery`` script."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_plugin_manager()
+    for f in getattr(pm, "_tnsurgery_failures", []):
+        line = f"plugin '{f.name}' ({f.origin}) failed to load: {f.error}"
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+    pm.hook.register_commands(cli=cli)
+    cli.main(prog_name="tnsurgery")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

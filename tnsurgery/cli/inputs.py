@@ -1,0 +1,212 @@
+"""What the commands read and where they write: model options, sample inputs, the
+default output names, and the input a surgered model records (its ``source``, which
+``train`` finds its teacher by)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from tnsurgery import io
+from tnsurgery.cli.app import err
+from tnsurgery.errors import UserInputError
+from tnsurgery.manifest import get_manifest
+from tnsurgery.spec import load_spec
+
+
+def model_options(f):
+    """--arch / --trust-pickle / --allow-class: every command that reads a model has them."""
+
+    @click.option(
+        "--arch", help="pkg.module:factory building the architecture (state dicts, .safetensors)."
+    )
+    @click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Unpickle the model file with no restriction (only for files you trust).",
+    )
+    @click.option(
+        "--allow-class",
+        "allow_class",
+        multiple=True,
+        metavar="pkg.Class",
+        help="Allow this class (or package prefix) when unpickling; repeatable.",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def sample_options(f):
+    """--sample-input / --no-sample-input."""
+
+    @click.option(
+        "--sample-input",
+        "sample_input",
+        metavar="SPEC",
+        help="A .pt file of tensors (tensor, tuple or dict), a shape like 8x3x32x32 "
+        "(random floats), int:2x16:VOCAB (random ids), or 'auto' (Hugging Face models; "
+        "their default). Used to trace, count FLOPs and measure the output error.",
+    )
+    @click.option("--no-sample-input", is_flag=True, help="Do not use any sample input.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def load_input(model_path: str, arch, trust_pickle, allow_class) -> io.LoadedModel:
+    """Read MODEL as the model options say, with a status line."""
+    with err.status(f"loading {model_path}"):
+        return io.load_model(
+            model_path, arch=arch, trust_pickle=trust_pickle, allow_classes=allow_class
+        )
+
+
+def load_teacher(path: str | None, arch, trust_pickle, allow_class) -> torch.nn.Module | None:
+    """The model ``--teacher`` names (``arch``: ``--teacher-arch``, else ``--arch``)."""
+    return load_input(path, arch, trust_pickle, allow_class).model if path else None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``8x3x32x32`` -> ``(8, 3, 32, 32)``."""
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise UserInputError(
+            f"--sample-input: bad shape {text!r} (expected e.g. 8x3x32x32)"
+        ) from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UserInputError(f"--sample-input: bad shape {text!r}")
+    return dims
+
+
+def resolve_sample_input(
+    text: str | None, loaded: io.LoadedModel | None, disabled: bool = False
+) -> Any:
+    """Turn ``--sample-input`` into tensors (see the option's help)."""
+    if disabled:
+        return None
+    model = loaded.model if loaded else None
+    config = getattr(model, "config", None)
+    if text is None:
+        text = "auto" if config is not None and hasattr(config, "vocab_size") else None
+    if text is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    if text == "auto":
+        if config is None or not hasattr(config, "vocab_size"):
+            raise UserInputError("--sample-input auto works for Hugging Face text models only")
+        ids = torch.randint(0, config.vocab_size, (2, 16), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if text.startswith("int:"):
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise UserInputError("--sample-input int:SHAPE:HIGH, e.g. int:2x16:30522")
+        try:
+            high = int(parts[2])
+        except ValueError:
+            raise UserInputError(f"--sample-input: bad upper bound {parts[2]!r}") from None
+        return torch.randint(0, high, parse_shape(parts[1]), generator=g)
+    path = Path(text)
+    if path.exists():
+        if path.suffix == ".safetensors":
+            state, _ = io._read_safetensors(path)
+            return state
+        obj = io.torch_load_safely(path)
+        if isinstance(obj, (torch.Tensor, tuple, list, dict)):
+            return tuple(obj) if isinstance(obj, list) else obj
+        raise UserInputError(f"--sample-input {path}: expected tensors, got {type(obj).__name__}")
+    if any(c.isdigit() for c in text) and set(text.lower()) <= set("0123456789x"):
+        shape = parse_shape(text)
+        ref = next(iter(model.parameters()), None) if model is not None else None
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        return torch.randn(shape, generator=g).to(dtype)
+    raise UserInputError(f"--sample-input {text!r}: no such file, and not a shape like 8x3x32x32")
+
+
+def plan_arguments(f):
+    """SPEC MODEL and the options of every command that plans (plan, apply)."""
+    f = click.option(
+        "--allow-empty", is_flag=True, help="Do not fail on rules that match nothing."
+    )(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+    f = sample_options(f)
+    f = model_options(f)
+    f = click.argument("model", type=click.Path())(f)
+    f = click.argument("spec", type=click.Path(dir_okay=False))(f)
+    return f
+
+
+def prepare(spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input):
+    """Spec first (cheap, and its errors matter most), then the model and the sample input."""
+    s = load_spec(spec)
+    loaded = load_input(model, arch, trust_pickle, allow_class)
+    return s, loaded, resolve_sample_input(sample_input, loaded, no_sample_input)
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap identity of a model file or directory: the names, sizes and
+    modification times of its files (no content is read)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    parts = []
+    for f in files:
+        st = f.stat()
+        parts.append(
+            f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}"
+        )
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def source_record(loaded: io.LoadedModel) -> dict[str, Any]:
+    """What ``tnsurgery apply`` records of its input in the manifest (``"source"``), so
+    that ``tnsurgery train`` can find the original model again as the teacher."""
+    return {
+        "path": str(loaded.path.resolve()),
+        "kind": loaded.kind,
+        "arch": loaded.arch,
+        "fingerprint": fingerprint(loaded.path),
+    }
+
+
+def recorded_source(model: torch.nn.Module) -> tuple[dict[str, Any] | None, str | None]:
+    """The model a surgered ``model`` was made from, as ``apply`` recorded it, and
+    why it cannot be used (``None`` when it can: the file is there, unchanged)."""
+    manifest = get_manifest(model) or {}
+    src = manifest.get("source")
+    if not isinstance(src, dict) or "path" not in src:
+        return None, "no source recorded"
+    where = Path(src["path"])
+    if not where.exists():
+        return src, f"{where}, which it was surgered from, is gone"
+    if fingerprint(where) != src.get("fingerprint"):
+        return src, f"{where}, which it was surgered from, has changed since"
+    return src, None
+
+
+def default_output(loaded: io.LoadedModel, tag: str = "surgered") -> Path:
+    """Where ``tnsurgery apply`` (``tag`` "surgered") or ``export`` ("exported") writes
+    when no ``-o`` is given: beside the input."""
+    p = loaded.path
+    if loaded.kind == "hf":
+        return p.with_name(f"{p.name}-{tag}")
+    stem, _, ext = p.name.partition(".")
+    for earlier in ("surgered.", "trained.", "exported."):
+        if ext.startswith(earlier) and f"{tag}." != earlier:
+            ext = ext[len(earlier) :]
+    return p.with_name(f"{stem}.{tag}.{ext or 'pt'}")
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file in a directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size

@@ -1,0 +1,274 @@
+"""The commands that operate on a model: ``plan``, ``apply``, ``train``, ``export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from tnsurgery import io, surgery
+from tnsurgery.cli.app import cli, emit_json, err, out
+from tnsurgery.cli.inputs import (
+    default_output,
+    disk_bytes,
+    load_input,
+    load_teacher,
+    model_options,
+    plan_arguments,
+    prepare,
+    recorded_source,
+    resolve_sample_input,
+    sample_options,
+    source_record,
+)
+from tnsurgery.cli.render import (
+    fmt_err,
+    fmt_int,
+    model_summary,
+    plan_table,
+    print_passes,
+    progress_bar,
+)
+from tnsurgery.errors import UserInputError
+from tnsurgery.manifest import record
+from tnsurgery.plan import Plan
+from tnsurgery.spec import load_spec
+
+
+@cli.command(name="plan")
+@plan_arguments
+def plan_cmd(
+    spec,
+    model,
+    arch,
+    trust_pickle,
+    allow_class,
+    sample_input,
+    no_sample_input,
+    as_json,
+    allow_empty,
+):
+    """Show what SPEC would do to MODEL, as a table; changes nothing."""
+    s, loaded, x = prepare(
+        spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
+    )
+    with err.status("planning"):
+        p = surgery.plan(loaded.model, s, x, allow_empty=allow_empty)
+    if as_json:
+        emit_json(p.to_dict())
+        return
+    print_passes(p)
+    out.print(plan_table(p))
+    out.print(model_summary(p), highlight=False)
+
+
+@cli.command(name="apply")
+@plan_arguments
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write (default: beside the input, '.surgered').",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(),
+    help="The teacher of the spec's 'training' (default: MODEL itself, before surgery); "
+    "needed by order 'distill_then_compress' with mode 'distill'. Read like MODEL.",
+)
+@click.option(
+    "--teacher-arch", help="pkg.module:factory for --teacher when it is another architecture."
+)
+def apply_cmd(
+    spec,
+    model,
+    arch,
+    trust_pickle,
+    allow_class,
+    sample_input,
+    no_sample_input,
+    as_json,
+    allow_empty,
+    output,
+    teacher,
+    teacher_arch,
+):
+    """Apply SPEC to MODEL and write the surgered model (same kind as the input) with its
+    manifest.json + .safetensors pair."""
+    s, loaded, x = prepare(
+        spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
+    )
+    target = Path(output) if output else default_output(loaded)
+    master = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
+    with progress_bar(as_json) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def progress(done: int, total: int, message: str) -> None:
+            bar.update(task, completed=done, total=total, description=message)
+
+        small = surgery.apply(
+            loaded.model, s, x, allow_empty=allow_empty, progress=progress, teacher=master
+        )
+        bar.update(task, description=f"writing {target}", total=None)
+        record(small, "source", source_record(loaded))  # train's teacher
+        written = io.save_like_input(small, loaded, target)
+    manifest = surgery.get_manifest(small)
+    p = Plan.from_dict(manifest["plan"])
+    if as_json:
+        emit_json(
+            {
+                "plan": manifest["plan"],
+                "output_error": manifest["output_error"],
+                "output_error_name": manifest["output_error_name"],
+                "written": [str(w) for w in written],
+            }
+        )
+        return
+    print_passes(p)
+    out.print(plan_table(p, title="Surgery"))
+    out.print(model_summary(p), highlight=False)
+    if manifest["output_error"] is not None:
+        out.print(
+            f"output error on the sample input: {manifest['output_error']:.4g} "
+            f"(relative, {manifest['output_error_name']})",
+            highlight=False,
+        )
+    else:
+        out.print("output error: not measured (no sample input)", highlight=False)
+    for w in written:
+        out.print(f"wrote {w}", highlight=False)
+
+
+@cli.command(name="train")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
+@model_options
+@click.option(
+    "--teacher",
+    type=click.Path(),
+    help="The original model (before surgery): the teacher of 'distill'. Read like MODEL.",
+)
+@click.option(
+    "--teacher-arch", help="pkg.module:factory for --teacher when it is another architecture."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write (default: beside the input, '.trained').",
+)
+def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arch, as_json, output):
+    """Run SPEC's 'training' section on MODEL, a surgered model: distill from --teacher
+    (label-free) or fine-tune, then write the trained model like 'apply' does."""
+    s = load_spec(spec)
+    if s.training is None:
+        raise UserInputError(f"{spec}: the spec has no 'training' section")
+    loaded = load_input(model, arch, trust_pickle, allow_class)
+    if surgery.get_manifest(loaded.model) is None:
+        raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
+    if s.training.mode == "distill" and not teacher:
+        # the model 'apply' surgered, when it is still there unchanged
+        src, why = recorded_source(loaded.model)
+        if why is not None:
+            raise UserInputError(
+                "mode 'distill' needs the original model: give --teacher ORIGINAL_MODEL"
+                + (f" ({why})" if src is not None else "")
+            )
+        teacher, teacher_arch = src["path"], teacher_arch or src.get("arch")
+        if not as_json:
+            out.print(f"teacher: {teacher} (the model it was surgered from)", highlight=False)
+    original = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
+    target = Path(output) if output else default_output(loaded, "trained")
+    with progress_bar(as_json) as bar:
+        task = bar.add_task("training", total=s.training.steps)
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            bar.update(task, completed=step, description=f"loss {metrics['loss']:.4g}")
+
+        result = surgery.train(loaded.model, s, original, progress=progress)
+        written = io.save_like_input(loaded.model, loaded, target)
+    summary = {**result.to_dict(), "written": [str(w) for w in written]}
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s: loss "
+        f"{summary['first_loss']:.4g} -> {summary['last_loss']:.4g}",
+        highlight=False,
+    )
+    for e in result.evals:
+        out.print(
+            f"  step {e['step']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step"),
+            highlight=False,
+        )
+    for w in written:
+        out.print(f"wrote {w}", highlight=False)
+
+
+@cli.command(name="export")
+@click.argument("model", type=click.Path())
+@model_options
+@sample_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Where to write (default: beside the input, '.exported').",
+)
+def export_cmd(
+    model, arch, trust_pickle, allow_class, sample_input, no_sample_input, as_json, output
+):
+    """Store the integer weights of MODEL's QAT layers (a model surgered with a 'qat'
+    rule): packed integers, scales and zero points, dequantized on the fly. Writes the
+    same kind of file as the input, with its manifest.json + .safetensors pair."""
+    loaded = load_input(model, arch, trust_pickle, allow_class)
+    x = resolve_sample_input(sample_input, loaded, no_sample_input)
+    target = Path(output) if output else default_output(loaded, "exported")
+    with err.status("exporting"):
+        exported = surgery.convert(loaded.model, x)
+        written = io.save_like_input(exported, loaded, target)
+    manifest = surgery.get_manifest(exported)
+    sizes = {str(w): disk_bytes(w) for w in written}
+    summary = {
+        "layers": [
+            {k: r[k] for k in ("name", "bytes_before", "bytes_after", "weight_error")}
+            for r in manifest["replacements"]
+        ],
+        "model_bytes_before": manifest["model_bytes_before"],
+        "model_bytes_after": manifest["model_bytes_after"],
+        "output_error": manifest["output_error"],
+        "output_error_name": manifest["output_error_name"],
+        "written": sizes,
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    t = Table(title="Export", header_style="bold")
+    for col in ("module", "bytes before", "bytes after", "weight err (vs fake-quant)"):
+        t.add_column(col)
+    for r in summary["layers"]:
+        t.add_row(
+            escape(r["name"]),
+            fmt_int(r["bytes_before"]),
+            fmt_int(r["bytes_after"]),
+            fmt_err(r["weight_error"]),
+        )
+    out.print(t)
+    before, after = summary["model_bytes_before"], summary["model_bytes_after"]
+    out.print(
+        f"model tensors: {fmt_int(before)}B -> {fmt_int(after)}B ({after / before:.1%})",
+        highlight=False,
+    )
+    if summary["output_error"] is not None:
+        out.print(
+            f"output error vs the fake-quant model: {summary['output_error']:.3g} "
+            f"(relative, {summary['output_error_name']})",
+            highlight=False,
+        )
+    for w, size in sizes.items():
+        out.print(f"wrote {w} ({fmt_int(size)}B)", highlight=False)
