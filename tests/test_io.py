@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -490,7 +491,7 @@ def test_a_failed_pickle_write_leaves_no_file(fail, tmp_path, monkeypatch):
     if fail == "torch.save":
         monkeypatch.setattr(torch, "save", _fail_midway())
     else:
-        monkeypatch.setattr(io, "save_file", _fail_midway())
+        monkeypatch.setattr(io.pairs, "save_file", _fail_midway())
     with pytest.raises(OSError, match="simulated"):
         io.save_like_input(small, loaded, tmp_path / "out.pt")
     assert files_in(tmp_path) == before
@@ -502,7 +503,7 @@ def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch, in_rep
     loaded = io.load_model(tmp_path / "w.safetensors", arch="tests.models:mlp")
     small = surgery.apply(loaded.model, MLP_SPEC)
     before = files_in(tmp_path)
-    monkeypatch.setattr(io, "save_file", _fail_midway())
+    monkeypatch.setattr(io.pairs, "save_file", _fail_midway())
     with pytest.raises(OSError, match="simulated"):
         io.save_like_input(small, loaded, tmp_path / "out.safetensors")
     with pytest.raises(OSError, match="simulated"):
@@ -517,7 +518,7 @@ def test_a_failed_hugging_face_write_leaves_no_directory(tmp_path, monkeypatch):
     loaded = io.load_model(tmp_path / "bert")
     small = surgery.apply(loaded.model, BERT_SPEC)
     before = files_in(tmp_path)
-    monkeypatch.setattr(io, "save_file", _fail_midway())
+    monkeypatch.setattr(io.pairs, "save_file", _fail_midway())
     with pytest.raises(OSError, match="simulated"):
         io.save_like_input(small, loaded, tmp_path / "out")
     assert files_in(tmp_path) == before
@@ -579,3 +580,48 @@ def test_fingerprint_of_a_file_or_directory_follows_its_files(tmp_path):
     one = fingerprint(f)
     f.write_bytes(b"abcd")
     assert fingerprint(f) != one
+
+
+def test_a_model_saved_before_the_restructuring_still_loads():
+    """tests/data/v0_1_manifest was written by tnsurgery before issue 11 (commit fce5fa7):
+    factorize, tt and qat (a history of three rules); it loads with the typed manifest
+    and gives the outputs it gave then."""
+    from safetensors.torch import load_file
+
+    from tnsurgery.layers.qat import QATLayer
+    from tnsurgery.layers.tt import TTLinear
+
+    here = Path(__file__).parent / "data" / "v0_1_manifest"
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)
+    )
+    model = tnsurgery.load(here / "model", base)
+    assert isinstance(model[0], QATLayer) and isinstance(model[2], TTLinear)
+    io_pair = load_file(str(here / "io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(io_pair["x"]), io_pair["y"], rtol=0, atol=0)
+    manifest = tnsurgery.get_manifest(model)
+    assert [r["transform"] for r in manifest["replacements"]] == ["factorize", "tt", "qat"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("history", "not a list", "history"),
+        ("replacements", [{"layer": "x"}], "replacements.0.name"),
+        ("aliases", ["a"], "aliases"),
+        ("format", "something.else", "format"),
+    ],
+)
+def test_a_malformed_manifest_is_a_load_error_naming_the_field(tmp_path, field, value, named):
+    here = Path(__file__).parent / "data" / "v0_1_manifest" / "model"
+    out = tmp_path / "m"
+    shutil.copytree(here, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw[field] = value
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError) as info:
+        tnsurgery.load(out, nn.Sequential(nn.Linear(16, 32)))
+    assert str(out / "manifest.json") in str(info.value) or str(out) in str(info.value)
+    assert named in str(info.value) or "not a tnsurgery manifest" in str(info.value)

@@ -36,6 +36,7 @@ from torch import nn
 
 from tnsurgery.calibration import CalibrationResult, padding_mask, unpadded
 from tnsurgery.compare import float_leaves
+from tnsurgery.hooks import hooked
 from tnsurgery.spec import Spec
 from tnsurgery.targets import RuleTargets
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing
@@ -166,7 +167,6 @@ def _input_shapes(model, modules, sample_input) -> dict[str, tuple]:
     if sample_input is None:
         return {}
     shapes: dict[str, tuple] = {}
-    handles = []
 
     def hook_for(name):
         def hook(mod, args, kwargs, out):
@@ -175,15 +175,9 @@ def _input_shapes(model, modules, sample_input) -> dict[str, tuple]:
 
         return hook
 
-    try:
-        for name, m in modules.items():
-            if name and not list(m.children()):
-                handles.append(m.register_forward_hook(hook_for(name), with_kwargs=True))
-        with eval_mode(model):
-            call_model(model, sample_input)
-    finally:
-        for h in handles:
-            h.remove()
+    leaves = [(name, m) for name, m in modules.items() if name and not list(m.children())]
+    with hooked(leaves, hook_for, with_kwargs=True), eval_mode(model):
+        call_model(model, sample_input)
     return shapes
 
 

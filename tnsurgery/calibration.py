@@ -26,6 +26,7 @@ from torch import nn
 from tnsurgery.compare import weight_error
 from tnsurgery.data import batches, examples_in, to_device
 from tnsurgery.errors import SurgeryError, UserInputError
+from tnsurgery.hooks import hooked
 from tnsurgery.plan import TargetPlan
 from tnsurgery.plugins import Registry
 from tnsurgery.spec import Spec
@@ -148,12 +149,11 @@ def collect(
 
         return hook
 
-    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in wanted]
     t0 = time.perf_counter()
     examples = count = 0
     first = None
     kept: list[Any] = []
-    try:
+    with hooked([(n, modules[n]) for n in wanted], make_hook, pre=True):
         with eval_mode(model):
             for batch in batches:
                 if first is None:
@@ -166,9 +166,6 @@ def collect(
                 count += 1
                 if progress:
                     progress(examples, total or examples, "calibrating")
-    finally:
-        for h in handles:
-            h.remove()
     if count == 0:
         raise UserInputError("calibration: the data gave no batch")
     stats = {n: InputStats(grams[n], rows[n]) for n in wanted if n in grams}
@@ -205,13 +202,9 @@ def call_groups(model: nn.Module, names: list[str], batch: Any) -> list[list[str
 
         return hook
 
-    handles = [modules[n].register_forward_pre_hook(make(n)) for n in names if n in modules]
-    try:
+    with hooked([(n, modules[n]) for n in names if n in modules], make, pre=True):
         with eval_mode(model):
             call_model(model, to_device(batch, model))
-    finally:
-        for h in handles:
-            h.remove()
     groups: list[list[str]] = []
     last = None
     for name, tensor in seen:
@@ -273,20 +266,16 @@ def cross_stats(
 
         return hook
 
-    handles = [mods_o[n].register_forward_pre_hook(hook_original(n)) for n in group]
-    handles += [mods_s[n].register_forward_pre_hook(hook_surgered(n)) for n in group]
-    try:
-        with eval_mode(original, surgered):
-            for batch in batches:
-                current.update(mask=padding_mask(batch), inputs={}, done=set())
-                for model in (original, surgered):
-                    try:
-                        call_model(model, to_device(batch, model))
-                    except _Stop:
-                        pass
-    finally:
-        for h in handles:
-            h.remove()
+    on_original = hooked([(n, mods_o[n]) for n in group], hook_original, pre=True)
+    on_surgered = hooked([(n, mods_s[n]) for n in group], hook_surgered, pre=True)
+    with on_original, on_surgered, eval_mode(original, surgered):
+        for batch in batches:
+            current.update(mask=padding_mask(batch), inputs={}, done=set())
+            for model in (original, surgered):
+                try:
+                    call_model(model, to_device(batch, model))
+                except _Stop:
+                    pass
     out = {}
     for n, v in sums.items():
         if n not in known:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnsurgery.hooks import hooked
 from tnsurgery.plan import Plan
 from tnsurgery.tracing import call_model, eval_mode
 from tnsurgery.transform import relative_error
@@ -53,7 +54,6 @@ def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any
     names = {t.name for t in result.replaced()}
     captured: dict[str, tuple] = {}
     modules = dict(original.named_modules())
-    handles = []
 
     def make_hook(name):
         def hook(mod, args, kwargs, output):
@@ -61,14 +61,9 @@ def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any
 
         return hook
 
-    try:
-        for n in names:
-            handles.append(modules[n].register_forward_hook(make_hook(n), with_kwargs=True))
+    with hooked([(n, modules[n]) for n in names], make_hook, with_kwargs=True):
         with eval_mode(original, work):
             reference = call_model(original, sample_input)
-    finally:
-        for h in handles:
-            h.remove()
     with eval_mode(original, work):
         surgered = call_model(work, sample_input)
         new_modules = dict(work.named_modules())

@@ -22,6 +22,7 @@ import torch.fx
 from torch import nn
 
 from tnsurgery.flops import module_flops
+from tnsurgery.hooks import hooked
 
 __all__ = [
     "CallInfo",
@@ -134,7 +135,6 @@ def _hooked_run(
     modules = dict(model.named_modules())
     calls = {t: CallInfo(calls=0) for t in targets}
     counter = [0]
-    handles = []
 
     def make_hook(name: str):
         def hook(mod, args, kwargs, output):
@@ -148,14 +148,9 @@ def _hooked_run(
 
         return hook
 
-    try:
-        for t in targets:
-            handles.append(modules[t].register_forward_hook(make_hook(t), with_kwargs=True))
+    with hooked([(t, modules[t]) for t in targets], make_hook, with_kwargs=True):
         with eval_mode(run_on):
             call_model(run_on, sample_input)
-    finally:
-        for h in handles:
-            h.remove()
     return calls
 
 

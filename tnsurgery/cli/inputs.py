@@ -119,7 +119,7 @@ def resolve_sample_input(
     path = Path(text)
     if path.exists():
         if path.suffix == ".safetensors":
-            state, _ = io._read_safetensors(path)
+            state, _ = io.read_safetensors(path)
             return state
         obj = io.torch_load_safely(path)
         if isinstance(obj, (torch.Tensor, tuple, list, dict)):

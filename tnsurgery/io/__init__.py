@@ -1,0 +1,36 @@
+"""Files: safe loading of the models users name, and surgered models written and read
+back as a ``manifest.json`` + ``.safetensors`` pair, atomically.
+
+- :mod:`~tnsurgery.io.models`: :func:`load_model` (pickles on an allow list, state
+  dicts and safetensors with ``--arch``, Hugging Face directories);
+- :mod:`~tnsurgery.io.pairs`: :func:`save`, :func:`load`, :func:`save_like_input`;
+- :mod:`~tnsurgery.io.files`: names, safetensors reading, state dicts that fit,
+  importing what the user named.
+"""
+
+from tnsurgery.io.files import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    LoadedModel,
+    build_arch,
+    cwd_on_path,
+    import_name,
+    read_safetensors,
+)
+from tnsurgery.io.models import load_model, torch_load_safely
+from tnsurgery.io.pairs import load, save, save_like_input
+
+__all__ = [
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "LoadedModel",
+    "build_arch",
+    "cwd_on_path",
+    "import_name",
+    "load",
+    "load_model",
+    "read_safetensors",
+    "save",
+    "save_like_input",
+    "torch_load_safely",
+]
