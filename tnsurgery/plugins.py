@@ -30,6 +30,7 @@ __all__ = [
     "Registry",
     "get_plugin_manager",
     "get_registry",
+    "load_failures",
     "qualified_name",
     "unknown_name_message",
 ]
@@ -141,6 +142,12 @@ def get_plugin_manager(refresh: bool = False) -> pluggy.PluginManager:
             pm._tnsurgery_origins[pm.get_name(module)] = "builtin"  # type: ignore[attr-defined]
     _manager = pm
     return pm
+
+
+def load_failures(pm: pluggy.PluginManager | None = None) -> list[PluginFailure]:
+    """The plugins whose module could not be imported when the manager was built."""
+    pm = pm or get_plugin_manager()
+    return list(getattr(pm, "_tnsurgery_failures", []))
 
 
 def _record_failure(pm: pluggy.PluginManager, name: str, origin: str, exc: BaseException) -> None:

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from tnsurgery._version import __version__
 from tnsurgery.errors import UserInputError
-from tnsurgery.plugins import get_plugin_manager
+from tnsurgery.plugins import get_plugin_manager, load_failures
 
 # Tables are wide: when the output is not a terminal (pipes, CI logs), do not wrap at 80.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -71,7 +71,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = get_plugin_manager()
-    for f in getattr(pm, "_tnsurgery_failures", []):
+    for f in load_failures(pm):
         line = f"plugin '{f.name}' ({f.origin}) failed to load: {f.error}"
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
     pm.hook.register_commands(cli=cli)
