@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from torch import nn
 
-from tnsurgery.layers.base import SurgeryLayer
+from tnsurgery.layer import SurgeryLayer
 
 
 @lru_cache(maxsize=1024)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tnsurgery.errors import UserInputError
-from tnsurgery.layers.base import SurgeryLayer
+from tnsurgery.layer import SurgeryLayer
 from tnsurgery.spec import Training, TTOptions
 
 
