@@ -96,7 +96,5 @@ def test_imports_inside_functions_are_only_optional_dependencies_with_a_reason()
 
 @pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter not installed")
 def test_the_floors_hold():
-    done = subprocess.run(
-        ["lint-imports"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -270,9 +270,7 @@ def test_no_whitening_without_stats_of_the_layers_size_or_on_conv():
             assert torch.equal(a, b)
     conv = nn.Conv2d(4, 8, 3)
     stats = InputStats(torch.eye(36, dtype=torch.float64), 10)
-    dec = tucker.plan(
-        conv, tucker.TuckerParams(ranks=[4, 2]), Context(name="c", input_stats=stats)
-    )
+    dec = tucker.plan(conv, tucker.TuckerParams(ranks=[4, 2]), Context(name="c", input_stats=stats))
     assert dec.predicted_output_error is None and "whitened" not in dec.resolved
 
 

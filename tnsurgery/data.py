@@ -21,6 +21,7 @@ from tnsurgery.plugins import Registry, get_registry
 
 __all__ = ["DataContext", "DataSource", "batches", "examples_in", "split", "take", "to_device"]
 
+
 def examples_in(batch: Any) -> int:
     """Number of examples in a batch (dim 0 of its first tensor)."""
     if isinstance(batch, torch.Tensor):

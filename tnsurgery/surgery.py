@@ -24,11 +24,18 @@ from torch import nn
 
 from tnsurgery.budget import allocate
 from tnsurgery.calibration import CalibrationResult, calibrate, refit_rule
-from tnsurgery.compare import output_error, verify, weight_error
+from tnsurgery.compare import float_leaves, output_error, verify, weight_error
 from tnsurgery.data import to_device
 from tnsurgery.errors import SurgeryError, UserInputError
 from tnsurgery.export import convert
-from tnsurgery.manifest import Manifest, Replacement, get_manifest, record
+from tnsurgery.manifest import (
+    MANIFEST_ATTR,
+    MANIFEST_FORMAT,
+    Manifest,
+    Replacement,
+    get_manifest,
+    record,
+)
 from tnsurgery.plan import Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry
 from tnsurgery.spec import Spec, load_spec
@@ -38,7 +45,17 @@ from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, tens
 from tnsurgery.training import train
 from tnsurgery.transform import Context, Decision, Transform, qualified_name
 
-__all__ = ["apply", "convert", "get_manifest", "output_error", "plan", "train"]
+__all__ = [
+    "MANIFEST_ATTR",
+    "MANIFEST_FORMAT",
+    "apply",
+    "convert",
+    "float_leaves",
+    "get_manifest",
+    "output_error",
+    "plan",
+    "train",
+]
 
 Progress = Callable[[int, int, str], None]
 

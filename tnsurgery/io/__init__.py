@@ -8,6 +8,7 @@ back as a ``manifest.json`` + ``.safetensors`` pair, atomically.
   importing what the user named.
 """
 
+from tnsurgery.atomic import atomic_dir, atomic_files
 from tnsurgery.io.files import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
@@ -24,6 +25,8 @@ __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "LoadedModel",
+    "atomic_dir",
+    "atomic_files",
     "build_arch",
     "cwd_on_path",
     "import_name",

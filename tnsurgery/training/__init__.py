@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from tnsurgery.errors import UserInputError
+from tnsurgery.manifest import Manifest
 from tnsurgery.plugins import Registry, get_registry
 from tnsurgery.spec import (
     CheckpointOptions,
@@ -45,7 +46,9 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "Training",
+    "builtin_train",
     "evaluate",
+    "surgered_names",
     "train",
 ]
 
@@ -82,3 +85,19 @@ def train(
     except KeyError as exc:
         raise UserInputError(f"training: field 'trainer': {exc.args[0]}") from None
     return trainer.train(model, opts, teacher, registry=registry, progress=progress, resume=resume)
+
+
+def builtin_train(model: nn.Module, spec_or_training: Any, teacher: nn.Module | None = None, **kw):
+    """The built-in loop (:mod:`tnsurgery.builtins.trainer`), reached through the
+    registry like any trainer, whatever ``training.trainer`` says; the arguments of
+    :func:`train`."""
+    registry = kw.get("registry") or get_registry()
+    kw["registry"] = registry
+    trainer = registry.get_trainer("builtin")
+    return trainer.train(model, training_options(spec_or_training, registry), teacher, **kw)
+
+
+def surgered_names(model: nn.Module) -> list[str]:
+    """Names of the modules surgery made (from the manifest attached to ``model``)."""
+    manifest = Manifest.of(model)
+    return manifest.surgered_names() if manifest is not None else []

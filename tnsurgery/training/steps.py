@@ -59,9 +59,7 @@ def batches_forever(opts: Training, model: nn.Module, registry, skip: int) -> It
     while True:
         got = False
         for index, batch in enumerate(
-            batches(
-                opts.data, model, opts.batch_size, None, opts.seed + epoch, registry=registry
-            )
+            batches(opts.data, model, opts.batch_size, None, opts.seed + epoch, registry=registry)
         ):
             if index % world != rank:  # each process its own share of the batches
                 continue
