@@ -625,3 +625,13 @@ def test_a_malformed_manifest_is_a_load_error_naming_the_field(tmp_path, field, 
         tnsurgery.load(out, nn.Sequential(nn.Linear(16, 32)))
     assert str(out / "manifest.json") in str(info.value) or str(out) in str(info.value)
     assert named in str(info.value) or "not a tnsurgery manifest" in str(info.value)
+
+
+def test_manifest_json_keeps_infinite_errors_and_stringifies_what_json_cannot_hold():
+    from tnsurgery.manifest import Manifest, Replacement
+
+    rep = Replacement(name="a", layer="x.Y", config={"dtype": torch.float16, "n": 3})
+    data = Manifest(replacements=[rep], output_error=float("inf")).to_dict()
+    assert data["output_error"] == float("inf")
+    assert data["replacements"][0]["config"] == {"dtype": "torch.float16", "n": 3}
+    assert json.loads(json.dumps(data))["output_error"] == float("inf")

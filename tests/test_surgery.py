@@ -669,3 +669,26 @@ def test_progress_is_reported_per_replacement():
         (1, 3, "factorize fc2"),
         (2, 3, "factorize fc3"),
     ]
+
+
+def test_a_failed_inplace_apply_leaves_no_manifest_of_its_own():
+    """Training fails after the swaps: the modules come back and so does the manifest."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    first = model[0]
+    spec = {
+        "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 2}}],
+        "training": {"data": {"source": "random", "shape": [5], "samples": 32}, "steps": 2},
+    }
+    with pytest.raises(RuntimeError):  # the batches do not fit the model
+        surgery.apply(model, spec, inplace=True)
+    assert model[0] is first and surgery.get_manifest(model) is None
+
+
+def test_context_extras_is_a_read_only_view_for_older_plugins():
+    from tnsurgery.stats import InputStats
+    from tnsurgery.transform import Context
+
+    stats = InputStats(torch.eye(3, dtype=torch.float64), 3)
+    ctx = Context(name="x", input_stats=stats, damping=0.1, cache={})
+    assert ctx.extras == {"input_stats": stats, "damping": 0.1, "decomposition_cache": {}}
+    assert Context(name="y").extras == {}

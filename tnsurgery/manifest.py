@@ -11,6 +11,7 @@ data. Each operation on an already surgered model makes a new manifest whose
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any, Literal
 
 import torch
@@ -85,8 +86,10 @@ class Manifest(BaseModel):
     # ----------------------------------------------------------------- data
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible data (what is written to ``manifest.json``)."""
-        return self.model_dump(mode="json")
+        """JSON-compatible data (what is written to ``manifest.json``): values that JSON
+        has no type for (a numpy integer, a dtype in a plugin's config) become strings;
+        infinite errors stay infinite."""
+        return json.loads(json.dumps(self.model_dump(), default=str))
 
     def after(self, previous: Manifest | None) -> Manifest:
         """This manifest with ``previous`` (and its history) as its history."""
@@ -103,10 +106,6 @@ class Manifest(BaseModel):
         """Names of every module replaced by any recorded operation, in order."""
         names = [r.name for record in self.records() for r in record.replacements]
         return list(dict.fromkeys(names))
-
-    def extra(self, key: str, default: Any = None) -> Any:
-        """A field that some operation added (``training``, ``source``...)."""
-        return (self.model_extra or {}).get(key, default)
 
 
 def get_manifest(model: nn.Module) -> dict[str, Any] | None:

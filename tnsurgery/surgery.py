@@ -15,7 +15,8 @@ and ``train`` are re-exported here for the API's one import.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class _Prepared:
     sample_input: Any
     overrides: dict[tuple[int, str], Any]
     budget: dict[str, Any] | None
+    registry: Registry
 
 
 def _prepare(
@@ -86,7 +88,7 @@ def _prepare(
     overrides, budget = {}, None
     if spec.budget is not None:
         overrides, budget = allocate(model, spec, targets, sample_input, calib)
-    return _Prepared(targets, calib, sample_input, overrides, budget)
+    return _Prepared(targets, calib, sample_input, overrides, budget, registry)
 
 
 def plan(
@@ -179,7 +181,7 @@ def apply(
     train_after = spec.training is not None and trained_first is None
     needs_original = prep.sample_input is not None or train_after or sequential
     original = copy.deepcopy(model) if (inplace and needs_original) else model
-    with Swaps(work) as swaps:
+    with Swaps(work) as swaps, _manifest_restored(work):
         result, built = _run(work, original, spec, prep, allow_empty, True, swaps, progress, True)
         if prep.sample_input is not None:
             verify(original, work, result, prep.sample_input)
@@ -203,6 +205,21 @@ def apply(
                     )[0]
                 record(work, "trained_output_error", err)
     return work
+
+
+@contextmanager
+def _manifest_restored(model: nn.Module) -> Iterator[None]:
+    """On failure, give ``model`` back the manifest it had (an in-place apply that fails
+    in training must not leave the new manifest on the restored model)."""
+    before = get_manifest(model)
+    try:
+        yield
+    except BaseException:
+        if before is None:
+            model.__dict__.pop(MANIFEST_ATTR, None)
+        else:
+            object.__setattr__(model, MANIFEST_ATTR, before)
+        raise
 
 
 def _run(
@@ -256,7 +273,7 @@ def _run(
             refit_rule(original, work, transform, index, todo, calib, damping, progress, report)
     if sequential:
         if not report["refitted"] and not report["groups"]:
-            able = [t.name for t in get_registry().transforms.values() if t.refit]
+            able = [t.name for t in prep.registry.transforms.values() if t.refit]
             report["note"] = (
                 "no replacement can be refitted (transforms with a refit: "
                 + (", ".join(able) or "none")

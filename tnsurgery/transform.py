@@ -58,6 +58,19 @@ class Context:
     plan_only: bool = False
     cache: dict[Any, Any] | None = None
 
+    @property
+    def extras(self) -> dict[str, Any]:
+        """The typed fields under the keys of the former string-keyed ``extras``
+        (``input_stats``, ``damping``, ``plan_only``, ``decomposition_cache``), for
+        plugins written against it; read-only, only the fields that are set."""
+        legacy = {
+            "input_stats": self.input_stats,
+            "damping": self.damping,
+            "plan_only": self.plan_only or None,
+            "decomposition_cache": self.cache,
+        }
+        return {k: v for k, v in legacy.items() if v is not None}
+
 
 @dataclass
 class Decision:
