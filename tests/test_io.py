@@ -17,7 +17,7 @@ from torch import nn
 import tnsurgery
 from tnsurgery import io, surgery
 from tnsurgery.cli.inputs import default_output
-from tnsurgery.errors import ModelLoadError, UserInputError
+from tnsurgery.errors import ModelLoadError, OutputError, UserInputError
 from tnsurgery.layers import LowRankConv2d, LowRankLinear
 from tnsurgery.plugins import Registry
 
@@ -486,16 +486,17 @@ def test_a_failed_pickle_write_leaves_no_file(fail, tmp_path, monkeypatch):
         loaded.model,
         {"version": 1, "rules": [{"match": "0", "transform": "factorize", "params": {"rank": 4}}]},
     )
-    (tmp_path / "out.pt").write_bytes(b"an older output")  # must survive a failed write
+    io.save_like_input(small, loaded, tmp_path / "out.pt")  # an earlier output
+    older = {f: (tmp_path / f).read_bytes() for f in files_in(tmp_path)}
     before = files_in(tmp_path)
     if fail == "torch.save":
         monkeypatch.setattr(torch, "save", _fail_midway())
     else:
         monkeypatch.setattr(io.pairs, "save_file", _fail_midway())
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OutputError, match="simulated"):
         io.save_like_input(small, loaded, tmp_path / "out.pt")
     assert files_in(tmp_path) == before
-    assert (tmp_path / "out.pt").read_bytes() == b"an older output"
+    assert {f: (tmp_path / f).read_bytes() for f in files_in(tmp_path)} == older
 
 
 def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch, in_repo_root):
@@ -504,11 +505,11 @@ def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch, in_rep
     small = surgery.apply(loaded.model, MLP_SPEC)
     before = files_in(tmp_path)
     monkeypatch.setattr(io.pairs, "save_file", _fail_midway())
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OutputError, match="simulated"):
         io.save_like_input(small, loaded, tmp_path / "out.safetensors")
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OutputError, match="simulated"):
         tnsurgery.save(small, tmp_path / "pair.safetensors")
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OutputError, match="simulated"):
         tnsurgery.save(small, tmp_path / "pair")
     assert files_in(tmp_path) == before
 
@@ -519,7 +520,7 @@ def test_a_failed_hugging_face_write_leaves_no_directory(tmp_path, monkeypatch):
     small = surgery.apply(loaded.model, BERT_SPEC)
     before = files_in(tmp_path)
     monkeypatch.setattr(io.pairs, "save_file", _fail_midway())
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OutputError, match="simulated"):
         io.save_like_input(small, loaded, tmp_path / "out")
     assert files_in(tmp_path) == before
 

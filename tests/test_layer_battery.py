@@ -274,6 +274,18 @@ def test_from_config_round_trip(case):
     assert rebuilt.flops(tuple(x.shape)) == layer.flops(tuple(x.shape))
 
 
+def test_from_config_builds_on_the_meta_device_with_the_same_shapes(case):
+    """tnsurgery.load builds every recorded layer on the meta device first, to check
+    its config against the weights file before allocating anything."""
+    built = case.build()
+    layer = built.layer
+    config = json.loads(json.dumps(layer.config()))
+    with torch.device("meta"):
+        probe = type(layer).from_config(config, built.before)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in probe.state_dict().items()} == shapes
+
+
 def test_pickle_round_trip(case):
     layer, x = case.build().layer.eval(), _input(case.kind)
     with torch.no_grad():

@@ -16,8 +16,11 @@ The public API, in one place (``docs/architecture.md`` says which module holds w
 
 from tnsurgery._version import __version__
 from tnsurgery.errors import (
+    DataSourceError,
+    LayerRefusedError,
     MatchError,
     ModelLoadError,
+    OutputError,
     SpecError,
     SurgeryError,
     TnsurgeryError,
@@ -31,9 +34,12 @@ from tnsurgery.transform import Context, Decision, Transform
 
 __all__ = [
     "Context",
+    "DataSourceError",
     "Decision",
+    "LayerRefusedError",
     "MatchError",
     "ModelLoadError",
+    "OutputError",
     "Spec",
     "SpecError",
     "SurgeryError",

@@ -17,12 +17,21 @@ the model. Each layer gets its own ``param_ratio``:
    each layer is replaced alone by its uniform-ratio approximation and the
    model's relative output error is measured (padding positions left out):
    ``s = out_err² / layer_err²`` is the output damage per unit of squared
-   layer error. Without a sample input every layer counts the same
-   (``s = 1``).
+   layer error (measured at the candidate closest to the budget's fraction that
+   has an error: with none, the layer loses nothing at any candidate and ``s``
+   is ``None``). Without a sample input every layer counts the same
+   (``s = 1``). A measurement that fails (the transform's ``plan`` or ``build``,
+   or the model run with the layer replaced) is a :class:`SurgeryError` naming
+   the layer and the cause (a :class:`UserInputError` the transform raises, refusing
+   the layer, is passed on as it is): no number is made up for it.
 3. **Allocation.** Minimize ``Σ s·err²`` subject to the budget, greedily:
    start every layer at its cheapest candidate and keep buying the upgrade
    (to any of its candidates) with the best damage saved per unit of cost
    that still fits the budget.
+
+Targets of the budget's rules that it does not allocate (tied or aliased, params
+without ``param_ratio``, no candidate the transform can plan) are listed under
+``"excluded"`` in the report, each with its reason.
 """
 
 from __future__ import annotations
@@ -36,11 +45,12 @@ from torch import nn
 
 from tnsurgery.calibration import CalibrationResult, padding_mask, unpadded
 from tnsurgery.compare import float_leaves
+from tnsurgery.errors import SurgeryError, UserInputError
 from tnsurgery.hooks import hooked
 from tnsurgery.spec import Spec
 from tnsurgery.targets import RuleTargets
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing
-from tnsurgery.transform import Context, RankOptions, relative_error
+from tnsurgery.transform import Context, RankOptions
 
 # candidate param_ratio values tried for every layer (1.0 = leave it dense)
 RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -63,7 +73,8 @@ class LayerCurve:
     name: str
     cost_before: float
     candidates: list[Candidate] = field(default_factory=list)
-    sensitivity: float = 1.0
+    sensitivity: float | None = 1.0  # None: no candidate has an error to weigh
+    sensitivity_ratio: float | None = None  # the candidate it was measured at
 
 
 def _output_vector(output: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,27 +115,33 @@ def allocate(
             reference = _output_vector(call_model(model, sample_input), mask)
     damping = spec.calibration.damping if spec.calibration is not None else None
     curves: list[LayerCurve] = []
+    excluded: list[dict[str, Any]] = []
     seen: set[str] = set()
     for index in rule_ids:
         rule, transform = spec.rules[index], targets[index].transform
         for name in targets[index].names:
-            if name in seen or aliases.get(name) or tied.get(name):
+            if name in seen:
                 continue
             seen.add(name)
+            why = _shared(name, aliases, tied)
             module = modules[name]
-            stats = calib.stats.get(name) if calib is not None else None
-            extras = {"input_stats": stats, "damping": damping if stats is not None else None}
-            curve = _curve(module, name, index, rule, transform, kind, shapes.get(name), extras)
+            curve = None
+            if why is None:
+                stats = calib.stats.get(name) if calib is not None else None
+                extras = {"input_stats": stats, "damping": damping if stats is not None else None}
+                shape = shapes.get(name)
+                curve, why = _curve(module, name, index, rule, transform, kind, shape, extras)
             if curve is None:
+                excluded.append({"name": name, "rule_index": index, "reason": why})
                 continue
             if reference is not None:
-                curve.sensitivity = _sensitivity(
+                curve.sensitivity, curve.sensitivity_ratio = _sensitivity(
                     model,
-                    name,
+                    curve,
+                    fraction,
                     module,
                     rule,
                     transform,
-                    fraction,
                     sample_input,
                     reference,
                     extras,
@@ -145,6 +162,7 @@ def allocate(
                 "param_ratio": cand.ratio,
                 "predicted_error": cand.error,
                 "sensitivity": curve.sensitivity,
+                "sensitivity_ratio": curve.sensitivity_ratio,
             }
         )
     before = sum(c.cost_before for c in curves)
@@ -159,8 +177,17 @@ def allocate(
         "cost_after": after,
         "achieved": after / before if before else None,
         "layers": layers,
+        "excluded": excluded,
     }
     return overrides, report
+
+
+def _shared(name: str, aliases: dict[str, list[str]], tied: dict[str, list[str]]) -> str | None:
+    if aliases.get(name):
+        return f"the same module is also registered as {', '.join(aliases[name])}"
+    if tied.get(name):
+        return f"shares its parameters or their storage with {', '.join(tied[name])} (tied)"
+    return None
 
 
 def _input_shapes(model, modules, sample_input) -> dict[str, tuple]:
@@ -181,34 +208,57 @@ def _input_shapes(model, modules, sample_input) -> dict[str, tuple]:
     return shapes
 
 
+def _rank_params(rule, ratio: float) -> BaseModel:
+    """The rule's params at ``param_ratio`` ``ratio`` (every other rank option unset)."""
+    params = rule.parsed_params.model_copy(update={"param_ratio": ratio})
+    for other in params.rank_fields:
+        if other != "param_ratio":
+            params = params.model_copy(update={other: None})
+    return params
+
+
 def _curve(
     module, name, index, rule, transform, kind, input_shape, extras=None
-) -> LayerCurve | None:
+) -> tuple[LayerCurve | None, str | None]:
+    """The layer's candidates, or ``None`` and why it is left out of the budget.
+
+    Raises:
+        SurgeryError: the transform failed to plan the layer at a candidate ratio.
+    """
     if not isinstance(rule.parsed_params, RankOptions):
-        return None
+        return None, f"the params of transform '{transform.name}' have no param_ratio"
+    if transform.plan is None:
+        return None, f"transform '{transform.name}' has no plan to predict errors with"
     weight = sum(p.numel() for p in module.parameters())
     before = float(weight) if kind == "params" else float(module_flops(module, input_shape) or 0)
     curve = LayerCurve(index, name, before)
     # one decomposition for every ratio (transforms that support it reuse it)
     ctx = Context(name=name, input_shape=input_shape, plan_only=True, cache={}, **(extras or {}))
+    left_out: list[str] = []
     for ratio in RATIOS[:-1]:
-        params = rule.parsed_params.model_copy(update={"param_ratio": ratio})
-        for other in params.rank_fields:
-            if other != "param_ratio":
-                params = params.model_copy(update={other: None})
         try:
-            decision = transform.plan(module, params, ctx) if transform.plan else None
-        except Exception:
-            decision = None
+            decision = transform.plan(module, _rank_params(rule, ratio), ctx)
+        except UserInputError:  # the transform refuses what the spec asks: a user error
+            raise
+        except Exception as exc:
+            raise SurgeryError(
+                f"budget: transform '{transform.name}' failed to plan {name} at param_ratio "
+                f"{ratio}: {type(exc).__name__}: {exc}"
+            ) from exc
         error = _layer_error(decision)
-        if error is None:
-            continue
-        cost = decision.params_after if kind == "params" else decision.flops_after
-        if cost is None:
+        cost = None
+        if error is not None:
+            cost = decision.params_after if kind == "params" else decision.flops_after
+        if error is None or cost is None:
+            if decision is not None and decision.skip_reason:
+                left_out.append(decision.skip_reason)
             continue
         curve.candidates.append(Candidate(ratio, float(cost), error))
+    if not curve.candidates:
+        reasons = "; ".join(dict.fromkeys(left_out)) or "no error or cost predicted"
+        return None, f"no candidate ratio below 1.0 ({reasons})"
     curve.candidates.append(Candidate(1.0, before, 0.0))  # leave it dense
-    return curve if len(curve.candidates) > 1 else None
+    return curve, None
 
 
 def _layer_error(decision) -> float | None:
@@ -222,38 +272,54 @@ def _layer_error(decision) -> float | None:
 
 
 def _sensitivity(
-    model, name, module, rule, transform, fraction, sample_input, reference, extras=None, mask=None
-) -> float:
-    """Output damage per unit of squared relative layer error, measured by replacing
-    this one layer by its uniform-ratio approximation."""
-    params = rule.parsed_params.model_copy(update={"param_ratio": fraction})
-    ctx = Context(name=name, **(extras or {}))
-    try:
-        decision = transform.plan(module, params, ctx) if transform.plan else None
-        if decision is None or decision.skip_reason:
-            return 1.0
-        ctx.decision = decision
-        new = transform.build(module, params, ctx)
-    except Exception:
-        return 1.0
-    if decision.predicted_output_error is not None:
-        layer_err = decision.predicted_output_error
-    elif hasattr(new, "to_dense"):
-        layer_err = relative_error(new.to_dense(), module.weight)
-    else:
-        layer_err = 0
-    if not layer_err:
-        return 1.0
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    parent._modules[attr] = new
-    try:
-        with eval_mode(model):
-            out = _output_vector(call_model(model, sample_input), mask)
-    finally:
-        parent._modules[attr] = module
-    out_err = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
-    return max(out_err**2 / layer_err**2, 1e-12)
+    model, curve, fraction, module, rule, transform, sample_input, reference, extras, mask
+) -> tuple[float | None, float | None]:
+    """Output damage per unit of squared layer error (the curve's own error measure),
+    measured by replacing this one layer by its approximation at the budget's
+    ``fraction`` (else, where the transform skips it there or loses nothing, at the
+    nearest candidate that has an error); returns it and the ratio it was measured at,
+    or ``(None, None)`` when no candidate has an error (nothing to weigh).
+
+    Raises:
+        SurgeryError: planning, building or running the model with the approximation
+            failed (the layer and the cause named).
+    """
+    name = curve.name
+    lossy = [c.ratio for c in curve.candidates if c.ratio < 1.0 and c.error > 0]
+    lossy.sort(key=lambda r: (abs(r - fraction), r))
+    for at in dict.fromkeys([fraction, *lossy]) if lossy else []:
+        what = (
+            f"budget: measuring the sensitivity of {name} "
+            f"(transform '{transform.name}', param_ratio {at})"
+        )
+        params = _rank_params(rule, at)
+        ctx = Context(name=name, **extras)
+        try:
+            decision = transform.plan(module, params, ctx)
+            layer_err = _layer_error(decision)
+            if not layer_err:  # skipped there, or nothing lost: not a measure
+                continue
+            ctx.decision = decision
+            new = transform.build(module, params, ctx)
+        except UserInputError:  # the transform refuses what the spec asks: a user error
+            raise
+        except Exception as exc:
+            raise SurgeryError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent._modules[attr] = new
+        try:
+            with eval_mode(model):
+                out = _output_vector(call_model(model, sample_input), mask)
+        except Exception as exc:
+            raise SurgeryError(
+                f"{what}: the model failed with the layer replaced: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            parent._modules[attr] = module
+        out_err = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
+        return max(out_err**2 / layer_err**2, 1e-12), at
+    return None, None
 
 
 def _greedy(curves: list[LayerCurve], fraction: float) -> list[Candidate]:
@@ -270,7 +336,7 @@ def _fill(curves: list[LayerCurve], chosen: list[Candidate], left: float) -> lis
     while True:
         best, best_rate = None, 0.0
         for i, curve in enumerate(curves):
-            cur, s = chosen[i], curve.sensitivity
+            cur, s = chosen[i], curve.sensitivity or 0.0  # None: no error to weigh
             for c in curve.candidates:
                 extra = c.cost - cur.cost
                 gain = s * (cur.error**2 - c.error**2)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnsurgery.errors import SurgeryError, UserInputError
 from tnsurgery.hooks import hooked
 from tnsurgery.plan import Plan
 from tnsurgery.tracing import call_model, eval_mode
@@ -63,9 +64,22 @@ def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any
 
     with hooked([(n, modules[n]) for n in names], make_hook, with_kwargs=True):
         with eval_mode(original, work):
-            reference = call_model(original, sample_input)
+            try:
+                reference = call_model(original, sample_input)
+            except Exception as exc:
+                raise UserInputError(
+                    f"the model fails on the sample input (is it the input the model takes?): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
     with eval_mode(original, work):
-        surgered = call_model(work, sample_input)
+        try:
+            surgered = call_model(work, sample_input)
+        except Exception as exc:
+            raise SurgeryError(
+                "the surgered model fails on the sample input, where the original runs: a "
+                f"replacement layer is not a drop-in for the module it replaced: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         new_modules = dict(work.named_modules())
         last = {t.name: t for t in result.replaced()}  # a name replaced twice: the final layer
         for t in last.values():

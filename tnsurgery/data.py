@@ -13,10 +13,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from tnsurgery.datasource import DataContext, DataSource
-from tnsurgery.errors import UserInputError
+from tnsurgery.errors import DataSourceError, UserInputError
 from tnsurgery.plugins import Registry, get_registry
 
 __all__ = ["DataContext", "DataSource", "batches", "examples_in", "split", "take", "to_device"]
@@ -71,12 +72,55 @@ def batches(
     seed: int = 0,
     registry: Registry | None = None,
 ) -> Iterator[Any]:
-    """The batches described by a spec's ``data`` dict, at most ``samples`` examples."""
+    """The batches described by a spec's ``data`` dict, at most ``samples`` examples.
+
+    Whatever the source raises (when called, or while it gives its batches) comes out
+    as a :class:`~tnsurgery.errors.DataSourceError` naming the source and the cause
+    (a :class:`UserInputError` the source raised itself is passed on as it is)."""
     registry = registry or get_registry()
-    source = registry.get_data_source(data.get("source"))
-    params = source.params_model.model_validate({k: v for k, v in data.items() if k != "source"})
+    name = str(data.get("source"))
+    where = next(  # which function or file, for the message
+        (f"{key} {data[key]}" for key in ("target", "path") if isinstance(data.get(key), str)),
+        None,
+    )
+    try:
+        source = registry.get_data_source(data.get("source"))
+    except KeyError as exc:
+        raise UserInputError(f"data: {exc.args[0]}") from None
+    try:
+        params = source.params_model.model_validate(
+            {k: v for k, v in data.items() if k != "source"}
+        )
+    except ValidationError as exc:
+        raise DataSourceError(name, f"invalid params: {exc}", where) from None
     ctx = DataContext(model=model, batch_size=batch_size, seed=seed)
-    return take(iter(source.batches(params, ctx)), samples)
+    try:
+        it = iter(source.batches(params, ctx))
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise DataSourceError(name, exc, where) from exc
+    return take(_guarded(name, where, it), samples)
+
+
+def _guarded(name: str, where: str | None, it: Iterator[Any]) -> Iterator[Any]:
+    """The batches of ``it``, a failure of the source (not of the code consuming its
+    batches) turned into a :class:`DataSourceError`."""
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserInputError:
+                raise
+            except Exception as exc:
+                raise DataSourceError(name, exc, where) from exc
+            yield batch
+    finally:  # a source's generator (an open file...) closed as soon as it is done with
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def to_device(batch: Any, model: nn.Module) -> Any:

@@ -44,8 +44,35 @@ class ModelLoadError(UserInputError):
     """A model file could not be read safely (missing, truncated, untrusted classes...)."""
 
 
+class OutputError(UserInputError):
+    """An output cannot be written: the path is taken by something tnsurgery does not
+    own, overlaps the input, or the system refused (disk full, read-only, permissions).
+    Nothing was written."""
+
+
+class DataSourceError(UserInputError):
+    """A data source failed to give its batches (calibration, training, evaluation):
+    ``source`` is its name, ``cause`` what it raised (or why), ``detail`` which
+    function or file it read, when it says."""
+
+    def __init__(self, source: str, cause: BaseException | str, detail: str | None = None):
+        self.source = source
+        self.cause = cause
+        self.detail = detail
+        why = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        what = f"data source '{source}'" + (f" ({detail})" if detail else "")
+        super().__init__(f"data: {what} failed: {why}")
+
+
 class SurgeryError(TnsurgeryError):
     """A transform failed while building a replacement; the model was left untouched."""
+
+
+class LayerRefusedError(SurgeryError, UserInputError):
+    """A transform cannot build the layer the spec asks for (params that do not fit the
+    module, a size beyond what the machine can hold): the spec is to change. The
+    model was left untouched. A user error (exit 2), unlike a plain
+    :class:`SurgeryError`, which is a bug in a transform."""
 
 
 def did_you_mean(name: str, valid: list[str] | tuple[str, ...]) -> str:

@@ -4,7 +4,6 @@ replaced by its exported form, all or nothing, and the manifest records it."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from tnsurgery.compare import output_error
 from tnsurgery.errors import SurgeryError, UserInputError
 from tnsurgery.manifest import Manifest, Replacement
 from tnsurgery.plugins import Registry, get_registry
-from tnsurgery.swap import Swaps
+from tnsurgery.swap import Swaps, copy_model
 from tnsurgery.tracing import call_model, eval_mode, tensor_bytes
 from tnsurgery.transform import Transform, qualified_name, relative_error
 
@@ -57,8 +56,8 @@ def convert(
         raise UserInputError(
             "nothing to export: the model has no QAT layer (apply a spec with a 'qat' rule first)"
         )
-    work = model if inplace else copy.deepcopy(model)
-    reference_model = copy.deepcopy(model) if (inplace and sample_input is not None) else model
+    work = model if inplace else copy_model(model)
+    reference_model = copy_model(model) if (inplace and sample_input is not None) else model
     if sample_input is not None:  # input quantizers that never saw an input observe it now
         with eval_mode(work):
             call_model(work, sample_input)

@@ -23,6 +23,7 @@ from tnsurgery.transform import qualified_name
 
 MANIFEST_ATTR = "_tnsurgery_manifest"
 MANIFEST_FORMAT = "tnsurgery.manifest"
+MANIFEST_VERSION = 1  # the newest format_version this tnsurgery reads and writes
 
 
 class Replacement(BaseModel):
@@ -52,7 +53,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format: Literal["tnsurgery.manifest"] = MANIFEST_FORMAT
-    format_version: int = 1
+    format_version: int = Field(MANIFEST_VERSION, ge=1, le=MANIFEST_VERSION)
     tnsurgery_version: str = __version__
     torch_version: str = Field(default_factory=lambda: str(torch.__version__))
     created: str = Field(

@@ -5,13 +5,23 @@ Glob patterns work on dotted names segment by segment: ``*`` (or any
 segment, ``**`` matches any number of segments, zero included. A pattern
 starting with ``re:`` is a Python regular expression that must match the
 whole name.
+
+Patterns come from spec files that someone else may have written: they are
+bounded (:data:`MAX_PATTERN_LENGTH`) and every way they can fail to compile
+(bad glob range, bad regex, a repetition too large, nesting too deep) is one
+:class:`ValueError` from :func:`pattern_problem` / :func:`compile_pattern`, which
+spec validation reports. Class names in ``types`` are never imported: a dotted
+name is compared with each class's ``module.qualname`` and otherwise looked up
+only in modules that are already imported (:func:`type_name_problem` says
+which names are well formed).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -19,15 +29,71 @@ from torch import nn
 
 from tnsurgery.layer import SurgeryLayer
 
+MAX_PATTERN_LENGTH = 1000
+"""Most characters in one pattern (``match``, ``exclude``, ``distill.match``) or one
+class name (``types``); module names are far shorter."""
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a usable pattern (``None`` when it is): empty, too long,
+    or not compilable (bad glob character range, bad regex, repetition too large,
+    nesting too deep). The message names the pattern."""
+    try:
+        compile_pattern(pattern)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
 
 @lru_cache(maxsize=1024)
 def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """The regex equivalent to a glob or ``re:`` pattern (used with ``fullmatch``)."""
-    if pattern.startswith("re:"):
-        return re.compile(pattern[3:])
-    parts = pattern.split(".")
+    """The regex equivalent to a glob or ``re:`` pattern (used with ``fullmatch``).
+
+    Raises :class:`ValueError` naming the pattern when it is empty, longer than
+    :data:`MAX_PATTERN_LENGTH` or does not compile."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"a pattern is a string, not {type(pattern).__name__}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(
+            f"pattern {shown(pattern)} has {len(pattern)} characters, more than the limit "
+            f"of {MAX_PATTERN_LENGTH}"
+        )
+    is_regex = pattern.startswith("re:")
+    if not pattern or pattern == "re:":
+        raise ValueError("empty regex 're:'" if is_regex else "empty pattern")
+    source = pattern[3:] if is_regex else _glob_regex(pattern)
+    try:
+        with warnings.catch_warnings():  # "possible nested set"...: the spec's business
+            warnings.simplefilter("ignore")
+            return re.compile(source)
+    except re.error as exc:
+        if is_regex:
+            raise ValueError(f"bad regex {shown(source)}: {exc}") from None
+        # the position would be in the translated regex: the reason alone
+        raise ValueError(f"bad glob pattern {shown(pattern)}: {exc.msg}") from None
+    except OverflowError as exc:  # a{99999999999}
+        raise ValueError(f"bad regex {shown(source)}: {exc}") from None
+    except RecursionError:  # ((((...))))
+        raise ValueError(f"bad regex {shown(source)}: nested too deeply") from None
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """``repr`` of ``text``, cut to about ``limit`` characters (for messages)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _glob_regex(pattern: str) -> str:
+    """The regex source of a glob pattern (segments of a dotted name).
+
+    Written so that no pattern makes matching try every way to split a name:
+    consecutive ``**`` collapse, and within a segment each ``*`` takes the first
+    place where what follows it fits, never trying the others (as ``fnmatch``).
+    Patterns that alternate ``**`` with other segments still cost up to about
+    ``2**segments`` steps per name, which module names keep small."""
+    parts = _double_stars_collapsed(pattern.split("."))
     out = ""
     need_dot = False  # a segment was emitted and the next one needs its dot
+    groups = iter(range(len(pattern)))
     for i, seg in enumerate(parts):
         last = i == len(parts) - 1
         if seg == "**":
@@ -39,31 +105,63 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
             continue
         if need_dot:
             out += r"\."
-        out += _segment_regex(seg)
+        out += _segment_regex(seg, groups)
         need_dot = True
-    return re.compile(out)
+    return out
 
 
-def _segment_regex(seg: str) -> str:
-    # fnmatch within one segment: '*' and '?' never cross a dot
-    body = []
+def _double_stars_collapsed(parts: list[str]) -> list[str]:
+    """``a.**.**.**.b`` -> ``a.**.b``, the same names: consecutive ``**`` segments
+    are one (two when they end the pattern, where a ``**`` of its own means
+    something else), so they cannot make the regex try every split."""
+    out: list[str] = []
+    for i, seg in enumerate(parts):
+        if seg == "**" and out and out[-1] == "**" and i != len(parts) - 1:
+            continue  # a '**' that is not the last, after a '**': nothing more
+        out.append(seg)
+    return out
+
+
+def _segment_regex(seg: str, groups) -> str:
+    """fnmatch within one segment: ``*`` and ``?`` never cross a dot. A ``*`` followed
+    by more pattern and another ``*`` matches up to the first place where that
+    pattern fits, atomically (a lookahead and a backreference: Python 3.10 has no
+    atomic groups), so no name makes the regex backtrack through every split."""
+    tokens: list[str | None] = []  # None is '*'; else the regex of one character
     i = 0
     while i < len(seg):
         ch = seg[i]
         if ch == "*":
-            body.append("[^.]*")
+            if not tokens or tokens[-1] is not None:
+                tokens.append(None)
         elif ch == "?":
-            body.append("[^.]")
+            tokens.append("[^.]")
         elif ch == "[" and (end := seg.find("]", i + 2)) != -1:  # [seq] / [!seq]
             inner = seg[i + 1 : end]
             neg = inner.startswith("!")
             chars = re.escape(inner[1:] if neg else inner).replace(r"\-", "-")
-            body.append(f"[^.{chars}]" if neg else f"(?!\\.)[{chars}]")
+            tokens.append(f"[^.{chars}]" if neg else f"(?!\\.)[{chars}]")
             i = end
         else:
-            body.append(re.escape(ch))
+            tokens.append(re.escape(ch))
         i += 1
-    return "".join(body)
+    out = []
+    k = 0
+    while k < len(tokens) and tokens[k] is not None:  # what comes before the first '*'
+        out.append(tokens[k])
+        k += 1
+    while k < len(tokens):  # tokens[k] is a '*'
+        k += 1
+        fixed = []
+        while k < len(tokens) and tokens[k] is not None:
+            fixed.append(tokens[k])
+            k += 1
+        if k == len(tokens):  # the last '*': ordinary backtracking, linear
+            out.append("[^.]*" + "".join(fixed))
+        else:
+            g = f"g{next(groups)}"
+            out.append(f"(?=(?P<{g}>[^.]*?{''.join(fixed)}))(?P={g})")
+    return "".join(out)
 
 
 def name_matches(name: str, patterns: list[str]) -> bool:
@@ -71,23 +169,54 @@ def name_matches(name: str, patterns: list[str]) -> bool:
     return any(compile_pattern(p).fullmatch(name) for p in patterns)
 
 
+def type_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a class name for ``types`` (``None`` when it is one): a
+    name is an identifier (``Linear``) or a dotted path of identifiers
+    (``torch.nn.Linear``), at most :data:`MAX_PATTERN_LENGTH` characters."""
+    if not isinstance(name, str):
+        return f"a class name is a string, not {type(name).__name__}"
+    if len(name) > MAX_PATTERN_LENGTH:
+        return (
+            f"class name {shown(name)} has {len(name)} characters, more than the limit of "
+            f"{MAX_PATTERN_LENGTH}"
+        )
+    if not name:
+        return "empty class name"
+    if not all(part.isidentifier() for part in name.split(".")):
+        return (
+            f"bad class name {shown(name)}: expected a class name ('Linear') or a dotted "
+            "path of names ('torch.nn.Linear')"
+        )
+    return None
+
+
 def _resolve_type(name: str) -> type | None:
-    if "." not in name:
+    """The class a dotted name refers to, looked up in modules that are already
+    imported (``sys.modules``) and never importing one: importing runs code, and
+    the name comes from a spec."""
+    if "." not in name or type_name_problem(name) is not None:
         return None
-    mod, _, attr = name.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return obj if isinstance(obj, type) else None
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        obj = sys.modules.get(".".join(parts[:i]))
+        if obj is None:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except Exception:  # a module's __getattr__ may raise anything: no such class
+            return None
+        return obj if isinstance(obj, type) else None
+    return None
 
 
 def type_matches(module: nn.Module, types: list[str]) -> bool:
     """Whether ``module`` is an instance of a class named in ``types``.
 
     A bare name (``Linear``) matches the class or any base class of that
-    name; a qualified name (``torch.nn.Linear``) matches instances of the
-    class it imports as, or of a class with that exact module path.
+    name; a qualified name (``torch.nn.Linear``) matches instances of a class
+    with that exact ``module.qualname``, or of the class the name refers to in an
+    already imported module (nothing is imported).
     """
     if not types:
         return True

@@ -14,20 +14,20 @@ and ``train`` are re-exported here for the API's one import.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tnsurgery.budget import allocate
 from tnsurgery.calibration import CalibrationResult, calibrate, refit_rule
 from tnsurgery.compare import float_leaves, output_error, verify, weight_error
 from tnsurgery.data import to_device
-from tnsurgery.errors import SurgeryError, UserInputError
+from tnsurgery.errors import LayerRefusedError, SurgeryError, UserInputError
 from tnsurgery.export import convert
 from tnsurgery.manifest import (
     MANIFEST_ATTR,
@@ -40,7 +40,7 @@ from tnsurgery.manifest import (
 from tnsurgery.plan import Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry
 from tnsurgery.spec import Spec, load_spec
-from tnsurgery.swap import Swaps
+from tnsurgery.swap import Swaps, copy_model, restored_on_failure
 from tnsurgery.targets import RuleTargets, require_some, select_rule, select_targets
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, tensor_bytes, trace
 from tnsurgery.training import train
@@ -117,7 +117,7 @@ def plan(
     registry = registry or get_registry()
     sequential = spec.calibration is not None and spec.calibration.sequential
     prep = _prepare(model, spec, registry, sample_input, None, keep_batches=sequential)
-    work = copy.deepcopy(model) if (len(spec.rules) > 1 or sequential) else model
+    work = copy_model(model) if (len(spec.rules) > 1 or sequential) else model
     with Swaps(work) as swaps:
         result, _ = _run(work, model, spec, prep, allow_empty, sequential, swaps, None, False)
     return result
@@ -143,7 +143,10 @@ def apply(
             kwargs. When given, call shapes and FLOPs are recorded and the
             surgered model is checked against the original: the output error
             (and each layer's output error) goes into the manifest.
-        inplace: modify ``model`` itself. On failure every swap is undone.
+        inplace: modify ``model`` itself. On a failure at any step (calibration,
+            budget, build, verification, training) the model is given back exactly
+            as it was: same modules, same tensors with the same values, same
+            manifest (a copy of its tensors is kept while the surgery runs).
         allow_empty: do not fail on rules that match nothing.
         registry: the transforms to use (installed plugins by default).
         progress: called as ``progress(done, total, message)`` before each
@@ -161,6 +164,8 @@ def apply(
 
     Raises:
         SpecError / MatchError: bad spec; the model is untouched.
+        DataSourceError: a data source failed (calibration or training); the model
+            is untouched.
         SurgeryError: a transform failed; the model is untouched.
     """
     spec = load_spec(spec, registry)
@@ -170,18 +175,34 @@ def apply(
             "a teacher was given but the spec does not distill (no 'training' section with "
             "mode 'distill'): it would not be used"
         )
+    # in place, every step (calibration, budget, build, verification, training) may fail
+    # after touching the model: it is then given back exactly as it was
+    with restored_on_failure(model) if inplace else nullcontext():
+        return _apply(model, spec, sample_input, inplace, allow_empty, registry, progress, teacher)
+
+
+def _apply(
+    model: nn.Module,
+    spec: Spec,
+    sample_input: Any,
+    inplace: bool,
+    allow_empty: bool,
+    registry: Registry,
+    progress: Progress | None,
+    teacher: nn.Module | None,
+) -> nn.Module:
     trained_first = None
     if spec.training is not None and spec.training.order == "distill_then_compress":
         model, trained_first = _train_dense_first(model, spec, teacher, inplace, registry)
         inplace = True  # the trained copy is the one to operate on
     sequential = spec.calibration is not None and spec.calibration.sequential
     prep = _prepare(model, spec, registry, sample_input, progress, keep_batches=sequential)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else copy_model(model)
     # the original is needed to verify, refit and teach; with inplace it is a copy
     train_after = spec.training is not None and trained_first is None
     needs_original = prep.sample_input is not None or train_after or sequential
-    original = copy.deepcopy(model) if (inplace and needs_original) else model
-    with Swaps(work) as swaps, _manifest_restored(work):
+    original = copy_model(model) if (inplace and needs_original) else model
+    with Swaps(work) as swaps:
         result, built = _run(work, original, spec, prep, allow_empty, True, swaps, progress, True)
         if prep.sample_input is not None:
             verify(original, work, result, prep.sample_input)
@@ -205,21 +226,6 @@ def apply(
                     )[0]
                 record(work, "trained_output_error", err)
     return work
-
-
-@contextmanager
-def _manifest_restored(model: nn.Module) -> Iterator[None]:
-    """On failure, give ``model`` back the manifest it had (an in-place apply that fails
-    in training must not leave the new manifest on the restored model)."""
-    before = get_manifest(model)
-    try:
-        yield
-    except BaseException:
-        if before is None:
-            model.__dict__.pop(MANIFEST_ATTR, None)
-        else:
-            object.__setattr__(model, MANIFEST_ATTR, before)
-        raise
 
 
 def _run(
@@ -368,7 +374,7 @@ def _train_dense_first(
             "so it needs a teacher other than the model itself (surgery.apply(..., "
             "teacher=...), tnsurgery apply --teacher), or mode 'finetune' with labels"
         )
-    dense = copy.deepcopy(model)
+    dense = copy_model(model)
     dense_opts = opts.model_copy(update={"trainable": "all"})
     result = train(dense, dense_opts, teacher, registry=registry)
     done = {
@@ -392,7 +398,8 @@ def _refusal(name, call, aliases, tied, method) -> str | None:
     if aliases.get(name):
         return f"the same module is also registered as {', '.join(aliases[name])}; never split"
     if tied.get(name):
-        return f"shares its parameters with {', '.join(tied[name])} (tied weights); never split"
+        others = ", ".join(tied[name])
+        return f"shares its parameters or their storage with {others} (tied weights); never split"
     if call is None:
         return None
     if call.weight_read_directly:
@@ -408,11 +415,31 @@ def _refusal(name, call, aliases, tied, method) -> str | None:
     return None
 
 
+# What a transform raises when the layer the spec asks for cannot be built (a value
+# that does not fit the module, a size beyond the machine): the spec is to change.
+REFUSALS = (
+    ValueError,
+    MemoryError,
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+)
+
+
+def _refused(transform: Transform, name: str, exc: BaseException) -> LayerRefusedError:
+    return LayerRefusedError(
+        f"transform '{transform.name}' cannot build the layer asked for {name}: "
+        f"{type(exc).__name__}: {exc}. Change the rule's params (or exclude {name})."
+    )
+
+
 def _decide(transform: Transform, module: nn.Module, params, ctx: Context) -> Decision:
     try:
         if transform.plan is not None:
             return transform.plan(module, params, ctx)
         new = transform.build(module, params, ctx)
+    except UserInputError:  # the transform refuses what the spec asks: a user error
+        raise
+    except REFUSALS as exc:
+        raise _refused(transform, ctx.name, exc) from exc
     except Exception as exc:
         raise SurgeryError(
             f"transform '{transform.name}' failed to plan {ctx.name}: {type(exc).__name__}: {exc}"
@@ -428,6 +455,10 @@ def _build(transform: Transform, old: nn.Module, tp: TargetPlan, decision: Decis
             new = decision.state
         else:
             new = transform.build(old, decision.params, ctx)
+    except UserInputError:  # the transform refuses what the spec asks: a user error
+        raise
+    except REFUSALS as exc:
+        raise _refused(transform, tp.name, exc) from exc
     except Exception as exc:
         raise SurgeryError(
             f"transform '{transform.name}' failed to build {tp.name}: {type(exc).__name__}: {exc}"

@@ -203,32 +203,81 @@ def tensor_bytes(module: nn.Module) -> int:
     return total
 
 
+def _byte_range(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """``(device, first, end)``: the addresses of the bytes ``t`` can reach,
+    ``[first, end)`` (the span from its first to its last element: views, slices,
+    transposes and strides included). ``None`` when ``t`` has no bytes to share
+    (empty, or without storage: meta tensors)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        base = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return None
+    size = t.element_size()
+    first = base + t.storage_offset() * size
+    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) * size
+    return str(t.device), first, first + reach + size
+
+
 def sharing(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Modules registered under several names, and parameters shared between modules.
 
     Returns ``(aliases, tied)``: ``aliases[name]`` lists the other names of the
     same module object; ``tied[name]`` lists the other modules that hold one
-    of its parameters (tied weights).
+    of its parameters (tied weights) or a parameter whose storage overlaps one
+    of its own (``nn.Parameter(a.weight.data)``, a transposed or sliced view of
+    it): replacing one of them alone would silently untie them.
     """
     by_module: dict[int, list[str]] = {}
-    by_param: dict[int, list[str]] = {}
+    owned: list[tuple[int, torch.Tensor]] = []  # (id of the module, one of its parameters)
     for name, module in model.named_modules(remove_duplicate=False):
-        if name in by_module.get(id(module), []):
+        if id(module) in by_module:  # another name of a module seen: same parameters
+            if name not in by_module[id(module)]:
+                by_module[id(module)].append(name)
             continue
-        by_module.setdefault(id(module), []).append(name)
-        for p in module._parameters.values():
-            if p is not None:
-                by_param.setdefault(id(p), []).append(name)
+        by_module[id(module)] = [name]
+        owned.extend((id(module), p) for p in module._parameters.values() if p is not None)
     aliases: dict[str, list[str]] = {}
     for names in by_module.values():
         for n in names:
             aliases[n] = [o for o in names if o != n]
+    # parameters in one group when they are the same object or their bytes overlap
+    parent = list(range(len(owned)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_id: dict[int, int] = {}
+    spans: list[tuple[str, int, int, int]] = []
+    for i, (_, p) in enumerate(owned):
+        if id(p) in by_id:
+            parent[find(i)] = find(by_id[id(p)])
+        by_id.setdefault(id(p), i)
+        span = _byte_range(p)
+        if span is not None:
+            spans.append((*span, i))
+    spans.sort()
+    reach: tuple[str, int, int] | None = None  # (device, end of the bytes seen, index)
+    for device, lo, hi, i in spans:  # by address: overlapping spans are one group
+        if reach is not None and reach[0] == device and lo < reach[1]:
+            parent[find(i)] = find(reach[2])
+            reach = (device, max(reach[1], hi), reach[2])
+        else:
+            reach = (device, hi, i)
+    groups: dict[int, set[int]] = {}
+    for i, (owner, _) in enumerate(owned):
+        groups.setdefault(find(i), set()).add(owner)
     tied: dict[str, list[str]] = {}
-    for owners in by_param.values():
-        distinct = sorted(set(owners))
-        for n in distinct:
-            others = [o for o in distinct if o != n and o not in aliases.get(n, [])]
-            if others:
+    for owners in groups.values():
+        if len(owners) < 2:
+            continue
+        for owner in owners:
+            others = sorted(n for o in owners if o != owner for n in by_module[o])
+            for n in by_module[owner]:
                 tied.setdefault(n, [])
                 tied[n].extend(o for o in others if o not in tied[n])
     return aliases, tied

@@ -12,8 +12,12 @@ from typing import Any
 class TrainResult:
     """What a training run did: steps, losses, evaluations, timing, best state.
 
-    ``best_metric``/``best_step`` describe the state the model ends with when
-    ``keep_best`` restored it.
+    ``kept`` is the state the model ends with: ``"best"`` (the evaluated state of
+    ``best_step``/``best_metric``, restored by ``keep_best``) or ``"last"``;
+    ``kept_reason`` says why the last one when ``keep_best`` asked for the best
+    (no evaluation, or a best state that no longer fits the model). A trainer
+    reports ``best_metric``/``best_step`` only for a state the model holds
+    (``kept == "best"``) or, when ``keep_best`` is off, as the best seen.
     """
 
     steps: int = 0
@@ -23,6 +27,8 @@ class TrainResult:
     best_metric: float | None = None
     best_step: int | None = None
     resumed_from: int | None = None
+    kept: str = "last"
+    kept_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible summary (for the manifest)."""
@@ -35,6 +41,8 @@ class TrainResult:
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "resumed_from": self.resumed_from,
+            "kept": self.kept,
+            "kept_reason": self.kept_reason,
         }
 
 

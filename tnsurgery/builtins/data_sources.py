@@ -17,18 +17,19 @@ exactly as a third party's sources are.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
 from torch import nn
 
 from tnsurgery.data import split
 from tnsurgery.datasource import DataContext, DataSource
-from tnsurgery.errors import UserInputError
+from tnsurgery.errors import DataSourceError, UserInputError
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.io import cwd_on_path, import_name
 
@@ -100,7 +101,9 @@ def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
         with cwd_on_path():
             fn = import_name(f"{module}.{name}")
     except ImportError as exc:
-        raise UserInputError(f"data: cannot import {params.target}: {exc}") from None
+        raise DataSourceError(
+            "callable", f"cannot import it: {exc}", f"target {params.target}"
+        ) from None
     kwargs = dict(params.kwargs)
     for key, value in (("seed", ctx.seed), ("batch_size", ctx.batch_size)):
         if key not in kwargs and _accepts(fn, key):
@@ -108,8 +111,8 @@ def callable_batches(params: CallableParams, ctx: DataContext) -> Iterable[Any]:
     try:
         return fn(**kwargs)
     except Exception as exc:
-        raise UserInputError(
-            f"data: {params.target}({', '.join(kwargs)}) failed: {type(exc).__name__}: {exc}"
+        raise DataSourceError(
+            "callable", exc, f"target {params.target}, called with {', '.join(kwargs) or 'none'}"
         ) from exc
 
 
@@ -167,7 +170,9 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
     try:
         import transformers  # optional dependency (the hf extra)
 
-        tok = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(
+            where, local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:
         raise UserInputError(f"data: cannot load a tokenizer from {where}: {exc}") from None
     if tok.pad_token is None:  # e.g. GPT-2: pad with its end-of-text (masked out anyway)
@@ -204,13 +209,32 @@ def _model_directory(model: nn.Module | None) -> str | None:
 # ------------------------------------------------------------------- random
 
 
+MAX_RANDOM_EXAMPLE = 2**24  # elements of one random example (64 MiB of float32)
+MAX_RANDOM_BATCH = 2**28  # elements of one random batch (1 GiB of float32)
+
+
 class RandomParams(BaseModel):
     """``random``: data-free batches (floats, or token ids for a text model)."""
 
     model_config = ConfigDict(extra="forbid")
-    shape: list[int] = Field(
-        ..., min_length=1, description="Shape of one example (no batch dim), e.g. [3, 32, 32]."
+    shape: list[Annotated[int, Field(ge=1)]] = Field(
+        ...,
+        min_length=1,
+        max_length=8,
+        description="Shape of one example (no batch dim), e.g. [3, 32, 32]; at most "
+        f"{MAX_RANDOM_EXAMPLE:,} elements.",
     )
+
+    @field_validator("shape")
+    @classmethod
+    def _bounded(cls, shape: list[int]) -> list[int]:
+        if math.prod(shape) > MAX_RANDOM_EXAMPLE:
+            raise ValueError(
+                f"an example of shape {shape} has {math.prod(shape):,} elements, more than "
+                f"{MAX_RANDOM_EXAMPLE:,}"
+            )
+        return shape
+
     dtype: Literal["float32", "float16", "bfloat16", "int64"] = Field(
         "float32", description="int64 draws token ids below vocab_size."
     )
@@ -224,6 +248,11 @@ def random_batches(params: RandomParams, ctx: DataContext) -> Iterator[Any]:
     """Seeded random batches: standard normal floats, or uniform token ids with a full
     attention mask."""
     g = torch.Generator().manual_seed(ctx.seed)
+    if min(ctx.batch_size, params.samples) * math.prod(params.shape) > MAX_RANDOM_BATCH:
+        raise UserInputError(
+            f"data: random batches of {ctx.batch_size} x {params.shape} would hold more than "
+            f"{MAX_RANDOM_BATCH:,} elements: use a smaller batch_size"
+        )
     left = params.samples
     while left > 0:
         n = min(ctx.batch_size, left)

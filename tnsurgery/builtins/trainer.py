@@ -35,8 +35,11 @@ from tnsurgery.trainer import Trainer, TrainResult
 from tnsurgery.training import recipes
 from tnsurgery.training.checkpoints import (
     apply_checkpoint,
+    check_own_dir,
+    check_own_log,
     read_checkpoint,
     recipe,
+    restore_state,
     save_checkpoint,
     trim_log,
 )
@@ -113,6 +116,8 @@ class _Loop:
         self.plateau_scale = 1.0
         self.s_cap = self.t_cap = self.log = self.board = None
         self.ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
+        if self.ckpt_dir is not None:
+            check_own_dir(self.ckpt_dir)  # before any step, not at the first checkpoint
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ setup
@@ -143,6 +148,7 @@ class _Loop:
         self._capture_features()
         try:
             if opts.log and self.rank == 0:
+                check_own_log(opts.log)
                 self.log = open(opts.log, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise UserInputError(f"training: cannot write the log {opts.log}: {exc}") from None
@@ -163,7 +169,9 @@ class _Loop:
         starts = payload["state"].get("start_ranks")
         if self.opts.progressive_rank is not None and starts:  # cut as the checkpoint was
             self.model.__dict__["_start_ranks"] = dict(starts)
-            recipes.shrink(self.model, self.names, self.opts, payload["state"]["step"])
+            # the checkpoint after step s holds the ranks of the stage of step s - 1 (a
+            # stage beginning at step s cuts before that step, once resumed)
+            recipes.shrink(self.model, self.names, self.opts, payload["state"]["step"] - 1)
             self._new_optimizer()
         self.state = apply_checkpoint(payload, self.model, self.optimizer)
         self.result.resumed_from = self.state["step"]
@@ -314,18 +322,32 @@ class _Loop:
             self.board.close()
 
     def finish(self) -> TrainResult:
-        """The best state put back when asked, configs refreshed, the run recorded."""
-        model, opts, result = self.model, self.opts, self.result
-        if opts.keep_best and self.best_state is not None:
-            try:
-                model.load_state_dict(self.best_state)
-            except RuntimeError:  # shapes changed since (progressive rank): keep the last state
-                pass
+        """The best state put back when asked (all of it, or the last state kept and
+        the result saying why), configs refreshed, the run recorded."""
+        model, opts, result, state = self.model, self.opts, self.result, self.state
+        result.best_metric = state.get("best_metric")
+        result.best_step = state.get("best_step")
+        if opts.keep_best:
+            why = None
+            if self.best_state is None:
+                why = "no evaluation" if not result.evals else "no evaluated state to restore"
+                if result.evals and opts.progressive_rank is not None:
+                    why = "no evaluation since the last rank cut"
+            else:
+                why = restore_state(model, self.best_state)
+                if why is not None:
+                    why = (
+                        f"the best state (step {result.best_step}, {opts.metric} "
+                        f"{result.best_metric}) cannot be restored: {why}"
+                    )
+            if why is None:
+                result.kept = "best"
+            else:  # the model holds the last state: no best is reported for it
+                result.kept_reason = why
+                result.best_metric = result.best_step = None
         model.__dict__.pop("_start_ranks", None)
         refresh_configs(model)
         result.steps = opts.steps
         result.seconds = time.perf_counter() - self.t0
-        result.best_metric = self.state.get("best_metric")
-        result.best_step = self.state.get("best_step")
         record(model, "training", {**result.to_dict(), "options": opts.model_dump(mode="json")})
         return result

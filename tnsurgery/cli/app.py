@@ -1,13 +1,16 @@
 """The ``tnsurgery`` command group: consoles, exit codes and the entry point.
 
-Exit codes: 0 ok, 2 bad input (spec, file, option: a message, never a
-traceback), 1 internal error.
+Exit codes: 0 ok, 2 bad input (spec, file, option, an output path that is taken
+or cannot be written, a transform that cannot build the layer asked for: a
+message, never a traceback), 1 internal error. SIGTERM stops a command the way
+Ctrl-C does: its temporary files are removed and its outputs are left as they were.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from typing import Any
@@ -66,8 +69,13 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: atomic writers remove their temp files
+
+
 def main() -> None:
     """Entry point of the ``tnsurgery`` script."""
+    signal.signal(signal.SIGTERM, _terminated)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = get_plugin_manager()

@@ -71,9 +71,45 @@ def load_input(model_path: str, arch, trust_pickle, allow_class) -> io.LoadedMod
         )
 
 
-def load_teacher(path: str | None, arch, trust_pickle, allow_class) -> torch.nn.Module | None:
+def load_teacher(path: str | None, arch, trust_pickle, allow_class) -> io.LoadedModel | None:
     """The model ``--teacher`` names (``arch``: ``--teacher-arch``, else ``--arch``)."""
-    return load_input(path, arch, trust_pickle, allow_class).model if path else None
+    return load_input(path, arch, trust_pickle, allow_class) if path else None
+
+
+def recorded_teacher(
+    model: torch.nn.Module, model_path: str, spec_path: str, arch: str | None
+) -> io.LoadedModel:
+    """The model a surgered ``model`` was made from, found through its manifest.
+
+    The manifest is data: its recorded ``arch`` is only shown, never imported. A
+    Hugging Face directory is read by its config (installed transformers classes
+    only); a pickle with the default allow list (no flag given for MODEL carries
+    over); a state dict or ``.safetensors`` only with the architecture the user
+    gives (``arch``: ``--teacher-arch`` or ``--arch``). Otherwise the error says the
+    exact command to run.
+    """
+    src, why = recorded_source(model)
+    if why is not None:
+        raise UserInputError(
+            "mode 'distill' needs the original model: give --teacher ORIGINAL_MODEL"
+            + (f" ({why})" if src is not None else "")
+        )
+    path, kind, hint = str(src["path"]), src.get("kind"), src.get("arch")
+    if kind in ("state_dict", "safetensors") and not arch:
+        shown = hint if isinstance(hint, str) else "pkg.module:factory"
+        raise UserInputError(
+            f"mode 'distill' needs the original model: {model_path} was surgered from {path}, "
+            "which needs its architecture. tnsurgery never runs code named in a manifest; "
+            f"if you trust {shown}, run: tnsurgery train {spec_path} {model_path} "
+            f"--teacher {path} --teacher-arch {shown}"
+        )
+    try:
+        return load_input(path, arch if kind != "hf" else None, False, ())
+    except UserInputError as exc:
+        raise UserInputError(
+            f"{exc}\n(the teacher was found through the manifest of {model_path}: flags given "
+            "for MODEL do not apply to it; give --teacher PATH with its own flags)"
+        ) from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -182,8 +218,10 @@ def recorded_source(model: torch.nn.Module) -> tuple[dict[str, Any] | None, str 
     why it cannot be used (``None`` when it can: the file is there, unchanged)."""
     manifest = get_manifest(model) or {}
     src = manifest.get("source")
-    if not isinstance(src, dict) or "path" not in src:
+    if not isinstance(src, dict) or not isinstance(src.get("path"), str) or not src["path"]:
         return None, "no source recorded"
+    if src.get("kind") not in ("hf", "pickle", "state_dict", "safetensors"):
+        return None, "the recorded source is malformed"
     where = Path(src["path"])
     if not where.exists():
         return src, f"{where}, which it was surgered from, is gone"

@@ -18,7 +18,7 @@ from tnsurgery.cli.inputs import (
     model_options,
     plan_arguments,
     prepare,
-    recorded_source,
+    recorded_teacher,
     resolve_sample_input,
     sample_options,
     source_record,
@@ -102,6 +102,8 @@ def apply_cmd(
     )
     target = Path(output) if output else default_output(loaded)
     master = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
+    protect = [Path(spec), *(master.sources if master else [])]
+    io.check_output(loaded, target, protect)  # before the work, not after
     with progress_bar(as_json) as bar:
         task = bar.add_task("planning", total=None)
 
@@ -109,11 +111,16 @@ def apply_cmd(
             bar.update(task, completed=done, total=total, description=message)
 
         small = surgery.apply(
-            loaded.model, s, x, allow_empty=allow_empty, progress=progress, teacher=master
+            loaded.model,
+            s,
+            x,
+            allow_empty=allow_empty,
+            progress=progress,
+            teacher=master.model if master else None,
         )
         bar.update(task, description=f"writing {target}", total=None)
         record(small, "source", source_record(loaded))  # train's teacher
-        written = io.save_like_input(small, loaded, target)
+        written = io.save_like_input(small, loaded, target, protect)
     manifest = surgery.get_manifest(small)
     p = Plan.from_dict(manifest["plan"])
     if as_json:
@@ -171,25 +178,24 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
         raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
     if s.training.mode == "distill" and not teacher:
         # the model 'apply' surgered, when it is still there unchanged
-        src, why = recorded_source(loaded.model)
-        if why is not None:
-            raise UserInputError(
-                "mode 'distill' needs the original model: give --teacher ORIGINAL_MODEL"
-                + (f" ({why})" if src is not None else "")
-            )
-        teacher, teacher_arch = src["path"], teacher_arch or src.get("arch")
+        original = recorded_teacher(loaded.model, model, spec, teacher_arch or arch)
         if not as_json:
-            out.print(f"teacher: {teacher} (the model it was surgered from)", highlight=False)
-    original = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
+            out.print(f"teacher: {original.path} (the model it was surgered from)", highlight=False)
+    else:
+        original = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
     target = Path(output) if output else default_output(loaded, "trained")
+    protect = [Path(spec), *(original.sources if original else [])]
+    io.check_output(loaded, target, protect)
     with progress_bar(as_json) as bar:
         task = bar.add_task("training", total=s.training.steps)
 
         def progress(step: int, total: int, metrics: dict) -> None:
             bar.update(task, completed=step, description=f"loss {metrics['loss']:.4g}")
 
-        result = surgery.train(loaded.model, s, original, progress=progress)
-        written = io.save_like_input(loaded.model, loaded, target)
+        result = surgery.train(
+            loaded.model, s, original.model if original else None, progress=progress
+        )
+        written = io.save_like_input(loaded.model, loaded, target, protect)
     summary = {**result.to_dict(), "written": [str(w) for w in written]}
     if as_json:
         emit_json(summary)
@@ -229,6 +235,7 @@ def export_cmd(
     loaded = load_input(model, arch, trust_pickle, allow_class)
     x = resolve_sample_input(sample_input, loaded, no_sample_input)
     target = Path(output) if output else default_output(loaded, "exported")
+    io.check_output(loaded, target)
     with err.status("exporting"):
         exported = surgery.convert(loaded.model, x)
         written = io.save_like_input(exported, loaded, target)

@@ -9,6 +9,7 @@ from functools import lru_cache
 # multiple of the ideal n ** (1 / d); otherwise a slightly larger padded size is used.
 MAX_IMBALANCE = 2.0
 # Padding never adds more than this fraction of the dimension.
+MAX_GIVEN_PAD = 2  # given factors may pad a side to at most twice its size
 MAX_PAD_FRACTION = 0.25
 
 
@@ -83,4 +84,10 @@ def linear_modes(
             f"factors {list(in_f)} x {list(out_f)} do not cover the layer "
             f"({in_features} -> {out_features})"
         )
+    for given, n in ((in_f, in_features), (out_f, out_features)):
+        if math.prod(given) > MAX_GIVEN_PAD * n:  # a padded layer of any size: refused
+            raise ValueError(
+                f"factors {list(given)} pad a side of {n} to {math.prod(given)}, more than "
+                f"{MAX_GIVEN_PAD}x its size; give factors whose product is close to {n}"
+            )
     return in_f, out_f

@@ -19,7 +19,7 @@ from tnsurgery.io.files import (
     read_safetensors,
 )
 from tnsurgery.io.models import load_model, torch_load_safely
-from tnsurgery.io.pairs import load, save, save_like_input
+from tnsurgery.io.pairs import check_output, load, save, save_like_input
 
 __all__ = [
     "MANIFEST_NAME",
@@ -28,6 +28,7 @@ __all__ = [
     "atomic_dir",
     "atomic_files",
     "build_arch",
+    "check_output",
     "cwd_on_path",
     "import_name",
     "load",

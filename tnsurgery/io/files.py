@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,20 @@ HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", 
 class LoadedModel:
     """A model read from disk, with what is needed to write it back in the same kind.
 
-    ``kind`` is ``"pickle"``, ``"state_dict"``, ``"safetensors"`` or ``"hf"``.
+    ``kind`` is ``"pickle"``, ``"state_dict"``, ``"safetensors"`` or ``"hf"``;
+    ``sources`` lists every file that defines it (the input, its manifest and the
+    weights that manifest names), which no output may touch.
     """
 
     model: nn.Module
     kind: str
     path: Path
     arch: str | None = None
+    sources: list[Path] = field(default_factory=list)  # every file that defines it
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            self.sources = [self.path]
 
 
 @contextmanager

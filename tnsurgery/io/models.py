@@ -5,6 +5,7 @@ Face directory, or a tnsurgery output (its manifest replayed on the architecture
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,42 @@ from tnsurgery.io.files import (
     short,
     sidecar_manifest,
 )
+from tnsurgery.io.manifests import read_document, read_metadata, verify_files
+from tnsurgery.io.outputs import read_own_manifest
 from tnsurgery.io.pairs import load
+from tnsurgery.io.pickles import pickle_calls
 from tnsurgery.plugins import get_registry
 
-TRUSTED_PREFIXES = ("torch.nn.", "tnsurgery.")
+
+def _is_module_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, nn.Module)
 
 
-def _trusted_by_default(name: str, obj: Any) -> bool:
-    if not isinstance(obj, type):
+# tnsurgery's modules of layer parts: the module classes a surgered model holds
+LAYER_PART_MODULES = ("tnsurgery.quant",)
+
+
+def _layer_modules() -> set[str]:
+    """The modules that define the installed layer classes and their parts (e.g. a QAT
+    layer's quantizers): module classes defined there are trusted with them."""
+    found = {cls.__module__ for cls in get_registry().layer_classes().values()}
+    return found | set(LAYER_PART_MODULES)
+
+
+def _default_trust(name: str, obj: Any, layer_modules: set[str]) -> bool:
+    """Trusted without a flag: ``torch.nn`` module classes and the installed layer
+    classes (with the module classes defined beside them); classes only."""
+    if not _is_module_class(obj):
         return False
-    return name.startswith(TRUSTED_PREFIXES) and (
-        issubclass(obj, nn.Module) or name.startswith("tnsurgery.")
-    )
+    return name.startswith("torch.nn.") or obj.__module__ in layer_modules
 
 
 def _user_allows(name: str, allow_classes: tuple[str, ...]) -> bool:
     return any(name == a or name.startswith(a.rstrip(".") + ".") for a in allow_classes)
+
+
+def _from_a_script(name: str) -> bool:
+    return "__main__" in name.split(".")
 
 
 def torch_load_safely(
@@ -46,16 +67,21 @@ def torch_load_safely(
 ) -> Any:
     """``torch.load`` with the weights_only unpickler and tnsurgery's allow list.
 
-    Raises :class:`ModelLoadError` naming the classes a file needs that are
-    not allowed, and the flags that allow them.
+    Trusted by default: ``torch.nn`` module classes and the installed plugins' layer
+    classes (classes only, and only rebuilt the way ``torch.save`` writes them: a
+    pickle that *calls* a module class, to make it allocate, is refused).
+    ``allow_classes`` adds classes (exact names or package prefixes), never
+    functions. Raises :class:`ModelLoadError` naming what is refused and the
+    flags that allow it.
     """
     try:
-        with cwd_on_path():
-            return _torch_load(path, trust_pickle, allow_classes)
+        return _torch_load(path, trust_pickle, allow_classes)
     except ModelLoadError:
         raise
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path}: a directory, not a model file") from None
     except Exception as exc:
         raise ModelLoadError(
             f"{path}: cannot read this file as a PyTorch checkpoint "
@@ -65,43 +91,95 @@ def torch_load_safely(
 
 def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) -> Any:
     if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with cwd_on_path():
+            return torch.load(path, map_location="cpu", weights_only=False)
     needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    plugin_layers = set(get_registry().layer_classes())  # what tnsurgery.load trusts too
-    allowed, refused = [], []
+    plugin_layers = set(get_registry().layer_classes())
+    layer_modules = _layer_modules()
+    allowed: list[Any] = []
+    refused: list[str] = []
+    scripts: list[str] = []
+    defaults: set[str] = set()
     for name in needed:
         # Decide on the name first: a name that is not allowed is never imported
         # (importing runs code, and the checkpoint chose the name).
+        if _from_a_script(name):
+            scripts.append(name)
+            continue
         by_user = _user_allows(name, allow_classes)
-        if not (by_user or name in plugin_layers or name.startswith(TRUSTED_PREFIXES)):
+        maybe_default = (
+            name in plugin_layers
+            or name.startswith("torch.nn.")
+            or any(name.startswith(m + ".") for m in layer_modules)
+        )
+        if not (by_user or maybe_default):
             refused.append(name)
             continue
         try:
-            obj = import_name(name)
+            with cwd_on_path() if by_user else contextlib.nullcontext():
+                obj = import_name(name)
         except ImportError:
             refused.append(f"{name} (cannot be imported)")
             continue
-        if by_user or name in plugin_layers or _trusted_by_default(name, obj):
+        if maybe_default and _default_trust(name, obj, layer_modules):
             allowed.append(obj)
+            defaults.add(name)
+        elif by_user and isinstance(obj, type):
+            allowed.append(obj)
+        elif by_user:
+            refused.append(f"{name} (a {type(obj).__name__}: --allow-class allows classes only)")
         else:
             refused.append(name)
+    if scripts:
+        raise ModelLoadError(
+            f"{path}: the file needs {', '.join(scripts)}, defined in the script that saved "
+            "it (__main__), which cannot be found again: define the class in a module and "
+            "save again, or save a state dict (torch.save(model.state_dict(), ...)) and give "
+            "--arch pkg.module:factory"
+        )
     if refused:
         raise ModelLoadError(
             f"{path}: the file needs classes or functions that are not trusted by default: "
             f"{', '.join(refused)}. If you trust this file, pass --trust-pickle "
-            f"(python: trust_pickle=True), or allow just these with "
+            f"(python: trust_pickle=True), or allow just these classes with "
             f"--allow-class NAME for each (python: allow_classes=[...])."
+        )
+    called = sorted(set(pickle_calls(path)) & defaults)
+    if called:
+        raise ModelLoadError(
+            f"{path}: the file calls {', '.join(called)} to build it, which torch.save never "
+            "does (it could make tnsurgery allocate any size): refused. If you trust this "
+            "file, pass --trust-pickle."
         )
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _hf_model_class_names(transformers: Any) -> set[str]:
+    """Every model class name that transformers' auto mappings list: the only classes
+    a config's ``architectures`` may name."""
+    from transformers.models.auto import modeling_auto  # optional dependency (hf extra)
+
+    names: set[str] = set()
+    for attr in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attr)
+        if attr.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            for v in mapping.values():
+                names.update(v if isinstance(v, (tuple, list)) else [v])
+    return names
+
+
 def _hf_class(config: Any) -> Any:
+    """The model class of a config: one of transformers' model classes named by its
+    ``architectures`` (through the fixed auto mappings), else ``AutoModel``."""
     import transformers  # optional dependency (the hf extra)
 
+    known = _hf_model_class_names(transformers)
     for name in getattr(config, "architectures", None) or []:
+        if not isinstance(name, str) or name not in known:
+            continue
         cls = getattr(transformers, name, None)
-        if cls is not None:
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     return transformers.AutoModel
 
@@ -115,11 +193,18 @@ def _load_hf(path: Path) -> nn.Module:
         ) from None
     transformers.utils.logging.disable_progress_bar()  # our CLI has its own status line
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
         cls = _hf_class(config)
         if (path / MANIFEST_NAME).exists():  # a surgered directory: base from config
-            base = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+            if cls is transformers.AutoModel:
+                base = cls.from_config(config, trust_remote_code=False)
+            else:
+                base = cls(config)
             return load(path, base).eval()  # as from_pretrained returns it
+        if cls is transformers.AutoModel:
+            return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         return cls.from_pretrained(str(path), local_files_only=True)
     except ModelLoadError:
         raise
@@ -144,18 +229,19 @@ def load_model(
     allow = tuple(allow_classes)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory")
+    sources = _sources(p)
     if p.is_dir():
         if (p / "config.json").exists():
-            return LoadedModel(_load_hf(p), "hf", p)
+            return LoadedModel(_load_hf(p), "hf", p, sources=sources)
         if (p / MANIFEST_NAME).exists():
             if not arch:
                 raise ModelLoadError(
                     f"{p} holds a tnsurgery manifest: give --arch pkg.module:factory"
                 )
-            return LoadedModel(load(p, build_arch(arch)), "safetensors", p, arch)
+            return LoadedModel(load(p, build_arch(arch)), "safetensors", p, arch, sources)
         raise ModelLoadError(f"{p}: a directory without config.json is not a model directory")
     if p.suffix == ".safetensors":
-        state, metadata = read_safetensors(p)
+        metadata = read_metadata(p)
         if not arch:
             raise ModelLoadError(
                 f"{p}: a .safetensors file holds only weights: give the architecture with "
@@ -163,12 +249,14 @@ def load_model(
             )
         model = build_arch(arch)
         if "tnsurgery_manifest" in metadata or sidecar_manifest(p).exists():
-            return LoadedModel(load(p, model), "safetensors", p, arch)
+            return LoadedModel(load(p, model), "safetensors", p, arch, sources)
+        state, _ = read_safetensors(p)
         load_state_dict_fitting(model, state, p)
-        return LoadedModel(model, "safetensors", p, arch)
+        return LoadedModel(model, "safetensors", p, arch, sources)
+    _check_set(p)
     obj = torch_load_safely(p, trust_pickle, allow)
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj, "pickle", p)
+        return LoadedModel(obj, "pickle", p, sources=sources)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not arch:
             raise ModelLoadError(
@@ -176,9 +264,35 @@ def load_model(
             )
         model = build_arch(arch)
         if sidecar_manifest(p).exists():
-            return LoadedModel(load(sidecar_manifest(p), model), "state_dict", p, arch)
+            return LoadedModel(load(sidecar_manifest(p), model), "state_dict", p, arch, sources)
         load_state_dict_fitting(model, obj, p)
-        return LoadedModel(model, "state_dict", p, arch)
+        return LoadedModel(model, "state_dict", p, arch, sources)
     raise ModelLoadError(
         f"{p} holds a {type(obj).__name__}, not a model or a state dict of tensors"
     )
+
+
+def _sources(p: Path) -> list[Path]:
+    """Every file that defines the model at ``p``: the path itself, and for a file
+    its sidecar manifest and the files that manifest names (weights, listed files)."""
+    found = [p]
+    if p.is_dir():
+        return found
+    manifest_path = sidecar_manifest(p)
+    if manifest_path.exists() or manifest_path.is_symlink():
+        found.append(manifest_path)
+        data = read_own_manifest(manifest_path) or {}
+        names = [data.get("weights"), *(data.get("files") or {})]
+        for name in names:
+            if isinstance(name, str) and name and "/" not in name and name not in (".", ".."):
+                found.append(p.parent / name)
+    return found
+
+
+def _check_set(p: Path) -> None:
+    """A pickled output whose sidecar manifest lists it must match it: a set that an
+    interrupted write left mixed is refused."""
+    manifest_path = sidecar_manifest(p)
+    data = read_own_manifest(manifest_path)
+    if data is not None and isinstance(data.get("files"), dict) and p.name in data["files"]:
+        verify_files(read_document(manifest_path))

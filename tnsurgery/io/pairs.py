@@ -6,18 +6,16 @@ model, then the weights loaded."""
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
 from tnsurgery.atomic import atomic_dir, atomic_files
-from tnsurgery.errors import ModelLoadError, UserInputError
+from tnsurgery.errors import ModelLoadError, OutputError, UserInputError
 from tnsurgery.io.files import (
-    HF_WEIGHT_SUFFIXES,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     LoadedModel,
@@ -26,7 +24,15 @@ from tnsurgery.io.files import (
     short,
     sidecar_manifest,
 )
-from tnsurgery.manifest import MANIFEST_FORMAT, Manifest, Replacement
+from tnsurgery.io.manifests import Document, TensorInfo, read_document, read_header, verify_files
+from tnsurgery.io.outputs import (
+    check_apart,
+    check_replaceable_dir,
+    check_replaceable_files,
+    copy_input_dir,
+    file_records,
+)
+from tnsurgery.manifest import Manifest, Replacement
 from tnsurgery.plugins import Registry, get_registry
 from tnsurgery.swap import Swaps
 
@@ -53,11 +59,25 @@ def _manifest_for_file(model: nn.Module, weights_name: str, aliases: dict[str, s
     return {**manifest.to_dict(), "weights": weights_name, "aliases": aliases}
 
 
-def _write_pair(model: nn.Module, manifest_tmp: Path, weights_tmp: Path, weights_name: str) -> dict:
+def _write_set(
+    model: nn.Module,
+    manifest_tmp: Path,
+    weights_tmp: Path,
+    weights_name: str,
+    main: tuple[Path, str, str] | None = None,
+) -> dict:
+    """Write the weights (and the ``main`` file: ``(tmp, name, "pickle" | "state_dict")``),
+    then the manifest, which lists every file of the set with its size and SHA-256."""
     tensors, aliases = _state_for_safetensors(model)
     manifest = _manifest_for_file(model, weights_name, aliases)
     compact = json.dumps(manifest, separators=(",", ":"), default=str)
     save_file(tensors, str(weights_tmp), metadata={"format": "pt", "tnsurgery_manifest": compact})
+    files = {weights_name: weights_tmp}
+    if main is not None:
+        tmp, name, kind = main
+        torch.save(model if kind == "pickle" else model.state_dict(), tmp)
+        files[name] = tmp
+    manifest["files"] = file_records(files)
     manifest_tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     return manifest
 
@@ -70,25 +90,60 @@ def save(model: nn.Module, path: str | Path) -> Path:
     receives ``manifest.json`` and ``model.safetensors``. Nothing is pickled:
     :func:`load` rebuilds the model from a fresh base model. Returns the path
     to give to :func:`load`.
+
+    An existing ``path`` is replaced only if it is an earlier tnsurgery output;
+    anything else there is an :class:`~tnsurgery.errors.OutputError` and is left
+    alone. The pair appears whole or not at all.
     """
     p = Path(path)
     if p.suffix == ".safetensors":
-        with atomic_files(sidecar_manifest(p), p) as (m_tmp, w_tmp):
-            _write_pair(model, m_tmp, w_tmp, p.name)
+        manifest_path = sidecar_manifest(p)
+        check_replaceable_files([p, manifest_path], manifest_path)
+        with atomic_files(p, manifest_path) as (w_tmp, m_tmp):
+            _write_set(model, m_tmp, w_tmp, p.name)
         return p
+    check_replaceable_dir(p)
     with atomic_dir(p) as tmp:
-        _write_pair(model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME)
+        _write_set(model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME)
     return p
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
+def output_set(loaded: LoadedModel, out: str | Path) -> list[Path]:
+    """Every path ``save_like_input(model, loaded, out)`` creates or replaces."""
+    out = Path(out)
+    if loaded.kind == "hf":
+        return [out]
+    manifest_path = sidecar_manifest(out)
+    if loaded.kind == "safetensors":
+        return [out, manifest_path]
+    return [out, out.with_name(out.name.rsplit(".", 1)[0] + ".safetensors"), manifest_path]
 
 
-def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> list[Path]:
+def check_output(loaded: LoadedModel, out: str | Path, protect: Iterable[Path] = ()) -> list[Path]:
+    """Check, before any work, that ``save_like_input(model, loaded, out)`` may write:
+    the output set is apart from the input's files (and ``protect``), and every
+    existing path in it is an earlier tnsurgery output. Returns the output set.
+
+    Raises:
+        OutputError: with what is in the way and what to do.
+    """
+    out = Path(out)
+    targets = output_set(loaded, out)
+    check_apart(targets, [*loaded.sources, *protect])
+    if loaded.kind == "hf":
+        check_replaceable_dir(out)
+        return targets
+    if loaded.kind == "safetensors" and out.suffix != ".safetensors":
+        raise OutputError(f"the input is .safetensors: the output must be too, got {out}")
+    if loaded.kind != "safetensors" and targets[1] == out:
+        raise OutputError(f"the output of a {loaded.kind} input cannot be .safetensors: {out}")
+    check_replaceable_files(targets, targets[-1])
+    return targets
+
+
+def save_like_input(
+    model: nn.Module, loaded: LoadedModel, out: str | Path, protect: Iterable[Path] = ()
+) -> list[Path]:
     """Write the surgered model in the same kind as the input, plus its manifest pair.
 
     - Hugging Face directory -> a directory with the input's config and
@@ -99,84 +154,44 @@ def save_like_input(model: nn.Module, loaded: LoadedModel, out: str | Path) -> l
     - safetensors -> ``OUT`` (``.safetensors`` with the manifest in its
       metadata) and ``OUT-stem.manifest.json``.
 
-    Returns the paths written. Refuses to overwrite the input.
+    The manifest is written last and lists every other file with its size and
+    SHA-256, so a set an interruption left mixed is refused when read. Returns the
+    paths written.
+
+    Raises:
+        OutputError: the output set would touch a file that defines the input
+            (or one of ``protect``, e.g. the teacher), or an existing path that is
+            not an earlier tnsurgery output; or the system refused the write.
     """
     out = Path(out)
-    if _same_path(out, loaded.path) or (
-        loaded.path.is_dir() and out.resolve().is_relative_to(loaded.path.resolve())
-    ):
-        raise UserInputError(f"output {out} would overwrite the input {loaded.path}")
+    targets = check_output(loaded, out, protect)
     if loaded.kind == "hf":
-        if out.exists() and not (out.is_dir() and (out / MANIFEST_NAME).exists()):
-            # the directory is replaced whole: only ever replace an earlier output of ours
-            what = "a directory that is not a tnsurgery output" if out.is_dir() else "a file"
-            raise UserInputError(f"output {out} exists and is {what}; choose a new directory")
         with atomic_dir(out) as tmp:
-            for item in loaded.path.iterdir():
-                if (
-                    item.is_file()
-                    and not item.name.endswith(HF_WEIGHT_SUFFIXES)
-                    and item.name != MANIFEST_NAME
-                ):
-                    shutil.copy2(item, tmp / item.name)
-                elif item.is_dir() and not item.name.startswith("."):
-                    shutil.copytree(item, tmp / item.name)
-            _write_pair(model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME)
+            copy_input_dir(loaded.path, tmp)
+            _write_set(model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME)
         return [out]
-    if out.is_dir():
-        raise UserInputError(f"output {out} is a directory; give a file name")
-    manifest_path = sidecar_manifest(out)
+    manifest_path = targets[-1]
     if loaded.kind == "safetensors":
-        if out.suffix != ".safetensors":
-            raise UserInputError(f"the input is .safetensors: the output must be too, got {out}")
-        with atomic_files(manifest_path, out) as (m_tmp, w_tmp):
-            _write_pair(model, m_tmp, w_tmp, out.name)
+        with atomic_files(out, manifest_path) as (w_tmp, m_tmp):
+            _write_set(model, m_tmp, w_tmp, out.name)
         return [out, manifest_path]
-    weights = out.with_name(out.name.rsplit(".", 1)[0] + ".safetensors")
-    if _same_path(weights, out):
-        raise UserInputError(f"the output of a {loaded.kind} input cannot be .safetensors: {out}")
-    with atomic_files(out, manifest_path, weights) as (o_tmp, m_tmp, w_tmp):
-        _write_pair(model, m_tmp, w_tmp, weights.name)
-        if loaded.kind == "pickle":
-            torch.save(model, o_tmp)
-        else:
-            torch.save(model.state_dict(), o_tmp)
+    weights = targets[1]
+    with atomic_files(out, weights, manifest_path) as (o_tmp, w_tmp, m_tmp):
+        _write_set(model, m_tmp, w_tmp, weights.name, (o_tmp, out.name, loaded.kind))
     return [out, manifest_path, weights]
 
 
 # ------------------------------------------------------------ manifest load
 
 
-def _find_pair(path: Path) -> tuple[dict, Path]:
-    if path.is_dir():
-        manifest_path = path / MANIFEST_NAME
-        if not manifest_path.exists():
-            raise ModelLoadError(f"{path}: no {MANIFEST_NAME} in this directory")
-    elif path.suffix == ".safetensors":
-        manifest_path = sidecar_manifest(path)
-        if not manifest_path.exists():
-            _, metadata = read_safetensors(path)
-            if "tnsurgery_manifest" not in metadata:
-                raise ModelLoadError(f"{path}: no tnsurgery manifest beside or inside this file")
-            return json.loads(metadata["tnsurgery_manifest"]), path
-    elif path.name.endswith(".json"):
-        manifest_path = path
-    else:
-        manifest_path = sidecar_manifest(path)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{manifest_path}: no such manifest") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{manifest_path}: unreadable manifest: {short(exc)}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ModelLoadError(f"{manifest_path}: not a tnsurgery manifest")
-    weights = manifest_path.parent / manifest.get("weights", WEIGHTS_NAME)
-    return manifest, weights
-
-
 def load(path: str | Path, base_model: nn.Module, registry: Registry | None = None) -> nn.Module:
     """Rebuild a surgered model from its manifest + safetensors pair, unpickling nothing.
+
+    The manifest is validated first (:mod:`tnsurgery.io.manifests`): its format,
+    every field, the weights file confined to its directory, the output set's
+    sizes and hashes. Each recorded layer is then built on the meta device and
+    checked against the weights file before it is built for real, so no config
+    can make tnsurgery allocate more than the file holds.
 
     Args:
         path: the directory written by :func:`save` (or by ``tnsurgery apply``
@@ -190,54 +205,83 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
             ever instantiated.
 
     Raises:
-        ModelLoadError: unreadable files, a layer no installed plugin
-            provides, or weights that do not fit; ``base_model`` is then left
-            as it was.
+        ModelLoadError: unreadable or malformed files (naming the file and the
+            field), a layer no installed plugin provides, or weights that do
+            not fit; ``base_model`` is then left as it was.
     """
-    raw, weights_path = _find_pair(Path(path))
-    manifest, aliases = _parse(raw, Path(path))
-    state, _ = read_safetensors(weights_path)
+    doc = read_document(Path(path))
+    verify_files(doc)
+    header = read_header(doc.weights)
+    budget = 2 * sum(_nbytes(t) for t in header.values()) + (64 << 20)
+    largest = max((t.numel for t in header.values()), default=0)
     classes = (registry or get_registry()).layer_classes()
     with Swaps(base_model) as swaps:
-        for record in manifest.records():
+        i = 0
+        for record in doc.manifest.records():
             for rep in record.replacements:
-                _replay(base_model, rep, classes, swaps)
-        for alias, target in aliases.items():
+                budget -= _replay(base_model, rep, classes, swaps, doc, budget, i, largest)
+                i += 1
+        state, _ = read_safetensors(doc.weights)
+        for alias, target in doc.aliases.items():
             if target in state:
                 state[alias] = state[target]
-        load_state_dict_fitting(base_model, state, weights_path)
-    manifest.attach(base_model)
+        load_state_dict_fitting(base_model, state, doc.weights)
+    doc.manifest.attach(base_model)
     return base_model
 
 
-def _parse(raw: dict, where: Path) -> tuple[Manifest, dict[str, str]]:
-    """The typed manifest of a file, and its tensor aliases; a malformed one is a
-    :class:`ModelLoadError` naming the file and the field."""
-    aliases = raw.get("aliases") or {}
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
-        raise ModelLoadError(f"{where}: malformed manifest: field 'aliases' is not a name map")
-    try:
-        manifest = Manifest.model_validate(
-            {k: v for k, v in raw.items() if k not in ("weights", "aliases")}
-        )
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
+
+
+def _nbytes(t: TensorInfo) -> int:
+    return t.numel * _DTYPE_BYTES.get(t.dtype, 1)
+
+
+def _meta_unsupported(exc: Exception) -> bool:
+    return isinstance(exc, NotImplementedError) or "meta" in str(exc)
+
+
+def _check_numbers(value, bound: int, doc: Document, field: str, name: str) -> None:
+    """Every integer in a config at most ``bound`` (the largest tensor of the file)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and abs(value) > bound:
         raise ModelLoadError(
-            f"{where}: malformed manifest: field '{field}': {first['msg']}"
-        ) from None
-    return manifest, aliases
+            f"{doc.where}: field '{field}' of {name} holds {value}, larger than any tensor of "
+            f"{doc.weights.name}: refused"
+        )
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(v, bound, doc, f"{field}.{k}", name)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_numbers(v, bound, doc, f"{field}[{i}]", name)
 
 
-def _replay(base: nn.Module, rep: Replacement, classes: dict[str, type], swaps: Swaps) -> None:
+def _meta_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_meta)
+
+
+def _replay(
+    base: nn.Module,
+    rep: Replacement,
+    classes: dict[str, type],
+    swaps: Swaps,
+    doc: Document,
+    budget: int,
+    index: int,
+    header_max: int,
+) -> int:
+    """Build one recorded layer in place: first on the meta device (its config checked,
+    its size bounded by ``budget``), then for real. Returns the bytes it took."""
     name, layer = rep.name, rep.layer
+    field = f"replacements[{index}]"
     cls = classes.get(layer)
     if cls is None:
         raise ModelLoadError(
-            f"layer {layer} (for {name}, transform '{rep.transform}') is not provided "
-            "by any installed plugin: install the plugin that registers that transform"
+            f"{doc.where}: layer {layer} (for {name}, transform '{rep.transform}') is not "
+            "provided by any installed plugin: install the plugin that registers that transform"
         )
     parent_name, _, attr = name.rpartition(".")
     try:
@@ -245,10 +289,37 @@ def _replay(base: nn.Module, rep: Replacement, classes: dict[str, type], swaps: 
         current = parent._modules[attr]
     except (AttributeError, KeyError):
         raise ModelLoadError(
-            f"the base model has no module {name}: is it the right architecture?"
+            f"{doc.where}: the base model has no module {name} ({field}.name): is it the right "
+            "architecture?"
         ) from None
-    new = cls.from_config(rep.config, current)
+    try:
+        with torch.device("meta"):
+            probe = cls.from_config(rep.config, current)
+        size = _meta_bytes(probe)
+        del probe
+    except Exception as exc:
+        if not _meta_unsupported(exc):
+            raise ModelLoadError(
+                f"{doc.where}: malformed manifest: field '{field}.config' of {name}: "
+                f"{layer} cannot be built from it: {short(exc)}"
+            ) from None
+        # a plugin layer that cannot be built on the meta device: bound its config's
+        # numbers by the largest tensor of the file instead
+        size = 0
+        _check_numbers(rep.config, header_max, doc, f"{field}.config", name)
+    if size > budget:
+        raise ModelLoadError(
+            f"{doc.where}: field '{field}.config' of {name} describes a {layer} of {size} bytes, "
+            f"more than the weights file {doc.weights.name} can hold: refused"
+        )
+    try:
+        new = cls.from_config(rep.config, current)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{doc.where}: malformed manifest: field '{field}.config' of {name}: {short(exc)}"
+        ) from None
     ref = next(iter(current.parameters()), None) if current is not None else None
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     swaps.swap(name, new)
+    return size

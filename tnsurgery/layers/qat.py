@@ -12,6 +12,7 @@ through :func:`torch.func.functional_call`, so it needs no change of its own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -142,25 +143,34 @@ class QATLayer(SurgeryLayer):
         for name, axis in axes.items():
             p = params[name]
             per_channel = granularity == "per_channel"
-            q = FakeQuantizer(
-                bits,
-                scheme,  # type: ignore[arg-type]
-                axis if per_channel else None,
-                p.shape[axis] if per_channel else None,
-                observer,  # type: ignore[arg-type]
-                learn_scale,
-                is_weight=True,
-            ).to(p.device)
+            with torch.device(p.device):  # beside its weight (also under a meta-device probe)
+                q = FakeQuantizer(
+                    bits,
+                    scheme,  # type: ignore[arg-type]
+                    axis if per_channel else None,
+                    p.shape[axis] if per_channel else None,
+                    observer,  # type: ignore[arg-type]
+                    learn_scale,
+                    is_weight=True,
+                )
             q.observe(p)
             quantizers[_key(name)] = q
         self.weight_quantizers = nn.ModuleDict(quantizers)
-        self.input_quantizer = (
-            FakeQuantizer(activations, scheme, None, None, observer, learn_scale, is_weight=False)  # type: ignore[arg-type]
-            if activations
-            else None
-        )
-        if self.input_quantizer is not None and params:
-            self.input_quantizer.to(next(iter(params.values())).device)
+        device = next(iter(params.values())).device if params else None
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.input_quantizer = (
+                FakeQuantizer(
+                    activations,
+                    scheme,  # type: ignore[arg-type]
+                    None,
+                    None,
+                    observer,  # type: ignore[arg-type]
+                    learn_scale,
+                    is_weight=False,
+                )
+                if activations
+                else None
+            )
         self.register_buffer("_enabled", torch.tensor(True))
 
     # ---------------------------------------------------------------- switch

@@ -179,7 +179,8 @@ class TTLinear(TensorizedLinear):
             # left-orthogonal cores 1..d-1 preserve norms: scale W through the last core
             w = tt_matrix_full([c.float() for c in self.cores])
             target = (1.0 / (3 * self.in_features)) ** 0.5 * math.sqrt(w.numel())
-            self.cores[-1].mul_(target / max(float(w.norm()), 1e-12))
+            if not w.is_meta:  # built on the meta device to check a config: no values
+                self.cores[-1].mul_(target / max(float(w.norm()), 1e-12))
             if self.bias is not None:
                 self.bias.zero_()
         self.clear_dense_cache()

@@ -6,7 +6,10 @@
 - :mod:`tnsurgery.spec.resolve`: what the plugins define (transforms, params,
   data sources, trainer), checked with messages that name rule and field;
 - :mod:`tnsurgery.spec.loading`: :func:`load_spec` (JSON/YAML files, dicts,
-  :class:`Spec`) and :func:`json_schema`.
+  :class:`Spec`) and :func:`json_schema`;
+- :mod:`tnsurgery.spec.bounds`: the limits on a spec's data (file size, values with
+  YAML aliases expanded, nesting, integers, finite numbers): a spec may come from
+  someone else.
 """
 
 from tnsurgery.spec.loading import json_schema, load_spec, read_spec_file, spec_problems

@@ -1,7 +1,14 @@
 """Reading a spec: JSON or YAML files, dicts and :class:`Spec` objects, validated in
 one pass with every problem reported at once in a :class:`~tnsurgery.errors.SpecError`
 whose lines name the rule (index and pattern) and the field; and the JSON Schema of
-the spec with every installed transform's params."""
+the spec with every installed transform's params.
+
+A spec file may come from someone else: it is read as data only (YAML's safe
+loader, no tags that build objects, no timestamps), at most
+:data:`~tnsurgery.spec.bounds.MAX_SPEC_BYTES`, and its data is then held to the
+bounds of :mod:`tnsurgery.spec.bounds` (values with aliases expanded, nesting,
+integers, finite numbers). Every defect, whatever the parser says, is a
+:class:`SpecError`."""
 
 from __future__ import annotations
 
@@ -12,9 +19,20 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.events import MappingStartEvent, SequenceStartEvent
+from yaml.nodes import MappingNode, SequenceNode
 
 from tnsurgery.errors import SpecError, did_you_mean
 from tnsurgery.plugins import Registry, get_registry
+from tnsurgery.spec.bounds import (
+    MAX_SPEC_BYTES,
+    MAX_SPEC_DEPTH,
+    MAX_SPEC_VALUES,
+    HugeInt,
+    bounds_problem,
+)
 from tnsurgery.spec.model import Budget, Calibration, Rule, Spec
 from tnsurgery.spec.resolve import PROBLEM, field_names, rule_label
 from tnsurgery.spec.training import (
@@ -33,7 +51,8 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
     ``.yaml`` file. Rule params are checked by each transform's params model
     from ``registry`` (the installed plugins by default); the validated
     params are available as ``rule.parsed_params``, the transform as
-    ``rule.resolved_transform``.
+    ``rule.resolved_transform``. The data is first held to the bounds of
+    :mod:`tnsurgery.spec.bounds`, whatever the source.
     """
     name = None
     if isinstance(source, Spec):
@@ -47,6 +66,9 @@ def load_spec(source: Spec | dict | str | Path, registry: Registry | None = None
         raise SpecError([f"a spec is a dict, a path or a Spec, not {type(source).__name__}"])
     if not isinstance(raw, dict):
         raise SpecError([f"spec: expected an object with 'rules', got {type(raw).__name__}"], name)
+    out_of_bounds = None if name else bounds_problem(raw)  # a file's data was checked
+    if out_of_bounds:  # Spec.model_validate checks too; here it comes first, alone
+        raise SpecError([out_of_bounds], source=name)
     registry = registry or get_registry()
     try:
         return Spec.model_validate(raw, context={"registry": registry})
@@ -106,35 +128,151 @@ def _format_one(loc: tuple, err: dict, raw: Any) -> str:
     return f"{where}: field '{field}': {msg}"
 
 
+LONGEST_INT_LITERAL = 40
+"""An integer literal longer than this is never converted (converting a long one is
+slow, and anything over :data:`~tnsurgery.spec.bounds.MAX_SPEC_INT` is refused)."""
+
+
 def read_spec_file(path: str | Path) -> Any:
-    """Parse a JSON or YAML spec file into plain data; errors name the file and line."""
+    """Parse a JSON or YAML spec file into plain data; errors name the file and line.
+
+    The file is at most :data:`~tnsurgery.spec.bounds.MAX_SPEC_BYTES`, and the data
+    within the bounds of :mod:`tnsurgery.spec.bounds`; anything else is a
+    :class:`SpecError`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            blob = f.read(MAX_SPEC_BYTES + 1)  # never more, whatever the file is
     except FileNotFoundError:
         raise SpecError([f"spec file not found: {p}"], source=str(p)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise SpecError([f"cannot read spec file {p}: {exc}"], source=str(p)) from None
+    if len(blob) > MAX_SPEC_BYTES:
+        raise SpecError(
+            [f"spec file {p} is larger than the limit of {MAX_SPEC_BYTES} bytes"], source=str(p)
+        )
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise SpecError([f"cannot read spec file {p}: {exc}"], source=str(p)) from None
     if p.suffix.lower() in (".yaml", ".yml"):
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            ctx_mark = getattr(exc, "context_mark", None)
-            if ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:
-                where += (
-                    f" (in what starts at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
-                )
-            raise SpecError([f"not valid YAML: {problem}{where}"], source=str(p)) from None
+        data = _parse_yaml(text, str(p))
+    else:
+        data = _parse_json(text, str(p))
+    out_of_bounds = bounds_problem(data)
+    if out_of_bounds:
+        raise SpecError([out_of_bounds], source=str(p))
+    return data
+
+
+def _parse_json(text: str, source: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_json_int)
     except json.JSONDecodeError as exc:
         raise SpecError(
             [f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"],
-            source=str(p),
+            source=source,
         ) from None
+    except RecursionError:  # the parser's own limit on nesting, far above ours
+        raise SpecError(
+            [f"not valid JSON: nested deeper than the limit of {MAX_SPEC_DEPTH} levels"],
+            source=source,
+        ) from None
+    except ValueError as exc:
+        raise SpecError([f"not valid JSON: {exc}"], source=source) from None
+
+
+def _json_int(text: str) -> int | HugeInt:
+    return HugeInt(text) if len(text) > LONGEST_INT_LITERAL else int(text)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader: plain data only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        ctx_mark = getattr(exc, "context_mark", None)
+        if ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:
+            where += f" (in what starts at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
+        raise SpecError([f"not valid YAML: {problem}{where}"], source=source) from None
+    except RecursionError:
+        raise SpecError(["not valid YAML: nested too deeply"], source=source) from None
+    except Exception as exc:  # a tagged scalar the constructor cannot convert (!!int x)
+        raise SpecError([f"not valid YAML: {type(exc).__name__}: {exc}"], source=source) from None
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, bounded: collections nest at most
+    :data:`~tnsurgery.spec.bounds.MAX_SPEC_DEPTH` deep, merge keys (``<<``) copy at
+    most :data:`~tnsurgery.spec.bounds.MAX_SPEC_VALUES` entries in all, long integer
+    literals are left unconverted (then refused) and timestamps stay strings."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._merged = 0
+        self._flat_sizes: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH and (
+                self.check_event(SequenceStartEvent) or self.check_event(MappingStartEvent)
+            ):
+                raise ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than the limit of {MAX_SPEC_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node):
+        added = self._flat_size(node) - len(node.value)
+        if added > 0:
+            self._merged += added
+            if self._merged > MAX_SPEC_VALUES:
+                raise ConstructorError(
+                    None,
+                    None,
+                    f"merge keys ('<<') copy more than {MAX_SPEC_VALUES} entries",
+                    node.start_mark,
+                )
+        super().flatten_mapping(node)
+
+    def _flat_size(self, node) -> int:
+        """Entries of a mapping once its merge keys are flattened (not copying)."""
+        key = id(node)
+        if key not in self._flat_sizes:
+            size = 0
+            for key_node, value_node in node.value:
+                if key_node.tag != "tag:yaml.org,2002:merge":
+                    size += 1
+                elif isinstance(value_node, MappingNode):
+                    size += self._flat_size(value_node)
+                elif isinstance(value_node, SequenceNode):
+                    size += sum(
+                        self._flat_size(v) for v in value_node.value if isinstance(v, MappingNode)
+                    )
+            self._flat_sizes[key] = size
+        return self._flat_sizes[key]
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        if isinstance(text, str) and len(text) > LONGEST_INT_LITERAL:
+            return HugeInt(text)
+        return super().construct_yaml_int(node)
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def json_schema(registry: Registry | None = None) -> dict[str, Any]:

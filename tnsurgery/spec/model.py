@@ -7,11 +7,15 @@ plugin registry (the validation context's ``"registry"``, the installed plugins 
 default) and its ``params`` parsed by that transform's params model; the data
 sources and the trainer are checked the same way. A validated spec is complete:
 ``rule.resolved_transform`` and ``rule.parsed_params`` are set on every rule.
+
+A spec may come from someone else: before anything else, its data is checked to be
+within :mod:`tnsurgery.spec.bounds` (size, nesting, numbers), every pattern is
+compiled (:func:`tnsurgery.matching.pattern_problem`) and every class name in
+``types`` checked to be a name, never imported.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,8 +31,10 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from tnsurgery.matching import pattern_problem, type_name_problem
 from tnsurgery.plugins import get_registry
-from tnsurgery.spec.resolve import plain, resolve, rule_label
+from tnsurgery.spec.bounds import bounds_problem
+from tnsurgery.spec.resolve import plain, problem, resolve, rule_label
 from tnsurgery.spec.training import Training
 from tnsurgery.transform import Transform
 
@@ -42,10 +48,19 @@ PatternList = Annotated[
 ]
 
 
+def check_patterns(patterns: list[str]) -> list[str]:
+    """``patterns``, each compiled: a ``ValueError`` naming every bad one otherwise
+    (empty, too long, bad glob range, bad regex)."""
+    bad = [msg for p in patterns if (msg := pattern_problem(p))]
+    if bad:
+        raise ValueError("; ".join(bad))
+    return patterns
+
+
 class Rule(BaseModel):
     """One rule: which modules (``match``/``exclude``/``types``) get which transform."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     match: PatternList = Field(
         ...,
@@ -72,15 +87,15 @@ class Rule(BaseModel):
     @field_validator("match", "exclude")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            if not p:
-                raise ValueError("empty pattern")
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as exc:
-                    raise ValueError(f"bad regex {p[3:]!r}: {exc}") from None
-        return patterns
+        return check_patterns(patterns)
+
+    @field_validator("types")
+    @classmethod
+    def _type_names(cls, names: list[str]) -> list[str]:
+        bad = [msg for n in names if (msg := type_name_problem(n))]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return names
 
     @property
     def parsed_params(self) -> BaseModel:
@@ -112,7 +127,7 @@ class Budget(BaseModel):
     """A global budget over some rules' targets: per-layer ranks are then chosen by
     tnsurgery (see :mod:`tnsurgery.budget`), so those rules give no rank option."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     params: float | None = Field(
         None, gt=0, le=1, description="Fraction of the targets' parameters to keep, in total."
@@ -120,7 +135,7 @@ class Budget(BaseModel):
     flops: float | None = Field(
         None, gt=0, le=1, description="Fraction of the targets' FLOPs to keep, in total."
     )
-    rules: list[int] | None = Field(
+    rules: list[Annotated[int, Field(strict=True)]] | None = Field(
         None, description="Indices of the rules under the budget (default: all)."
     )
 
@@ -137,7 +152,7 @@ class Calibration(BaseModel):
     transforms that use it (``factorize`` whitens) then minimize each layer's
     output error on that data rather than its weight error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: dict[str, Any] = Field(
         ...,
@@ -165,7 +180,7 @@ class Calibration(BaseModel):
 class Spec(BaseModel):
     """A surgery spec: ordered rules, applied as passes."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     schema_: str | None = Field(None, alias="$schema", description="JSON Schema, for editors.")
     version: Literal[1] = Field(1, description="Spec format version.")
@@ -193,9 +208,13 @@ class Spec(BaseModel):
         """One pass: the structure (pydantic), then what the plugins define (transform
         names and params, data sources, trainer), every problem reported together.
         The registry is the validation context's ``"registry"`` (the installed plugins
-        when none is given)."""
+        when none is given). Data out of :mod:`~tnsurgery.spec.bounds` is refused
+        first, alone."""
         if isinstance(data, Spec) and data.resolved:
             return data
+        out_of_bounds = bounds_problem(data)
+        if out_of_bounds:
+            raise ValidationError.from_exception_data(cls.__name__, [problem((), out_of_bounds)])
         registry = (info.context or {}).get("registry") or get_registry()
         details: list[InitErrorDetails] = []
         try:

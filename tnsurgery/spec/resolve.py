@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tnsurgery.errors import did_you_mean
+from tnsurgery.matching import shown
 from tnsurgery.plugins import Registry
 from tnsurgery.transform import RankOptions, Transform
 
@@ -18,16 +19,26 @@ PROBLEM = "tnsurgery_spec"  # the error type of the problems found here
 
 
 def rule_label(index: int, match: Any) -> str:
-    """How messages name a rule: its index and its first pattern(s)."""
+    """How messages name a rule: its index and its first pattern(s), each cut to 60
+    characters."""
     if isinstance(match, list) and not match:
         return f"rule {index} (match [])"
     if isinstance(match, list):
-        shown = ", ".join(repr(m) for m in match[:2]) + (", ..." if len(match) > 2 else "")
+        first = ", ".join(_label_part(m) for m in match[:2]) + (", ..." if len(match) > 2 else "")
     elif match is None:
         return f"rule {index} (no match)"
     else:
-        shown = repr(match)
-    return f"rule {index} (match {shown})"
+        first = _label_part(match)
+    return f"rule {index} (match {first})"
+
+
+def _label_part(value: Any) -> str:
+    if isinstance(value, str):
+        return shown(value)
+    small = isinstance(value, (bool, float, type(None))) or (
+        isinstance(value, int) and abs(value) < 10**18
+    )
+    return repr(value) if small else type(value).__name__  # no repr of a huge value
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
@@ -169,11 +180,12 @@ def _budget_rules(raw: dict, n_rules: int, problems: list[InitErrorDetails]) -> 
         return set(range(n_rules))
     if not isinstance(ids, list):
         return set()
-    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < n_rules]
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    bad = [i for i in ids if not 0 <= i < n_rules]  # other values: the structural check
     if bad:
         line = f"spec: field 'budget.rules': no rule {bad[0]} (the spec has {n_rules} rules)"
         problems.append(problem(("budget", "rules"), line, ids))
-    return {i for i in ids if isinstance(i, int) and 0 <= i < n_rules}
+    return {i for i in ids if 0 <= i < n_rules}
 
 
 def _params_line(label: str, tname: str, err: dict, model: type[BaseModel]) -> str:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tnsurgery.matching import pattern_problem
 
 
 class DistillOptions(BaseModel):
     """How the student is matched to the teacher (``mode: distill``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of logit KL.")
     alpha: float = Field(
@@ -42,11 +44,19 @@ class DistillOptions(BaseModel):
         "'encoder.layer.*': every transformer block's hidden state) to the teacher's.",
     )
 
+    @field_validator("match")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        bad = [msg for p in patterns if (msg := pattern_problem(p))]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return patterns
+
 
 class CheckpointOptions(BaseModel):
     """Where and how often to save a resumable state."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     every: int = Field(100, ge=1, description="Save every this many steps (and at the end).")
     dir: str = Field("checkpoints", description="Directory of the checkpoints.")
@@ -55,7 +65,7 @@ class CheckpointOptions(BaseModel):
 class TTOptions(BaseModel):
     """Hygiene of TT layers during training (the TT literature's stabilizers)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     clip_core_norm: float | None = Field(
         None, gt=0, description="After each step, scale down any core whose norm exceeds this."
@@ -76,7 +86,7 @@ class ProgressiveRank(BaseModel):
     """Progressive rank: the surgered layers start at the ranks the spec built and are
     cut to ``final`` of them over ``stages`` equal stages (geometric steps)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     final: float = Field(..., gt=0, lt=1, description="Final ranks, as a fraction of the start.")
     stages: int = Field(3, ge=2, description="Stages (the first trains at the start ranks).")
@@ -85,7 +95,7 @@ class ProgressiveRank(BaseModel):
 class Training(BaseModel):
     """The spec's ``training`` section (every option has a default but ``data``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: Literal["distill", "finetune"] = Field("distill", description="distill or finetune.")
     data: dict[str, Any] = Field(..., description="Training batches (same sources as calibration).")

@@ -1,0 +1,228 @@
+"""A manifest on disk, read as a validated document before anything is built.
+
+A manifest file is untrusted data. :func:`read_document` finds it (a directory's
+``manifest.json``, ``x.manifest.json`` beside ``x.safetensors``/``x.pt``, or the
+copy inside a ``.safetensors`` file's metadata), bounds its size and nesting,
+checks its format and version, parses it into the typed
+:class:`~tnsurgery.manifest.Manifest`, confines the weights file it names to the
+manifest's own directory (no ``..``, no absolute path, no symlink leading out), and
+checks the sizes and hashes of the output set it lists (:func:`verify_files`).
+:func:`read_header` gives the tensors' names, shapes and dtypes from a
+``.safetensors`` header without reading any tensor data, so that layer configs are
+checked against them before any allocation. Every defect is a
+:class:`~tnsurgery.errors.ModelLoadError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+
+from tnsurgery.errors import ModelLoadError
+from tnsurgery.io.files import MANIFEST_NAME, WEIGHTS_NAME, short, sidecar_manifest
+from tnsurgery.io.outputs import sha256
+from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
+
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest of a 10 000-layer model is a few MB
+
+
+@dataclass
+class Document:
+    """A validated manifest and the file-level fields around it."""
+
+    manifest: Manifest
+    where: Path  # the file the manifest was read from (for messages)
+    weights: Path  # the .safetensors file it describes, inside its directory
+    aliases: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] | None = None
+
+
+@dataclass
+class TensorInfo:
+    """A tensor as a ``.safetensors`` header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def _decode(text: str | bytes, where: Path) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{where}: unreadable manifest: {short(exc)}") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelLoadError(
+                f"{path}: a manifest of {path.stat().st_size} bytes is larger than "
+                f"{MAX_MANIFEST_BYTES} bytes: refused"
+            )
+        return _decode(path.read_bytes(), path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such manifest") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path}: a directory, not a manifest file") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: unreadable manifest: {short(exc)}") from None
+
+
+def confined(directory: Path, name: Any, where: Path, field_name: str) -> Path:
+    """``directory / name`` for a plain file name that stays in ``directory`` (no
+    separators, ``..``, absolute paths, or a symlink leading out)."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        raise ModelLoadError(
+            f"{where}: malformed manifest: field '{field_name}' is not a file name"
+        )
+    if "/" in name or "\\" in name or "\x00" in name or Path(name).is_absolute():
+        raise ModelLoadError(
+            f"{where}: field '{field_name}' ({name!r}) must name a file in the manifest's own "
+            "directory: paths are refused"
+        )
+    path = directory / name
+    try:
+        inside = path.resolve().parent == directory.resolve()
+    except OSError:
+        inside = False
+    if not inside:
+        raise ModelLoadError(
+            f"{where}: field '{field_name}' ({name!r}) leads out of the manifest's directory "
+            "(a symbolic link): refused"
+        )
+    return path
+
+
+def _check_format(raw: Any, where: Path) -> dict:
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise ModelLoadError(f"{where}: not a tnsurgery manifest (field 'format')")
+    version = raw.get("format_version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
+        raise ModelLoadError(
+            f"{where}: manifest format_version {version} was written by a newer tnsurgery "
+            f"(this one reads up to {MANIFEST_VERSION}): upgrade tnsurgery"
+        )
+    return raw
+
+
+def _locate(path: Path) -> tuple[dict, Path, Path]:
+    """The raw manifest, the file it came from, and the directory its names are in."""
+    if path.is_dir():
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.exists():
+            raise ModelLoadError(f"{path}: no {MANIFEST_NAME} in this directory")
+    elif path.suffix == ".safetensors" and not sidecar_manifest(path).exists():
+        metadata = read_metadata(path)
+        if "tnsurgery_manifest" not in metadata:
+            raise ModelLoadError(f"{path}: no tnsurgery manifest beside or inside this file")
+        raw = _check_format(_decode(metadata["tnsurgery_manifest"], path), path)
+        raw = {**raw, "weights": path.name}  # the manifest inside describes this very file
+        return raw, path, path.parent
+    elif path.name.endswith(".json"):
+        manifest_path = path
+    else:
+        manifest_path = sidecar_manifest(path)
+    return _check_format(_read_json(manifest_path), manifest_path), manifest_path, path.parent
+
+
+def read_document(path: Path) -> Document:
+    """Find and validate the manifest of a saved model (see the module docstring)."""
+    raw, where, directory = _locate(path)
+    if where.name.endswith(".json"):
+        directory = where.parent
+    weights = confined(directory, raw.get("weights", WEIGHTS_NAME), where, "weights")
+    aliases = raw.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise ModelLoadError(f"{where}: malformed manifest: field 'aliases' is not a name map")
+    files = raw.get("files")
+    if files is not None and not (
+        isinstance(files, dict)
+        and all(
+            isinstance(v, dict)
+            and isinstance(v.get("bytes"), int)
+            and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        )
+    ):
+        raise ModelLoadError(
+            f"{where}: malformed manifest: field 'files' is not a map of name -> {{bytes, sha256}}"
+        )
+    try:
+        manifest = Manifest.model_validate(
+            {k: v for k, v in raw.items() if k not in ("weights", "aliases", "files")}
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ModelLoadError(
+            f"{where}: malformed manifest: field '{loc}': {first['msg']}"
+        ) from None
+    except RecursionError:
+        raise ModelLoadError(f"{where}: malformed manifest: nested too deeply") from None
+    return Document(manifest, where, weights, aliases, files)
+
+
+def verify_files(doc: Document) -> None:
+    """Check every file the manifest lists (size, then SHA-256): a set that an
+    interrupted write left mixed or incomplete is refused."""
+    if not doc.files:
+        return
+    directory = doc.where.parent
+    for name, rec in doc.files.items():
+        path = confined(directory, name, doc.where, f"files.{name}")
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != rec["bytes"]:
+            problem = f"has {path.stat().st_size} bytes, the manifest says {rec['bytes']}"
+        elif sha256(path) != rec["sha256"]:
+            problem = "does not have the content the manifest lists (SHA-256)"
+        if problem:
+            raise ModelLoadError(
+                f"{path} {problem}: the output set of {doc.where} is incomplete or mixed "
+                "(an interrupted write, or a file replaced since): write the output again"
+            )
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such file") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"{path}: cannot read this .safetensors file (truncated or corrupt): {short(exc)}"
+        ) from None
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Name -> shape and dtype of every tensor of a ``.safetensors`` file, from its
+    header alone (no tensor data is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                out[k] = TensorInfo(tuple(int(d) for d in s.get_shape()), str(s.get_dtype()))
+            return out
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such file (named by its manifest)") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"{path}: cannot read this .safetensors file (truncated or corrupt): {short(exc)}"
+        ) from None
