@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_bert_model
 from torch import nn
 
 import tnsurgery
@@ -160,16 +161,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _bert_dir(path: Path) -> Path:
-    config = transformers.BertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vocab_size=64,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(path)
+    tiny_bert_model().save_pretrained(path)
     return path
 
 

@@ -129,18 +129,26 @@ def load_state_dict_fitting(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a ``.safetensors`` file (clear errors)."""
+@contextmanager
+def safetensors_errors(path: Path) -> Iterator[None]:
+    """Turn what reading a ``.safetensors`` file can raise into a clear
+    :class:`ModelLoadError` naming the file."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        yield
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: no such file") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
             f"{path}: cannot read this .safetensors file (truncated or corrupt): {short(exc)}"
         ) from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a ``.safetensors`` file (clear errors)."""
+    with safetensors_errors(path):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
 
 
 def sidecar_manifest(path: Path) -> Path:

@@ -22,10 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from tnsurgery.errors import ModelLoadError
-from tnsurgery.io.files import MANIFEST_NAME, WEIGHTS_NAME, short, sidecar_manifest
+from tnsurgery.io.files import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    safetensors_errors,
+    short,
+    sidecar_manifest,
+)
 from tnsurgery.io.outputs import sha256
 from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 
@@ -199,30 +205,16 @@ def verify_files(doc: Document) -> None:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` file (header only)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no such file") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(
-            f"{path}: cannot read this .safetensors file (truncated or corrupt): {short(exc)}"
-        ) from None
+    with safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Name -> shape and dtype of every tensor of a ``.safetensors`` file, from its
     header alone (no tensor data is read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = {}
-            for k in f.keys():
-                s = f.get_slice(k)
-                out[k] = TensorInfo(tuple(int(d) for d in s.get_shape()), str(s.get_dtype()))
-            return out
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no such file (named by its manifest)") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(
-            f"{path}: cannot read this .safetensors file (truncated or corrupt): {short(exc)}"
-        ) from None
+    with safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+        out = {}
+        for k in f.keys():
+            s = f.get_slice(k)
+            out[k] = TensorInfo(tuple(int(d) for d in s.get_shape()), str(s.get_dtype()))
+        return out
