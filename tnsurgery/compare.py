@@ -48,6 +48,19 @@ def output_error(reference: Any, output: Any) -> tuple[float, str]:
     return worst, where
 
 
+def check_sample_input(model: nn.Module, sample_input: Any) -> None:
+    """Run ``model`` once on ``sample_input``: one it cannot take (a wrong shape, ids
+    out of range) is a :class:`UserInputError` saying so, before any work."""
+    with eval_mode(model):
+        try:
+            call_model(model, sample_input)
+        except Exception as exc:
+            raise UserInputError(
+                "the model fails on the sample input (is it the input the model takes?): "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            ) from None
+
+
 def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any) -> None:
     """Run both models on ``sample_input``: set the plan's ``output_error`` (and its
     tensor's name) and each replaced target's ``output_error`` (its new layer on the

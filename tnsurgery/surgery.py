@@ -25,7 +25,13 @@ from torch import nn
 
 from tnsurgery.budget import allocate
 from tnsurgery.calibration import CalibrationResult, calibrate, refit_rule
-from tnsurgery.compare import float_leaves, output_error, verify, weight_error
+from tnsurgery.compare import (
+    check_sample_input,
+    float_leaves,
+    output_error,
+    verify,
+    weight_error,
+)
 from tnsurgery.data import to_device
 from tnsurgery.errors import LayerRefusedError, SurgeryError, UserInputError
 from tnsurgery.export import convert
@@ -82,6 +88,8 @@ def _prepare(
     keep_batches: bool,
 ) -> _Prepared:
     targets = select_targets(model, spec)
+    if sample_input is not None:
+        check_sample_input(model, sample_input)
     calib = calibrate(model, spec, targets, registry, progress, keep_batches=keep_batches)
     if sample_input is None and calib is not None:
         sample_input = to_device(calib.first_batch, model)

@@ -12,15 +12,23 @@ exactly as a third party's sources are.
   the Hugging Face model (or ``tokenizer``, a directory), ``max_length``;
 - ``random``: random floats of ``shape``, or token ids below ``vocab_size``
   (a Hugging Face dict batch): data-free.
+
+A spec may come from someone else: a ``path`` must be a regular file (a symlink to
+one counts), never a FIFO, a device or a directory, checked before it is opened (a
+FIFO would block, ``/dev/zero`` never ends), and at most :data:`MAX_TEXT_BYTES`
+(``text``) or :data:`MAX_TENSORS_BYTES` (``tensors``); a tokenizer directory holds
+only regular files and directories.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +40,74 @@ from tnsurgery.datasource import DataContext, DataSource
 from tnsurgery.errors import DataSourceError, UserInputError
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.io import cwd_on_path, import_name
+from tnsurgery.io.files import HF_WEIGHT_SUFFIXES
+from tnsurgery.pickles import load_weights_only
+
+MAX_TEXT_BYTES = 1 << 30
+"""Largest file of the ``text`` source (1 GiB); also the largest file of a tokenizer
+directory (weights aside)."""
+MAX_TEXT_LINES = 1 << 24
+"""Most non-empty lines of the ``text`` source (16,777,216): each is a string held
+until the run ends."""
+MAX_TENSORS_BYTES = 1 << 34
+"""Largest file of the ``tensors`` source (16 GiB): it is loaded whole."""
+
+# -------------------------------------------------------------------- files
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _check_file(source: str, path: Path, st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise DataSourceError(
+            source, f"not a regular file but a {_kind(st.st_mode)}", f"path {path}"
+        )
+    if st.st_size > limit:
+        raise DataSourceError(
+            source,
+            f"the file has {st.st_size:,} bytes, more than the limit of {limit:,}",
+            f"path {path}",
+        )
+
+
+def _stat_file(source: str, path: Path, limit: int) -> None:
+    """``path`` is a regular file of at most ``limit`` bytes (a symlink to one counts)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataSourceError(source, "no such file", f"path {path}") from None
+    except OSError as exc:
+        raise DataSourceError(source, f"cannot read it: {exc}", f"path {path}") from None
+    _check_file(source, path, st, limit)
+
+
+def _open_file(source: str, path: Path, limit: int) -> BinaryIO:
+    """``path`` opened for reading, checked by :func:`_stat_file` before it is opened
+    and again once open (the file read is the file checked)."""
+    _stat_file(source, path, limit)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        f = os.fdopen(os.open(path, flags), "rb")
+    except OSError as exc:
+        raise DataSourceError(source, f"cannot read it: {exc}", f"path {path}") from None
+    try:
+        _check_file(source, path, os.fstat(f.fileno()), limit)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
 
 # ------------------------------------------------------------------ tensors
 
@@ -46,13 +122,15 @@ class TensorsParams(BaseModel):
 def tensors_batches(params: TensorsParams, ctx: DataContext) -> Iterator[Any]:
     """Split the file's tensors into batches along dim 0."""
     path = Path(params.path)
-    if not path.exists():
-        raise UserInputError(f"data: no such file {path}")
     try:
         if path.suffix == ".safetensors":
+            _stat_file("tensors", path, MAX_TENSORS_BYTES)
             data: Any = load_file(str(path))
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with _open_file("tensors", path, MAX_TENSORS_BYTES) as f:
+                data = load_weights_only(f, path)
+    except UserInputError:
+        raise
     except Exception as exc:
         raise UserInputError(f"data: cannot read {path}: {type(exc).__name__}: {exc}") from None
     if isinstance(data, list):
@@ -154,11 +232,7 @@ class TextParams(BaseModel):
 def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenize the lines, ``batch_size`` at a time (padded to the longest of the batch)."""
     path = Path(params.path)
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"data: cannot read {path}: {exc}") from None
-    lines = [ln for ln in lines if ln]
+    lines = _read_lines(path)
     if not lines:
         raise UserInputError(f"data: {path} has no non-empty line")
     where = params.tokenizer or _model_directory(ctx.model)
@@ -167,6 +241,7 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
             "data: source 'text' needs a tokenizer: give \"tokenizer\" (a directory), or a "
             "Hugging Face model loaded from a directory"
         )
+    _check_tokenizer_dir(Path(where))
     try:
         import transformers  # optional dependency (the hf extra)
 
@@ -198,6 +273,61 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
             return_tensors="pt",
         )
         yield {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The non-empty lines of ``path``, stripped: at most :data:`MAX_TEXT_BYTES` read,
+    at most :data:`MAX_TEXT_LINES` kept."""
+    lines: list[str] = []
+    read = 0
+    with _open_file("text", path, MAX_TEXT_BYTES) as f:
+        try:
+            while raw := f.readline(MAX_TEXT_BYTES + 1 - read):  # never past the limit
+                read += len(raw)
+                if read > MAX_TEXT_BYTES:  # grew since it was checked
+                    raise DataSourceError(
+                        "text", f"more than the limit of {MAX_TEXT_BYTES:,} bytes", f"path {path}"
+                    )
+                # split at b"\n" first, which is never inside a UTF-8 character
+                lines.extend(s for ln in raw.decode("utf-8").splitlines() if (s := ln.strip()))
+                if len(lines) > MAX_TEXT_LINES:
+                    raise DataSourceError(
+                        "text", f"more than {MAX_TEXT_LINES:,} non-empty lines", f"path {path}"
+                    )
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"data: cannot read {path}: {exc}") from None
+    return lines
+
+
+def _check_tokenizer_dir(where: Path) -> None:
+    """A tokenizer directory holds regular files (each at most :data:`MAX_TEXT_BYTES`,
+    weights aside) and directories: no FIFO or device for the tokenizer to read. A
+    name that is no path is left to the local Hugging Face cache."""
+    try:
+        if not where.exists():
+            return
+        if not where.is_dir():
+            raise UserInputError(f"data: the tokenizer {where} is not a directory")
+        entries = list(where.iterdir())
+    except OSError as exc:
+        raise UserInputError(f"data: cannot read the tokenizer directory {where}: {exc}") from None
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:  # a broken link: nothing to read
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise UserInputError(
+                f"data: the tokenizer directory {where} holds {entry.name}, not a regular "
+                f"file but a {_kind(st.st_mode)}"
+            )
+        if st.st_size > MAX_TEXT_BYTES and entry.suffix not in HF_WEIGHT_SUFFIXES:
+            raise UserInputError(
+                f"data: the tokenizer directory {where} holds {entry.name} of "
+                f"{st.st_size:,} bytes, more than the limit of {MAX_TEXT_BYTES:,}"
+            )
 
 
 def _model_directory(model: nn.Module | None) -> str | None:

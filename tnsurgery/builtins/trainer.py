@@ -37,6 +37,7 @@ from tnsurgery.training.checkpoints import (
     apply_checkpoint,
     check_own_dir,
     check_own_log,
+    check_start_ranks,
     read_checkpoint,
     recipe,
     restore_state,
@@ -168,12 +169,13 @@ class _Loop:
             )
         starts = payload["state"].get("start_ranks")
         if self.opts.progressive_rank is not None and starts:  # cut as the checkpoint was
+            check_start_ranks(self.model, starts, path)
             self.model.__dict__["_start_ranks"] = dict(starts)
             # the checkpoint after step s holds the ranks of the stage of step s - 1 (a
             # stage beginning at step s cuts before that step, once resumed)
             recipes.shrink(self.model, self.names, self.opts, payload["state"]["step"] - 1)
             self._new_optimizer()
-        self.state = apply_checkpoint(payload, self.model, self.optimizer)
+        self.state = apply_checkpoint(payload, self.model, self.optimizer, path)
         self.result.resumed_from = self.state["step"]
         trim_log(self.opts.log, self.state["step"])
         self.result.losses = self.state.get("losses", [])

@@ -28,13 +28,20 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
+def shown(text: object) -> str:
+    """``text`` safe to print: rich markup escaped, control characters (terminal escape
+    sequences in a module name from a file) written as ``\\xNN``."""
+    clean = "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in str(text))
+    return escape(clean)
+
+
 class BadInput(click.ClickException):
     """Bad input: message only, exit code 2."""
 
     exit_code = 2
 
     def show(self, file=None) -> None:
-        err.print(f"[bold red]Error:[/] {escape(self.format_message())}", highlight=False)
+        err.print(f"[bold red]Error:[/] {shown(self.format_message())}", highlight=False)
 
 
 class Cli(click.Group):
@@ -51,7 +58,7 @@ class Cli(click.Group):
             if os.environ.get("TNSURGERY_DEBUG"):
                 raise
             err.print(
-                f"[bold red]Internal error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
+                f"[bold red]Internal error:[/] {shown(f'{type(exc).__name__}: {exc}')}\n"
                 "This is a bug in tnsurgery or a plugin; set TNSURGERY_DEBUG=1 for the traceback.",
                 highlight=False,
             )

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from tnsurgery import bench, surgery
-from tnsurgery.cli.app import cli, emit_json, err, out
+from tnsurgery.cli.app import cli, emit_json, err, out, shown
 from tnsurgery.cli.inputs import load_input, model_options
 from tnsurgery.cli.render import fmt_int, plan_table, print_passes
 from tnsurgery.decompositions.svd import effective_rank
@@ -156,14 +156,20 @@ def inspect(model, arch, trust_pickle, allow_class, as_json, energy):
         )
         return
     t = Table(
-        title=f"{type(loaded.model).__name__} ({loaded.kind}), {fmt_int(total)} parameters",
+        title=f"{shown(type(loaded.model).__name__)} ({loaded.kind}), {fmt_int(total)} parameters",
         header_style="bold",
     )
     for col in ("module", "type", "weight shape", "params", f"rank @ {energy:.0%} energy"):
         t.add_column(col, overflow="fold")
     for r in rows:
         rank = "-" if r["effective_rank"] is None else f"{r['effective_rank']}/{r['full_rank']}"
-        t.add_row(r["name"], r["type"], "x".join(map(str, r["shape"])), fmt_int(r["params"]), rank)
+        t.add_row(
+            shown(r["name"]),
+            shown(r["type"]),
+            "x".join(map(str, r["shape"])),
+            fmt_int(r["params"]),
+            rank,
+        )
     out.print(t)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +113,22 @@ def recorded_teacher(
         ) from None
 
 
+MAX_SAMPLE_ELEMENTS = 2**28  # a random sample input of at most 1 GiB of float32
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``8x3x32x32`` -> ``(8, 3, 32, 32)``."""
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
+    """``8x3x32x32`` -> ``(8, 3, 32, 32)``: positive sizes, at most
+    :data:`MAX_SAMPLE_ELEMENTS` elements in all."""
+    parts = text.lower().split("x")
+    if not parts or len(parts) > 8 or not all(p.isdigit() and len(p) <= 12 for p in parts):
+        raise UserInputError(f"--sample-input: bad shape {text!r} (expected e.g. 8x3x32x32)")
+    dims = tuple(int(d) for d in parts)
+    if any(d <= 0 for d in dims):
+        raise UserInputError(f"--sample-input: bad shape {text!r} (every size at least 1)")
+    if math.prod(dims) > MAX_SAMPLE_ELEMENTS:
         raise UserInputError(
-            f"--sample-input: bad shape {text!r} (expected e.g. 8x3x32x32)"
-        ) from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UserInputError(f"--sample-input: bad shape {text!r}")
+            f"--sample-input: shape {text!r} has more than {MAX_SAMPLE_ELEMENTS:,} elements"
+        )
     return dims
 
 
@@ -147,10 +154,12 @@ def resolve_sample_input(
         parts = text.split(":")
         if len(parts) != 3:
             raise UserInputError("--sample-input int:SHAPE:HIGH, e.g. int:2x16:30522")
-        try:
-            high = int(parts[2])
-        except ValueError:
-            raise UserInputError(f"--sample-input: bad upper bound {parts[2]!r}") from None
+        high_text = parts[2]
+        if not high_text.isdigit() or len(high_text) > 12 or int(high_text) < 1:
+            raise UserInputError(
+                f"--sample-input: bad upper bound {high_text!r} (a vocabulary size, at least 1)"
+            )
+        high = int(high_text)
         return torch.randint(0, high, parse_shape(parts[1]), generator=g)
     path = Path(text)
     if path.exists():
@@ -189,16 +198,35 @@ def prepare(spec, model, arch, trust_pickle, allow_class, sample_input, no_sampl
     return s, loaded, resolve_sample_input(sample_input, loaded, no_sample_input)
 
 
+def check_spec_writes(spec, inputs: list[Path], outputs: list[Path]) -> None:
+    """The files a spec makes training write (``training.log``, ``checkpoint.dir``,
+    ``tensorboard``) stay apart from the input's files and from the output set."""
+    t = spec.training
+    if t is None:
+        return
+    named = [
+        (field, Path(value))
+        for field, value in (
+            ("training.log", t.log),
+            ("training.tensorboard", t.tensorboard),
+            ("training.checkpoint.dir", t.checkpoint.dir if t.checkpoint else None),
+        )
+        if value
+    ]
+    for field, path in named:
+        io.check_apart([path], inputs, what=f"the spec's {field}")
+        io.check_apart([path], outputs, what=f"the spec's {field}")
+
+
 def fingerprint(path: Path) -> str:
     """A cheap identity of a model file or directory: the names, sizes and
-    modification times of its files (no content is read)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    modification times of its files (a directory's own files, not its subfolders;
+    no content is read)."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     parts = []
     for f in files:
         st = f.stat()
-        parts.append(
-            f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}"
-        )
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -225,7 +253,16 @@ def recorded_source(model: torch.nn.Module) -> tuple[dict[str, Any] | None, str 
     where = Path(src["path"])
     if not where.exists():
         return src, f"{where}, which it was surgered from, is gone"
-    if fingerprint(where) != src.get("fingerprint"):
+    # a model file, or a Hugging Face directory: nothing else is ever looked into
+    model_dir = src["kind"] == "hf" and where.is_dir() and (where / "config.json").is_file()
+    if not (model_dir or (src["kind"] != "hf" and where.is_file())):
+        what = "directory" if src["kind"] == "hf" else "file"
+        return src, f"the recorded source {where} is not a model {what}"
+    try:
+        same = fingerprint(where) == src.get("fingerprint")
+    except OSError as exc:
+        return src, f"{where} cannot be read: {exc.strerror or exc}"
+    if not same:
         return src, f"{where}, which it was surgered from, has changed since"
     return src, None
 

@@ -3,11 +3,10 @@ summary and the progress line."""
 
 from __future__ import annotations
 
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tnsurgery.cli.app import err, out
+from tnsurgery.cli.app import err, out, shown
 from tnsurgery.plan import Plan
 
 
@@ -65,7 +64,7 @@ def plan_table(plan: Plan, title: str = "Plan") -> Table:
         ]
         if measured:
             row += [fmt_err(tp.weight_error), fmt_err(tp.output_error)]
-        t.add_row(*map(escape, row), style=None if tp.status == "replace" else "yellow")
+        t.add_row(*map(shown, row), style=None if tp.status == "replace" else "yellow")
     tot = plan.totals()
     row = [
         "",
@@ -93,7 +92,8 @@ def print_passes(plan: Plan) -> None:
         if p.excluded:
             extra.append(f"{p.excluded} excluded")
         more = f" ({', '.join(extra)})" if extra else ""
-        out.print(f"{p.rule}: {p.matched} target(s){more}; traced by {p.trace}", highlight=False)
+        line = f"{p.rule}: {p.matched} target(s){more}; traced by {p.trace}"
+        out.print(shown(line), highlight=False)
 
 
 def model_summary(plan: Plan) -> str:

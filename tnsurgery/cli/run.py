@@ -11,6 +11,7 @@ from rich.table import Table
 from tnsurgery import io, surgery
 from tnsurgery.cli.app import cli, emit_json, err, out
 from tnsurgery.cli.inputs import (
+    check_spec_writes,
     default_output,
     disk_bytes,
     load_input,
@@ -103,7 +104,8 @@ def apply_cmd(
     target = Path(output) if output else default_output(loaded)
     master = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
     protect = [Path(spec), *(master.sources if master else [])]
-    io.check_output(loaded, target, protect)  # before the work, not after
+    targets = io.check_output(loaded, target, protect)  # before the work, not after
+    check_spec_writes(s, [*loaded.sources, *protect], targets)
     with progress_bar(as_json) as bar:
         task = bar.add_task("planning", total=None)
 
@@ -185,7 +187,8 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
         original = load_teacher(teacher, teacher_arch or arch, trust_pickle, allow_class)
     target = Path(output) if output else default_output(loaded, "trained")
     protect = [Path(spec), *(original.sources if original else [])]
-    io.check_output(loaded, target, protect)
+    targets = io.check_output(loaded, target, protect)
+    check_spec_writes(s, [*loaded.sources, *protect], targets)
     with progress_bar(as_json) as bar:
         task = bar.add_task("training", total=s.training.steps)
 

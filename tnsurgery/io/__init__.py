@@ -19,6 +19,7 @@ from tnsurgery.io.files import (
     read_safetensors,
 )
 from tnsurgery.io.models import load_model, torch_load_safely
+from tnsurgery.io.outputs import check_apart
 from tnsurgery.io.pairs import check_output, load, save, save_like_input
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_dir",
     "atomic_files",
     "build_arch",
+    "check_apart",
     "check_output",
     "cwd_on_path",
     "import_name",

@@ -36,6 +36,22 @@ from tnsurgery.io.outputs import sha256
 from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest of a 10 000-layer model is a few MB
+MAX_MANIFEST_DEPTH = 64  # nesting of a manifest's values (a real one: about 10)
+
+
+def too_deep(value: Any, limit: int = MAX_MANIFEST_DEPTH) -> bool:
+    """Whether ``value`` (JSON data) nests deeper than ``limit`` (checked without
+    recursion: deep data would exhaust the stack of anything that walks it)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return False
 
 
 @dataclass
@@ -110,9 +126,13 @@ def confined(directory: Path, name: Any, where: Path, field_name: str) -> Path:
     return path
 
 
-def _check_format(raw: Any, where: Path) -> dict:
+def _check_format(raw: Any, where: object) -> dict:
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise ModelLoadError(f"{where}: not a tnsurgery manifest (field 'format')")
+    if too_deep(raw):
+        raise ModelLoadError(
+            f"{where}: malformed manifest: nested deeper than {MAX_MANIFEST_DEPTH} levels"
+        )
     version = raw.get("format_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
         raise ModelLoadError(
@@ -166,8 +186,16 @@ def read_document(path: Path) -> Document:
         raise ModelLoadError(
             f"{where}: malformed manifest: field 'files' is not a map of name -> {{bytes, sha256}}"
         )
+    return Document(validated(raw, where), where, weights, aliases, files)
+
+
+def validated(raw: Any, where: object) -> Manifest:
+    """The typed manifest of ``raw`` (its format, version and depth checked; the
+    file-level fields ``weights``, ``aliases``, ``files`` left aside); a malformed one
+    is a :class:`ModelLoadError` naming ``where`` and the field."""
+    raw = _check_format(raw, where)
     try:
-        manifest = Manifest.model_validate(
+        return Manifest.model_validate(
             {k: v for k, v in raw.items() if k not in ("weights", "aliases", "files")}
         )
     except ValidationError as exc:
@@ -178,7 +206,6 @@ def read_document(path: Path) -> Document:
         ) from None
     except RecursionError:
         raise ModelLoadError(f"{where}: malformed manifest: nested too deeply") from None
-    return Document(manifest, where, weights, aliases, files)
 
 
 def verify_files(doc: Document) -> None:

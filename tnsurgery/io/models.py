@@ -14,6 +14,7 @@ from torch import nn
 
 from tnsurgery.errors import ModelLoadError
 from tnsurgery.io.files import (
+    HF_WEIGHT_SUFFIXES,
     MANIFEST_NAME,
     LoadedModel,
     build_arch,
@@ -24,10 +25,11 @@ from tnsurgery.io.files import (
     short,
     sidecar_manifest,
 )
-from tnsurgery.io.manifests import read_document, read_metadata, verify_files
+from tnsurgery.io.manifests import read_document, read_metadata, validated, verify_files
 from tnsurgery.io.outputs import read_own_manifest
 from tnsurgery.io.pairs import load
-from tnsurgery.io.pickles import pickle_calls
+from tnsurgery.manifest import get_manifest
+from tnsurgery.pickles import load_weights_only
 from tnsurgery.plugins import get_registry
 
 
@@ -99,7 +101,7 @@ def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) 
     allowed: list[Any] = []
     refused: list[str] = []
     scripts: list[str] = []
-    defaults: set[str] = set()
+    by_user_names: set[str] = set()
     for name in needed:
         # Decide on the name first: a name that is not allowed is never imported
         # (importing runs code, and the checkpoint chose the name).
@@ -123,9 +125,9 @@ def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) 
             continue
         if maybe_default and _default_trust(name, obj, layer_modules):
             allowed.append(obj)
-            defaults.add(name)
         elif by_user and isinstance(obj, type):
             allowed.append(obj)
+            by_user_names.add(name)
         elif by_user:
             refused.append(f"{name} (a {type(obj).__name__}: --allow-class allows classes only)")
         else:
@@ -144,15 +146,7 @@ def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) 
             f"(python: trust_pickle=True), or allow just these classes with "
             f"--allow-class NAME for each (python: allow_classes=[...])."
         )
-    called = sorted(set(pickle_calls(path)) & defaults)
-    if called:
-        raise ModelLoadError(
-            f"{path}: the file calls {', '.join(called)} to build it, which torch.save never "
-            "does (it could make tnsurgery allocate any size): refused. If you trust this "
-            "file, pass --trust-pickle."
-        )
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_only(path, path, allowed, frozenset(by_user_names))
 
 
 def _hf_model_class_names(transformers: Any) -> set[str]:
@@ -184,6 +178,40 @@ def _hf_class(config: Any) -> Any:
     return transformers.AutoModel
 
 
+# The fewest bytes a parameter of a checkpoint takes (4-bit quantized), and how much
+# smaller than its dense model a surgered directory's weights may be.
+MIN_PARAM_BYTES = 0.5
+MAX_COMPRESSION = 20
+
+
+def _check_config_size(
+    transformers: Any, cls: Any, config: Any, path: Path, surgered: bool
+) -> None:
+    """Refuse a config.json describing a model far larger than the weights beside it
+    (a 12 KB directory must not make tnsurgery build a 2 GB model). The model is built
+    on the meta device to count its parameters; when that is not possible, no check."""
+    held = sum(
+        f.stat().st_size
+        for f in path.iterdir()
+        if f.is_file() and f.name.endswith(HF_WEIGHT_SUFFIXES)
+    )
+    try:
+        with torch.device("meta"):
+            if cls is transformers.AutoModel:
+                skeleton = cls.from_config(config, trust_remote_code=False)
+            else:
+                skeleton = cls(config)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: not measured
+        return
+    params = sum(p.numel() for p in skeleton.parameters())
+    limit = (MAX_COMPRESSION if surgered else 1.1) * held + (64 << 20)
+    if params * MIN_PARAM_BYTES > limit:
+        raise ModelLoadError(
+            f"{path}: config.json describes a model of {params:,} parameters, far more than "
+            f"its weight files hold ({held:,} bytes): refused"
+        )
+
+
 def _load_hf(path: Path) -> nn.Module:
     try:
         import transformers  # optional dependency (the hf extra)
@@ -197,7 +225,9 @@ def _load_hf(path: Path) -> nn.Module:
             str(path), local_files_only=True, trust_remote_code=False
         )
         cls = _hf_class(config)
-        if (path / MANIFEST_NAME).exists():  # a surgered directory: base from config
+        surgered = (path / MANIFEST_NAME).exists()
+        _check_config_size(transformers, cls, config, path, surgered)
+        if surgered:  # a surgered directory: base from config
             if cls is transformers.AutoModel:
                 base = cls.from_config(config, trust_remote_code=False)
             else:
@@ -256,6 +286,7 @@ def load_model(
     _check_set(p)
     obj = torch_load_safely(p, trust_pickle, allow)
     if isinstance(obj, nn.Module):
+        _check_embedded_manifest(obj, p)
         return LoadedModel(obj, "pickle", p, sources=sources)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not arch:
@@ -287,6 +318,14 @@ def _sources(p: Path) -> list[Path]:
             if isinstance(name, str) and name and "/" not in name and name not in (".", ".."):
                 found.append(p.parent / name)
     return found
+
+
+def _check_embedded_manifest(model: nn.Module, p: Path) -> None:
+    """The manifest a pickled model carries is data from the file: validated like a
+    manifest file (a malformed one is a ModelLoadError naming the field)."""
+    raw = get_manifest(model)
+    if raw is not None:
+        validated(raw, f"{p} (the manifest the model carries)")
 
 
 def _check_set(p: Path) -> None:

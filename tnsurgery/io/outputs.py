@@ -117,27 +117,21 @@ def _resolved(p: Path) -> Path:
         return p.absolute()
 
 
-def check_apart(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+def check_apart(outputs: Iterable[Path], inputs: Iterable[Path], what: str = "output") -> None:
     """Refuse an output set that would create, replace or hold any file that defines
     the input: the same path, an input inside an output directory, or an output
-    inside an input directory."""
+    inside an input directory. ``what`` names the outputs in the message."""
     ins = [(p, _resolved(p)) for p in inputs]
     for o in outputs:
         ro = _resolved(o)
         for i, ri in ins:
             if ro == ri or ri.is_relative_to(ro) or ro.is_relative_to(ri):
-                how = (
-                    ""
-                    if ro == ri
-                    else (
-                        " (it is inside the output)"
-                        if ri.is_relative_to(ro)
-                        else " (the output is inside it)"
-                    )
-                )
+                how = ""
+                if ro != ri:
+                    how = " (it is inside)" if ri.is_relative_to(ro) else " (inside it)"
                 raise OutputError(
-                    f"output {o} would overwrite the input {i}{how}: the input, its manifest "
-                    "and weights, and its directory are never written; choose another output"
+                    f"{what} {o} would overwrite the input {i}{how}: the input, its manifest "
+                    "and weights, and its directory are never written; choose another path"
                 )
 
 

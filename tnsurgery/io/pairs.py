@@ -95,7 +95,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     anything else there is an :class:`~tnsurgery.errors.OutputError` and is left
     alone. The pair appears whole or not at all.
     """
-    p = Path(path)
+    p = _named(path)
     if p.suffix == ".safetensors":
         manifest_path = sidecar_manifest(p)
         check_replaceable_files([p, manifest_path], manifest_path)
@@ -108,9 +108,15 @@ def save(model: nn.Module, path: str | Path) -> Path:
     return p
 
 
+def _named(out: str | Path) -> Path:
+    """``out`` with a name of its own (``.``, ``..`` resolved)."""
+    out = Path(out)
+    return out.resolve() if out.name in ("", ".", "..") else out
+
+
 def output_set(loaded: LoadedModel, out: str | Path) -> list[Path]:
     """Every path ``save_like_input(model, loaded, out)`` creates or replaces."""
-    out = Path(out)
+    out = _named(out)
     if loaded.kind == "hf":
         return [out]
     manifest_path = sidecar_manifest(out)
@@ -127,7 +133,7 @@ def check_output(loaded: LoadedModel, out: str | Path, protect: Iterable[Path] =
     Raises:
         OutputError: with what is in the way and what to do.
     """
-    out = Path(out)
+    out = _named(out)
     targets = output_set(loaded, out)
     check_apart(targets, [*loaded.sources, *protect])
     if loaded.kind == "hf":
@@ -163,7 +169,7 @@ def save_like_input(
             (or one of ``protect``, e.g. the teacher), or an existing path that is
             not an earlier tnsurgery output; or the system refused the write.
     """
-    out = Path(out)
+    out = _named(out)
     targets = check_output(loaded, out, protect)
     if loaded.kind == "hf":
         with atomic_dir(out) as tmp:

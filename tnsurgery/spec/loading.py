@@ -7,7 +7,8 @@ A spec file may come from someone else: it is read as data only (YAML's safe
 loader, no tags that build objects, no timestamps), at most
 :data:`~tnsurgery.spec.bounds.MAX_SPEC_BYTES`, and its data is then held to the
 bounds of :mod:`tnsurgery.spec.bounds` (values with aliases expanded, nesting,
-integers, finite numbers). Every defect, whatever the parser says, is a
+integers, finite numbers). A key given twice in one object (JSON or YAML) is refused
+with its line, never silently dropped. Every defect, whatever the parser says, is a
 :class:`SpecError`."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.events import MappingStartEvent, SequenceStartEvent
-from yaml.nodes import MappingNode, SequenceNode
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from tnsurgery.errors import SpecError, did_you_mean
 from tnsurgery.plugins import Registry, get_registry
@@ -167,7 +168,9 @@ def read_spec_file(path: str | Path) -> Any:
 
 def _parse_json(text: str, source: str) -> Any:
     try:
-        return json.loads(text, parse_int=_json_int)
+        return json.loads(text, parse_int=_json_int, object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        raise SpecError([f"not valid JSON: {_json_duplicate(text)}"], source=source) from None
     except json.JSONDecodeError as exc:
         raise SpecError(
             [f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"],
@@ -184,6 +187,57 @@ def _parse_json(text: str, source: str) -> Any:
 
 def _json_int(text: str) -> int | HugeInt:
     return HugeInt(text) if len(text) > LONGEST_INT_LITERAL else int(text)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object gives a key twice (located afterwards by :func:`_json_duplicate`)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _DuplicateKey
+    return out
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+
+
+def _json_duplicate(text: str) -> str:
+    """Where the first key given twice in one object of ``text`` is, in the words of
+    the YAML reader: ``duplicate key 'k' (first at line 2) at line 5, column 3``."""
+    stack: list[dict[str, int] | None] = []  # per open object: key -> its line
+    expect_key = False
+    for m in _JSON_TOKEN.finditer(text):
+        token = m.group()
+        if token == "{":
+            stack.append({})
+            expect_key = True
+        elif token == "[":
+            stack.append(None)
+        elif token in "]}":
+            stack.pop()
+        elif token == ",":
+            expect_key = bool(stack) and stack[-1] is not None
+        elif token == ":":
+            expect_key = False
+        elif expect_key:
+            keys, key = stack[-1], json.loads(token)
+            line = text.count("\n", 0, m.start()) + 1
+            if key in keys:
+                column = m.start() - text.rfind("\n", 0, m.start())
+                return (
+                    f"duplicate key {_short(key)} (first at line {keys[key]}) "
+                    f"at line {line}, column {column}"
+                )
+            keys[key] = line
+            expect_key = False
+    return "duplicate key in an object"
+
+
+def _short(key: Any) -> str:
+    text = repr(key) if not isinstance(key, str) else f"'{key}'"
+    return text if len(text) <= 60 else text[:57] + "...'"
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -214,6 +268,7 @@ class _SpecLoader(yaml.SafeLoader):
         self._depth = 0
         self._merged = 0
         self._flat_sizes: dict[int, int] = {}
+        self._keys_checked: set[int] = set()
 
     def compose_node(self, parent, index):
         self._depth += 1
@@ -232,6 +287,9 @@ class _SpecLoader(yaml.SafeLoader):
             self._depth -= 1
 
     def flatten_mapping(self, node):
+        if id(node) not in self._keys_checked:  # its own keys, before merges are copied in
+            self._keys_checked.add(id(node))
+            self._check_unique_keys(node)
         added = self._flat_size(node) - len(node.value)
         if added > 0:
             self._merged += added
@@ -243,6 +301,27 @@ class _SpecLoader(yaml.SafeLoader):
                     node.start_mark,
                 )
         super().flatten_mapping(node)
+
+    def _check_unique_keys(self, node) -> None:
+        """A key given twice in one mapping is an error (YAML would keep the last);
+        a key overriding one copied by a merge key (``<<``) is not."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: refused when the mapping is built
+                continue
+            if first is not None:
+                raise ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {_short(key)} (first at line {first})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
 
     def _flat_size(self, node) -> int:
         """Entries of a mapping once its merge keys are flattened (not copying)."""
