@@ -270,3 +270,12 @@ def test_train_without_any_architecture_says_the_command(tmp_path, monkeypatch):
     refused(r, "never runs code named in a manifest", "--teacher-arch evil:factory")
     assert not marker.exists()
     assert not (tmp_path / "small.trained.pt").exists()
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused_before_building(tmp_path):
+    out = surgered_dir(tmp_path)
+    _set_config(out / "manifest.json", rank=3)
+    with pytest.raises(ModelLoadError) as info:
+        load(out)
+    msg = str(info.value)
+    assert "replacements[0].config" in msg and "do not agree" in msg, msg

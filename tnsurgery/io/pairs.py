@@ -218,15 +218,25 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
     doc = read_document(Path(path))
     verify_files(doc)
     header = read_header(doc.weights)
-    budget = 2 * sum(_nbytes(t) for t in header.values()) + (64 << 20)
-    largest = max((t.numel for t in header.values()), default=0)
     classes = (registry or get_registry()).layer_classes()
+    reps = [rep for record in doc.manifest.records() for rep in record.replacements]
+    _dry_run(base_model, reps, classes, doc, header)
     with Swaps(base_model) as swaps:
-        i = 0
-        for record in doc.manifest.records():
-            for rep in record.replacements:
-                budget -= _replay(base_model, rep, classes, swaps, doc, budget, i, largest)
-                i += 1
+        for i, rep in enumerate(reps):
+            cls, current = _place(base_model, rep, classes, doc, i)
+            try:
+                new = cls.from_config(rep.config, current)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{doc.where}: malformed manifest: field 'replacements[{i}].config' of "
+                    f"{rep.name}: {short(exc)}"
+                ) from None
+            ref = next(iter(current.parameters()), None) if current is not None else None
+            if ref is not None:
+                new = new.to(
+                    device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None
+                )
+            swaps.swap(rep.name, new)
         state, _ = read_safetensors(doc.weights)
         for alias, target in doc.aliases.items():
             if target in state:
@@ -234,6 +244,77 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
         load_state_dict_fitting(base_model, state, doc.weights)
     doc.manifest.attach(base_model)
     return base_model
+
+
+def _dry_run(
+    base: nn.Module,
+    reps: list[Replacement],
+    classes: dict[str, type],
+    doc: Document,
+    header: dict[str, TensorInfo],
+) -> None:
+    """Replay every recorded layer on the meta device (nothing allocated), then check
+    the result against the weights file's header before anything is built for real:
+    every layer's size within what the file can hold, and (when every layer can be
+    built on meta) every tensor's name and shape as the header says. ``base`` is left
+    as it was."""
+    budget = 2 * sum(_nbytes(t) for t in header.values()) + (64 << 20)
+    largest = max((t.numel for t in header.values()), default=0)
+    exact = True
+    with Swaps(base) as swaps:
+        try:
+            for i, rep in enumerate(reps):
+                field = f"replacements[{i}]"
+                cls, current = _place(base, rep, classes, doc, i)
+                try:
+                    with torch.device("meta"):
+                        probe = cls.from_config(rep.config, current)
+                except Exception as exc:
+                    if not _meta_unsupported(exc):
+                        raise ModelLoadError(
+                            f"{doc.where}: malformed manifest: field '{field}.config' of "
+                            f"{rep.name}: {rep.layer} cannot be built from it: {short(exc)}"
+                        ) from None
+                    # a plugin layer that cannot be built on meta: bound its config's
+                    # numbers by the largest tensor of the file instead
+                    _check_numbers(rep.config, largest, doc, f"{field}.config", rep.name)
+                    exact = False
+                    continue
+                budget -= _meta_bytes(probe)
+                if budget < 0:
+                    raise ModelLoadError(
+                        f"{doc.where}: field '{field}.config' of {rep.name} describes a "
+                        f"{rep.layer} larger than the weights file {doc.weights.name} can "
+                        "hold: refused"
+                    )
+                swaps.swap(rep.name, probe)
+            if exact:
+                _check_shapes(base, reps, doc, header)
+        finally:
+            swaps.rollback()
+
+
+def _check_shapes(
+    model: nn.Module, reps: list[Replacement], doc: Document, header: dict[str, TensorInfo]
+) -> None:
+    """The model's tensors (recorded layers built on meta) against the header."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: t.shape for k, t in header.items()}
+    for alias, target in doc.aliases.items():
+        if target in stored:
+            stored[alias] = stored[target]
+    owners = {r.name: i for i, r in enumerate(reps)}  # the last record of each name
+    for key, shape in expected.items():
+        got = stored.get(key)
+        owner = max((n for n in owners if key.startswith(n + ".")), key=len, default=None)
+        if got == shape or owner is None:  # the base model's own tensors: checked on load
+            continue
+        problem = "is missing from" if got is None else f"is {list(got)} in"
+        raise ModelLoadError(
+            f"{doc.where}: field 'replacements[{owners[owner]}].config' of {owner} gives tensor "
+            f"{key} the shape {list(shape)}, which {problem} {doc.weights.name}: the manifest "
+            "and the weights do not agree"
+        )
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
@@ -269,63 +350,25 @@ def _meta_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.is_meta)
 
 
-def _replay(
-    base: nn.Module,
-    rep: Replacement,
-    classes: dict[str, type],
-    swaps: Swaps,
-    doc: Document,
-    budget: int,
-    index: int,
-    header_max: int,
-) -> int:
-    """Build one recorded layer in place: first on the meta device (its config checked,
-    its size bounded by ``budget``), then for real. Returns the bytes it took."""
-    name, layer = rep.name, rep.layer
-    field = f"replacements[{index}]"
-    cls = classes.get(layer)
+def _place(
+    base: nn.Module, rep: Replacement, classes: dict[str, type], doc: Document, index: int
+) -> tuple[type, nn.Module | None]:
+    """The class of a recorded layer (an installed plugin's) and the module now at its
+    place in ``base``."""
+    cls = classes.get(rep.layer)
     if cls is None:
         raise ModelLoadError(
-            f"{doc.where}: layer {layer} (for {name}, transform '{rep.transform}') is not "
-            "provided by any installed plugin: install the plugin that registers that transform"
+            f"{doc.where}: layer {rep.layer} (for {rep.name}, transform '{rep.transform}') is "
+            "not provided by any installed plugin: install the plugin that registers that "
+            "transform"
         )
-    parent_name, _, attr = name.rpartition(".")
+    parent_name, _, attr = rep.name.rpartition(".")
     try:
         parent = base.get_submodule(parent_name) if parent_name else base
         current = parent._modules[attr]
     except (AttributeError, KeyError):
         raise ModelLoadError(
-            f"{doc.where}: the base model has no module {name} ({field}.name): is it the right "
-            "architecture?"
+            f"{doc.where}: the base model has no module {rep.name} "
+            f"(replacements[{index}].name): is it the right architecture?"
         ) from None
-    try:
-        with torch.device("meta"):
-            probe = cls.from_config(rep.config, current)
-        size = _meta_bytes(probe)
-        del probe
-    except Exception as exc:
-        if not _meta_unsupported(exc):
-            raise ModelLoadError(
-                f"{doc.where}: malformed manifest: field '{field}.config' of {name}: "
-                f"{layer} cannot be built from it: {short(exc)}"
-            ) from None
-        # a plugin layer that cannot be built on the meta device: bound its config's
-        # numbers by the largest tensor of the file instead
-        size = 0
-        _check_numbers(rep.config, header_max, doc, f"{field}.config", name)
-    if size > budget:
-        raise ModelLoadError(
-            f"{doc.where}: field '{field}.config' of {name} describes a {layer} of {size} bytes, "
-            f"more than the weights file {doc.weights.name} can hold: refused"
-        )
-    try:
-        new = cls.from_config(rep.config, current)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{doc.where}: malformed manifest: field '{field}.config' of {name}: {short(exc)}"
-        ) from None
-    ref = next(iter(current.parameters()), None) if current is not None else None
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    swaps.swap(name, new)
-    return size
+    return cls, current
