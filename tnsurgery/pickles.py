@@ -49,6 +49,7 @@ _GET = {"GET", "BINGET", "LONG_BINGET"}
 SAFE_CALLS = frozenset(
     {
         "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",  # float8 and other dtypes without a storage type
         "torch._utils._rebuild_parameter",
         "torch._utils._rebuild_parameter_with_state",
         "torch._utils._rebuild_qtensor",
@@ -298,9 +299,15 @@ def _tensors(obj: Any, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
 
 def check_tensor_extents(obj: Any, label: object) -> None:
     """Refuse tensors that are views many times larger than their storage (stride 0):
-    a few bytes in the file that any computation expands to gigabytes."""
+    a few bytes in the file that any computation expands to gigabytes; and meta
+    tensors, which hold no values."""
     for name, t in _tensors(obj):
-        if t.is_meta or not t.numel():
+        if t.is_meta:
+            raise ModelLoadError(
+                f"{label}: tensor {name or '(top level)'} is on the meta device (it holds no "
+                "values): refused"
+            )
+        if not t.numel():
             continue
         held = t.untyped_storage().nbytes() // max(t.element_size(), 1)
         if t.numel() > max(16 * held, 1 << 20):

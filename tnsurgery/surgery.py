@@ -334,7 +334,8 @@ def _plan_pass(
         )
         tp.flops_before = module_flops(module, tp.input_shape)
         tp.bytes_before = tensor_bytes(module)
-        tp.reason = _refusal(name, call, aliases, tied, traced.method if traced else "none")
+        method = traced.method if traced else "none"
+        tp.reason = _refusal(name, module, call, aliases, tied, method)
         result.targets.append(tp)
         if tp.reason:
             tp.status = "refuse"
@@ -402,7 +403,11 @@ def _bytes_after(module: nn.Module, decision: Decision) -> int | None:
     return decision.params_after * (ref.element_size() if ref is not None else 4)
 
 
-def _refusal(name, call, aliases, tied, method) -> str | None:
+def _refusal(name, module, call, aliases, tied, method) -> str | None:
+    """Why the target ``name`` (``module``) is never replaced, or ``None``."""
+    unusable = _unusable_tensor(module)
+    if unusable is not None:
+        return unusable
     if aliases.get(name):
         return f"the same module is also registered as {', '.join(aliases[name])}; never split"
     if tied.get(name):
@@ -420,6 +425,27 @@ def _refusal(name, call, aliases, tied, method) -> str | None:
             f"never called {where} (its parent may use its weight directly, "
             "e.g. nn.MultiheadAttention.out_proj)"
         )
+    return None
+
+
+def _unusable_tensor(module: nn.Module) -> str | None:
+    """Why ``module``'s tensors cannot be replaced (an untrusted file may hold any):
+    a parameter that is not real floating point (int, bool, complex), or a
+    parameter or buffer on the meta device (no values)."""
+    for pname, p in module.named_parameters():
+        if p.is_meta:
+            return (
+                f"its {pname} is on the meta device (it holds no values): only weights "
+                "with values are replaced"
+            )
+        if not p.is_floating_point():
+            return f"its {pname} is {p.dtype}: only real floating-point weights are replaced"
+    for bname, b in module.named_buffers():
+        if b.is_meta:
+            return (
+                f"its buffer {bname} is on the meta device (it holds no values): only "
+                "weights with values are replaced"
+            )
     return None
 
 

@@ -245,3 +245,84 @@ def test_data_files_and_checkpoints_are_read_with_the_same_bounds(tmp_path):
     small = tnsurgery.surgery.apply(plain_mlp(), RANK4)
     with pytest.raises(tnsurgery.UserInputError, match="bytearray"):
         train(small, load_spec(spec).training, plain_mlp(), resume=True)
+
+
+# ------------------------------------------------------------------ round 2
+
+
+def test_a_manifest_of_a_million_values_is_refused_before_it_is_parsed(tmp_path):
+    from tests.security.helpers import surgered_dir
+
+    out = surgered_dir(tmp_path)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["not_replaced"] = [[]] * 1_100_000
+    (out / "manifest.json").write_text(json.dumps(raw, separators=(",", ":")))
+    with pytest.raises(ModelLoadError, match="more than 1,000,000 values"):
+        tnsurgery.load(out, plain_mlp())
+
+
+def test_a_huge_safetensors_header_is_refused_before_it_is_parsed(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"tnsurgery_manifest": "x" * 40_000_000})
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="header"):
+        tnsurgery.load(path, plain_mlp())
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.complex64])
+def test_weights_of_another_kind_than_the_model_holds_are_refused(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from tests.security.helpers import surgered_dir
+
+    out = surgered_dir(tmp_path)
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["2.weight"] = tensors["2.weight"].to(dtype)
+    save_file(tensors, str(out / "model.safetensors"))
+    raw = json.loads((out / "manifest.json").read_text())
+    raw.pop("files")
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match="2.weight is stored as"):
+        tnsurgery.load(out, plain_mlp())
+
+
+def test_a_legacy_pickle_says_so(tmp_path):
+    torch.save(plain_mlp(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    refused_fast(tmp_path / "old.pt", "legacy")
+    assert isinstance(io.load_model(tmp_path / "old.pt", trust_pickle=True).model, nn.Module)
+
+
+def test_float8_weights_load_like_torch_saved_them(tmp_path):
+    m = plain_mlp()
+    m[0].weight = nn.Parameter(m[0].weight.data.to(torch.float8_e4m3fn), requires_grad=False)
+    torch.save(m, tmp_path / "f8.pt")
+    assert io.load_model(tmp_path / "f8.pt").model[0].weight.dtype == torch.float8_e4m3fn
+
+
+def test_an_hf_directory_whose_weights_belong_to_another_class_is_refused(tmp_path):
+    from conftest import tiny_bert_model
+
+    d = tmp_path / "bert"
+    tiny_bert_model().save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100).to_dict()
+    gpt2["architectures"] = ["GPT2Model"]
+    (d / "config.json").write_text(json.dumps(gpt2))
+    refused(invoke("inspect", d), "less than half of the parameters of GPT2Model")
+    (d / "config.json").write_text(json.dumps(config))
+    assert invoke("inspect", d).exit_code == 0
+
+
+def test_a_huge_name_in_a_message_is_shortened(tmp_path):
+    from tests.security.helpers import surgered_dir
+
+    out = surgered_dir(tmp_path)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["replacements"][0]["name"] = ".".join(["a"] * 50_000)
+    (out / "manifest.json").write_text(json.dumps(raw))
+    r = invoke("inspect", out, "--arch", "tests.security.helpers:plain_mlp")
+    refused(r)
+    assert len(r.output) < 10_000 and "[…]" in r.output

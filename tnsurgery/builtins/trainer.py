@@ -11,6 +11,7 @@ changed on the models is given back at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -116,6 +117,7 @@ class _Loop:
         self.best_state: dict | None = None
         self.plateau_scale = 1.0
         self.s_cap = self.t_cap = self.log = self.board = None
+        self.log_created = self.logged = False
         self.ckpt_dir = Path(opts.checkpoint.dir) if opts.checkpoint else None
         if self.ckpt_dir is not None:
             check_own_dir(self.ckpt_dir)  # before any step, not at the first checkpoint
@@ -150,6 +152,9 @@ class _Loop:
         try:
             if opts.log and self.rank == 0:
                 check_own_log(opts.log)
+                # a log this run creates is removed at the end if no line went into it:
+                # an empty file is not a log a later run may append to
+                self.log_created = not Path(opts.log).exists()
                 self.log = open(opts.log, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise UserInputError(f"training: cannot write the log {opts.log}: {exc}") from None
@@ -288,6 +293,7 @@ class _Loop:
         if self.log:
             self.log.write(json.dumps(metrics) + "\n")
             self.log.flush()
+            self.logged = True
         if self.board is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -320,6 +326,9 @@ class _Loop:
                 cap.remove()
         if self.log:
             self.log.close()
+            if self.log_created and not self.logged:
+                with contextlib.suppress(OSError):
+                    Path(self.log.name).unlink()
         if self.board is not None:
             self.board.close()
 

@@ -28,9 +28,18 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
+MAX_SHOWN = 2000  # characters of one line of a message (names from files can be huge)
+
+
 def shown(text: object) -> str:
     """``text`` safe to print: rich markup escaped, control characters (terminal escape
-    sequences in a module name from a file) written as ``\\xNN``."""
+    sequences in a module name from a file) written as ``\\xNN``, each line at most
+    :data:`MAX_SHOWN` characters."""
+    lines = [
+        line if len(line) <= MAX_SHOWN else f"{line[: MAX_SHOWN // 2]} […] {line[-200:]}"
+        for line in str(text).split("\n")
+    ]
+    text = "\n".join(lines)
     clean = "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in str(text))
     return escape(clean)
 
@@ -52,7 +61,10 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except UserInputError as exc:
             raise BadInput(str(exc)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt:  # Ctrl-C: not a bug; outputs were left as they were
+            err.print("[yellow]Interrupted[/]", highlight=False)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
             if os.environ.get("TNSURGERY_DEBUG"):

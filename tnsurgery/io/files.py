@@ -129,6 +129,26 @@ def load_state_dict_fitting(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state)
 
 
+MAX_HEADER_BYTES = 32 << 20  # a .safetensors header (a real shard's: a few hundred KB)
+
+
+def check_header_size(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header (the JSON before the tensors) is
+    larger than :data:`MAX_HEADER_BYTES`, before the library parses it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it: {short(exc)}") from None
+    if len(head) == 8 and int.from_bytes(head, "little") > MAX_HEADER_BYTES:
+        raise ModelLoadError(
+            f"{path}: a .safetensors header of {int.from_bytes(head, 'little'):,} bytes is "
+            f"larger than {MAX_HEADER_BYTES:,}: refused"
+        )
+
+
 @contextmanager
 def safetensors_errors(path: Path) -> Iterator[None]:
     """Turn what reading a ``.safetensors`` file can raise into a clear
@@ -145,6 +165,7 @@ def safetensors_errors(path: Path) -> Iterator[None]:
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the metadata of a ``.safetensors`` file (clear errors)."""
+    check_header_size(path)
     with safetensors_errors(path):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

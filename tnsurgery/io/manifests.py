@@ -28,6 +28,7 @@ from tnsurgery.errors import ModelLoadError
 from tnsurgery.io.files import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
+    check_header_size,
     safetensors_errors,
     short,
     sidecar_manifest,
@@ -35,23 +36,28 @@ from tnsurgery.io.files import (
 from tnsurgery.io.outputs import sha256
 from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 
-MAX_MANIFEST_BYTES = 64 << 20  # a manifest of a 10 000-layer model is a few MB
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest of a 10 000-layer model is a few MB
 MAX_MANIFEST_DEPTH = 64  # nesting of a manifest's values (a real one: about 10)
+MAX_MANIFEST_VALUES = 1_000_000  # values in all (a real one: about 60 per layer)
 
 
-def too_deep(value: Any, limit: int = MAX_MANIFEST_DEPTH) -> bool:
-    """Whether ``value`` (JSON data) nests deeper than ``limit`` (checked without
-    recursion: deep data would exhaust the stack of anything that walks it)."""
+def shape_problem(value: Any) -> str | None:
+    """Why ``value`` (JSON data) is too deep or too large to be a manifest, checked
+    without recursion and before any parsing into objects; ``None`` when it is not."""
     stack = [(value, 0)]
+    count = 0
     while stack:
         v, depth = stack.pop()
-        if depth > limit:
-            return True
+        count += 1
+        if depth > MAX_MANIFEST_DEPTH:
+            return f"nested deeper than {MAX_MANIFEST_DEPTH} levels"
+        if count > MAX_MANIFEST_VALUES:
+            return f"more than {MAX_MANIFEST_VALUES:,} values"
         if isinstance(v, dict):
             stack.extend((x, depth + 1) for x in v.values())
         elif isinstance(v, list):
             stack.extend((x, depth + 1) for x in v)
-    return False
+    return None
 
 
 @dataclass
@@ -129,10 +135,9 @@ def confined(directory: Path, name: Any, where: Path, field_name: str) -> Path:
 def _check_format(raw: Any, where: object) -> dict:
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise ModelLoadError(f"{where}: not a tnsurgery manifest (field 'format')")
-    if too_deep(raw):
-        raise ModelLoadError(
-            f"{where}: malformed manifest: nested deeper than {MAX_MANIFEST_DEPTH} levels"
-        )
+    problem = shape_problem(raw)
+    if problem:
+        raise ModelLoadError(f"{where}: malformed manifest: {problem}")
     version = raw.get("format_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
         raise ModelLoadError(
@@ -152,7 +157,12 @@ def _locate(path: Path) -> tuple[dict, Path, Path]:
         metadata = read_metadata(path)
         if "tnsurgery_manifest" not in metadata:
             raise ModelLoadError(f"{path}: no tnsurgery manifest beside or inside this file")
-        raw = _check_format(_decode(metadata["tnsurgery_manifest"], path), path)
+        text = metadata["tnsurgery_manifest"]
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ModelLoadError(
+                f"{path}: the manifest inside it is larger than {MAX_MANIFEST_BYTES} bytes: refused"
+            )
+        raw = _check_format(_decode(text, path), path)
         raw = {**raw, "weights": path.name}  # the manifest inside describes this very file
         return raw, path, path.parent
     elif path.name.endswith(".json"):
@@ -232,6 +242,7 @@ def verify_files(doc: Document) -> None:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` file (header only)."""
+    check_header_size(path)
     with safetensors_errors(path), safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
 
@@ -239,6 +250,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Name -> shape and dtype of every tensor of a ``.safetensors`` file, from its
     header alone (no tensor data is read)."""
+    check_header_size(path)
     with safetensors_errors(path), safe_open(str(path), framework="pt") as f:
         out = {}
         for k in f.keys():

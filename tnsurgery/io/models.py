@@ -6,6 +6,7 @@ Face directory, or a tnsurgery output (its manifest replayed on the architecture
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,19 @@ def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) 
     if trust_pickle:
         with cwd_on_path():
             return torch.load(path, map_location="cpu", weights_only=False)
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" and head != b"PK":  # a pickle: torch.save's legacy format
+            raise ModelLoadError(
+                f"{path}: saved in PyTorch's legacy format (before the zip format of "
+                "PyTorch 1.6): tnsurgery reads legacy files only with --trust-pickle; or load "
+                "it once and save it again with torch.save"
+            ) from None
+        raise ModelLoadError(
+            f"{path}: cannot read this file as a PyTorch checkpoint (truncated, corrupt or "
+            "another format)"
+        ) from None
     needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     plugin_layers = set(get_registry().layer_classes())
     layer_modules = _layer_modules()
@@ -212,6 +226,21 @@ def _check_config_size(
         )
 
 
+def _check_weights_found(model: nn.Module, info: dict, path: Path) -> None:
+    """Refuse a directory whose weights mostly do not belong to the class its config
+    names (``architectures`` of another model): transformers would initialise most
+    of the model at random and only warn."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    missing = sum(params[k].numel() for k in info.get("missing_keys", ()) if k in params)
+    if total and missing > total / 2:
+        raise ModelLoadError(
+            f"{path}: the weight files hold less than half of the parameters of "
+            f"{type(model).__name__} ({missing:,} of {total:,} missing): is 'architectures' "
+            "in config.json the model these weights belong to?"
+        )
+
+
 def _load_hf(path: Path) -> nn.Module:
     try:
         import transformers  # optional dependency (the hf extra)
@@ -233,9 +262,12 @@ def _load_hf(path: Path) -> nn.Module:
             else:
                 base = cls(config)
             return load(path, base).eval()  # as from_pretrained returns it
-        if cls is transformers.AutoModel:
-            return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        return cls.from_pretrained(str(path), local_files_only=True)
+        extra = {"trust_remote_code": False} if cls is transformers.AutoModel else {}
+        model, info = cls.from_pretrained(
+            str(path), local_files_only=True, output_loading_info=True, **extra
+        )
+        _check_weights_found(model, info, path)
+        return model
     except ModelLoadError:
         raise
     except Exception as exc:

@@ -298,7 +298,8 @@ def _check_shapes(
     model: nn.Module, reps: list[Replacement], doc: Document, header: dict[str, TensorInfo]
 ) -> None:
     """The model's tensors (recorded layers built on meta) against the header."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     stored = {k: t.shape for k, t in header.items()}
     for alias, target in doc.aliases.items():
         if target in stored:
@@ -306,6 +307,14 @@ def _check_shapes(
     owners = {r.name: i for i, r in enumerate(reps)}  # the last record of each name
     for key, shape in expected.items():
         got = stored.get(key)
+        kind = header[key].dtype if key in header else None
+        if key in doc.aliases and doc.aliases[key] in header:
+            kind = header[doc.aliases[key]].dtype
+        if kind is not None and _kind(kind) != _tensor_kind(state[key]):
+            raise ModelLoadError(
+                f"{doc.weights}: tensor {key} is stored as {kind}, where the model holds "
+                f"{state[key].dtype}: refused (it would be cast silently)"
+            )
         owner = max((n for n in owners if key.startswith(n + ".")), key=len, default=None)
         if got == shape or owner is None:  # the base model's own tensors: checked on load
             continue
@@ -348,6 +357,23 @@ def _check_numbers(value, bound: int, doc: Document, field: str, name: str) -> N
 def _meta_bytes(module: nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors if t.is_meta)
+
+
+def _kind(dtype: str) -> str:
+    """float, int, bool or complex, for a safetensors dtype name (F32, BF16, F8_E4M3...)."""
+    if dtype == "BOOL":
+        return "bool"
+    if dtype.startswith("C"):
+        return "complex"
+    return "float" if dtype.startswith(("F", "BF")) else "int"
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    if t.is_complex():
+        return "complex"
+    return "float" if t.is_floating_point() else "int"
 
 
 def _place(

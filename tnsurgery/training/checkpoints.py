@@ -8,7 +8,7 @@ import json
 import os
 import random
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +41,56 @@ def check_own_dir(directory: Path) -> None:
         )
 
 
+MAX_LOG_LINE = 1 << 20
+"""Longest line (bytes) of a metrics log tnsurgery writes: a longer one is not ours."""
+
+
 def check_own_log(path: str | Path) -> None:
-    """A metrics log that exists must be one tnsurgery wrote (JSON lines with a
-    ``step``): a spec may not make training append to, or trim, another file."""
+    """A metrics log that exists must be one tnsurgery wrote: JSON lines, each with
+    a ``step``, at least one of them (a spec may not make training append to, or
+    trim, another file, an empty one included). Read line by line, each at most
+    :data:`MAX_LOG_LINE` bytes: memory stays bounded whatever the file's size."""
     p = Path(path)
     if p.is_symlink() or (p.exists() and not p.is_file()):
         raise UserInputError(f"training: the log {p} is not a regular file")
     if not p.exists():
         return
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-        ours = all(isinstance(json.loads(line).get("step"), int) for line in lines if line)
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
-        ours = False
-    if not ours:
+        lines = sum(1 for _ in _log_lines(p))
+    except (OSError, ValueError):
+        lines = None
+    if lines == 0:
+        raise UserInputError(
+            f"training: the log {p} exists and is empty (no metrics line); "
+            "remove it or choose another file"
+        )
+    if lines is None:
         raise UserInputError(
             f"training: the log {p} exists and is not a tnsurgery metrics log; choose another file"
         )
+
+
+def _log_lines(path: Path) -> Iterator[tuple[bytes, int]]:
+    """Each non-blank line of a metrics log with its ``step``, read one line at a
+    time; a :class:`ValueError` at the first line that is not tnsurgery's (too long,
+    not UTF-8 JSON, no integer ``step``) or if ``path`` is not a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    with os.fdopen(os.open(path, flags), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        while line := f.readline(MAX_LOG_LINE + 1):
+            if len(line.rstrip(b"\r\n")) > MAX_LOG_LINE:
+                raise ValueError("a line too long")
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line.decode("utf-8"))
+                step = entry.get("step")
+            except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+                raise ValueError("not a metrics line") from None
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError("no integer step")
+            yield line.rstrip(b"\r\n"), step
 
 
 def save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) -> None:
@@ -87,18 +120,28 @@ def recipe(opts: Training) -> str:
 
 
 def trim_log(path: str | None, step: int) -> None:
-    """Drop the metrics lines written after the checkpoint a run resumes from."""
+    """Drop the metrics lines written after the checkpoint a run resumes from (the
+    log read line by line and rewritten atomically; removed if no line is left, so
+    no empty log is left behind)."""
     if not path or not Path(path).exists():
         return
     check_own_log(path)
-    kept = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    Path(path).write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    target = Path(path)
+    kept = 0
+    try:
+        with atomic_files(target) as (tmp,), open(tmp, "wb") as out:
+            for line, at in _log_lines(target):
+                if at <= step:
+                    out.write(line + b"\n")
+                    kept += 1
+        if not kept:
+            target.unlink()
+    except ValueError:  # changed since it was checked
+        raise UserInputError(
+            f"training: the log {target} is not a tnsurgery metrics log; choose another file"
+        ) from None
+    except OSError as exc:
+        raise UserInputError(f"training: cannot write the log {target}: {exc}") from None
 
 
 def read_checkpoint(path: Path) -> dict:

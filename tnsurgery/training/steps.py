@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,10 +118,40 @@ def grad_scaler(opts: Training, model: nn.Module):
     return torch.amp.GradScaler("cuda")
 
 
+TENSORBOARD_EVENTS = "events.out.tfevents."
+"""How the names of the event files a TensorBoard writer makes begin."""
+
+
+def check_own_tensorboard(directory: str | Path) -> None:
+    """A TensorBoard directory that exists must hold only TensorBoard event files (a
+    spec names it: it may not make training write into someone else's directory);
+    a symlink or a non-directory is refused."""
+    d = Path(directory)
+    if d.is_symlink() or (d.exists() and not d.is_dir()):
+        raise UserInputError(f"training: the tensorboard dir {d} is not a directory")
+    if not d.exists():
+        return
+    try:
+        others = [
+            p.name
+            for p in d.iterdir()
+            if not p.name.startswith(TENSORBOARD_EVENTS) or p.is_symlink() or not p.is_file()
+        ]
+    except OSError as exc:
+        raise UserInputError(f"training: cannot read the tensorboard dir {d}: {exc}") from None
+    if others:
+        raise UserInputError(
+            f"training: the tensorboard dir {d} holds files that are not TensorBoard event "
+            f"files ({', '.join(sorted(others)[:3])}): give a new or empty directory"
+        )
+
+
 def tensorboard_writer(directory: str | None):
-    """A TensorBoard writer, or ``None`` (with a clear error if asked for but missing)."""
+    """A TensorBoard writer, or ``None`` (with a clear error if asked for but missing);
+    the directory must be new or hold only event files (:func:`check_own_tensorboard`)."""
     if directory is None:
         return None
+    check_own_tensorboard(directory)
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard
     except ImportError:
