@@ -33,7 +33,7 @@ from tnsurgery.compare import (
     weight_error,
 )
 from tnsurgery.data import to_device
-from tnsurgery.errors import LayerRefusedError, SurgeryError, UserInputError
+from tnsurgery.errors import LayerRefusedError, MatchError, SurgeryError, UserInputError
 from tnsurgery.export import convert
 from tnsurgery.manifest import (
     MANIFEST_ATTR,
@@ -212,6 +212,7 @@ def _apply(
     original = copy_model(model) if (inplace and needs_original) else model
     with Swaps(work) as swaps:
         result, built = _run(work, original, spec, prep, allow_empty, True, swaps, progress, True)
+        _require_a_replacement(result, spec, allow_empty)
         if prep.sample_input is not None:
             verify(original, work, result, prep.sample_input)
         if result.totals()["model_params_after"] is None:  # a transform did not count
@@ -234,6 +235,23 @@ def _apply(
                     )[0]
                 record(work, "trained_output_error", err)
     return work
+
+
+def _require_a_replacement(result: Plan, spec: Spec, allow_empty: bool) -> None:
+    """A surgery that replaces nothing is an error (a silent no-op would write an
+    unchanged model), unless the call or every rule allows it (``allow_empty``)."""
+    if result.replaced() or allow_empty or all(rule.allow_empty for rule in spec.rules):
+        return
+    why = [f"{t.name}: {t.reason or t.status}" for t in result.targets][:5]
+    more = f" (and {len(result.targets) - 5} more)" if len(result.targets) > 5 else ""
+    raise MatchError(
+        [
+            "nothing was replaced: every target was skipped or refused"
+            + (f": {'; '.join(why)}{more}" if why else "")
+            + '. Change the spec, or set "allow_empty": true on the rules (tnsurgery apply '
+            "--allow-empty) to accept an unchanged model"
+        ]
+    )
 
 
 def _run(
@@ -261,7 +279,7 @@ def _run(
     for index, rule in enumerate(spec.rules):
         # the original's selection holds until an earlier rule changed the model
         targets = prep.targets[index] if not built else select_rule(work, rule, index)
-        require_some(work, targets, allow_empty)
+        require_some(work, targets, allow_empty, prep.registry)
         last = index == len(spec.rules) - 1
         decisions = _plan_pass(work, spec, targets, prep, result, last and not build_last)
         if last and not build_last:

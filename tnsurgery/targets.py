@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from tnsurgery.errors import MatchError
-from tnsurgery.matching import MatchResult, select
+from tnsurgery.matching import MatchResult, select, type_matches
 from tnsurgery.plan import PassInfo
+from tnsurgery.plugins import Registry
 from tnsurgery.spec import Rule, Spec
 from tnsurgery.transform import Transform
 
@@ -58,19 +59,30 @@ def select_targets(model: nn.Module, spec: Spec) -> list[RuleTargets]:
     return [select_rule(model, rule, i) for i, rule in enumerate(spec.rules)]
 
 
-def require_some(model: nn.Module, targets: RuleTargets, allow_empty: bool) -> None:
+def require_some(
+    model: nn.Module,
+    targets: RuleTargets,
+    allow_empty: bool,
+    registry: Registry | None = None,
+) -> None:
     """Raise :class:`MatchError` (naming the near misses) when the rule selected
-    nothing and the spec does not allow that."""
+    nothing and the spec does not allow that. When its patterns matched only modules
+    of types the transform does not take, the error names those types and the
+    installed transforms (of ``registry``) that take them."""
     found, rule, index, transform = targets.found, targets.rule, targets.index, targets.transform
     if found.names or allow_empty or rule.allow_empty:
         return
+    modules = dict(model.named_modules())
     accepts = transform.module_types
-    candidates = [n for n, m in model.named_modules() if n and isinstance(m, accepts)]
-    accepted = " or ".join(t.__name__ for t in transform.module_types)
+    candidates = [n for n, m in modules.items() if n and isinstance(m, accepts)]
+    if rule.types:  # the rule narrows the types: suggest only modules of its types
+        candidates = [n for n in candidates if type_matches(modules[n], rule.types)]
+    accepted = " or ".join(
+        rule.types if rule.types else [t.__name__ for t in transform.module_types]
+    )
     parts = [f"{rule.label(index)} matches no {accepted} module"]
     if found.wrong_type:
-        shown = ", ".join(found.wrong_type[:5]) + (" ..." if len(found.wrong_type) > 5 else "")
-        parts.append(f"matched only modules of other types: {shown}")
+        parts.append(_other_types(found.wrong_type, modules, transform, rule, registry))
     if found.excluded:
         parts.append(f"{len(found.excluded)} matching module(s) removed by 'exclude'")
     near = found.near_misses(candidates, rule.match) or candidates[:5]
@@ -78,3 +90,36 @@ def require_some(model: nn.Module, targets: RuleTargets, allow_empty: bool) -> N
         parts.append(f"closest {accepted} modules: " + ", ".join(near))
     parts.append('set "allow_empty": true on the rule to allow this')
     raise MatchError(["; ".join(parts)])
+
+
+def _other_types(
+    names: list[str],
+    modules: dict[str, nn.Module],
+    transform: Transform,
+    rule: Rule,
+    registry: Registry | None,
+) -> str:
+    """'matched only modules of other types: h.0.attn.c_attn, ...; Conv1D (24): no
+    installed transform takes it'."""
+    by_type: dict[str, list[nn.Module]] = {}
+    for n in names:
+        if n in modules:
+            by_type.setdefault(type(modules[n]).__name__, []).append(modules[n])
+    described = []
+    for type_name, found in sorted(by_type.items(), key=lambda kv: -len(kv[1])):
+        takers = []
+        if registry is not None:
+            takers = [
+                t.name
+                for t in registry.transforms.values()
+                if isinstance(found[0], t.module_types)
+            ]
+        if transform.name in takers:  # the transform takes it: the rule's types did not
+            why = f"not of the rule's types {rule.types}"
+        elif takers:
+            why = f"'{transform.name}' does not take it; transforms that do: {', '.join(takers)}"
+        else:
+            why = "no installed transform takes it"
+        described.append(f"{type_name} ({len(found)}): {why}")
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return f"matched only modules of other types: {shown}; " + "; ".join(described)
