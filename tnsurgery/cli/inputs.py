@@ -181,7 +181,9 @@ def resolve_sample_input(
 def plan_arguments(f):
     """SPEC MODEL and the options of every command that plans (plan, apply)."""
     f = click.option(
-        "--allow-empty", is_flag=True, help="Do not fail on rules that match nothing."
+        "--allow-empty",
+        is_flag=True,
+        help="Do not fail on rules that match nothing, nor on a surgery that replaces nothing.",
     )(f)
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
     f = sample_options(f)
