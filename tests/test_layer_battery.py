@@ -51,12 +51,16 @@ from tnsurgery.transform import Context
 # seeded dense modules, "<transform>/<source>" the layer that transform made from
 # that source (for transforms that accept SurgeryLayers, e.g. qat).
 PARAMS: dict[str, dict[str, dict]] = {
-    "factorize": {"Linear": {"rank": 5}, "Conv2d": {"rank": 4}},
-    "tt": {"Linear": {"ranks": 3, "in_factors": [2, 3, 4], "out_factors": [2, 2, 5]}},
+    "factorize": {"Linear": {"rank": 5}, "Conv2d": {"rank": 4}, "Conv1D": {"rank": 5}},
+    "tt": {
+        "Linear": {"ranks": 3, "in_factors": [2, 3, 4], "out_factors": [2, 2, 5]},
+        "Conv1D": {"ranks": 3, "in_factors": [2, 3, 4], "out_factors": [2, 2, 5]},
+    },
     "cp": {"Conv2d": {"rank": 5}},
     "tucker": {"Linear": {"ranks": [3, 4, 3, 4], "d": 2}, "Conv2d": {"ranks": [5, 4]}},
     "qat": {
         "Linear": {"bits": 4},
+        "Conv1D": {"bits": 4, "activations": 8, "scheme": "asymmetric"},
         "Conv2d": {"bits": 4, "activations": 8, "scheme": "asymmetric"},
         "factorize/Linear": {"bits": 6, "granularity": "per_tensor"},
         "tt/Linear": {"bits": 4, "learn_scale": True},
@@ -90,7 +94,22 @@ META_UNSUPPORTED = {
     "read from a tensor, as in QATLayer",
 }
 
-INPUT_SHAPES = {"Linear": (2, 3, 24), "Conv2d": (2, 6, 7, 5)}
+INPUT_SHAPES = {"Linear": (2, 3, 24), "Conv2d": (2, 6, 7, 5), "Conv1D": (2, 3, 24)}
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2), as transformers writes it (which is optional
+    here): a Linear whose weight is stored ``(in, out)``; transforms know it by name."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * nx**-0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
 
 
 def _dense_source(kind: str) -> nn.Module:
@@ -99,6 +118,8 @@ def _dense_source(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "Linear":
         return nn.Linear(24, 20)
+    if kind == "Conv1D":
+        return Conv1D(20, 24)
     return nn.Conv2d(6, 8, 3, stride=(2, 1), padding=1, bias=False)
 
 
@@ -190,7 +211,9 @@ def _dense_op(built: Built, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     quantizer = getattr(layer, "input_quantizer", None)
     if quantizer is not None:
         x = quantizer(x)
-    return functional_call(built.dense, {"weight": layer.to_dense(), "bias": built.dense.bias}, x)
+    weight = layer.to_dense()  # a Linear's (out, in): a Conv1D stores its transpose
+    weight = weight.mT if isinstance(built.dense, Conv1D) else weight
+    return functional_call(built.dense, {"weight": weight, "bias": built.dense.bias}, x)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:

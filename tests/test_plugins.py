@@ -22,6 +22,7 @@ from torch import nn
 import tnsurgery
 from tnsurgery import hookspecs, plugins, surgery
 from tnsurgery.cli import cli
+from tnsurgery.decompositions.conv1d import Conv1D
 from tnsurgery.errors import ModelLoadError, SpecError, SurgeryError
 from tnsurgery.layers.base import SurgeryLayer
 from tnsurgery.plugins import get_plugin_manager, get_registry
@@ -246,7 +247,7 @@ def test_second_registration_of_a_name_is_a_failure_not_a_crash(register_plugin)
     register_plugin(TransformsPlugin(transform("factorize")), name="impostor")
     reg = get_registry()
     assert reg.origins["factorize"] == "builtin"
-    assert reg.get("factorize").module_types == (nn.Linear, nn.Conv2d)  # the builtin one
+    assert reg.get("factorize").module_types == (nn.Linear, nn.Conv2d, Conv1D)  # the builtin
     [failure] = [f for f in reg.failures if f.name == "impostor"]
     assert failure.error == "ValueError: transform 'factorize' is already registered by builtin"
 
@@ -284,7 +285,7 @@ def test_a_builtin_name_stays_builtin_whatever_the_install_order(monkeypatch, re
         pm = get_plugin_manager(refresh=True)
     reg = get_registry(pm)
     assert reg.origins["factorize"] == "builtin"
-    assert reg.get("factorize").module_types == (nn.Linear, nn.Conv2d)
+    assert reg.get("factorize").module_types == (nn.Linear, nn.Conv2d, Conv1D)
     assert [f.name for f in reg.failures] == ["impostor"]
 
 

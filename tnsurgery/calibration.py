@@ -25,6 +25,7 @@ from torch import nn
 
 from tnsurgery.compare import weight_error
 from tnsurgery.data import batches, examples_in, to_device
+from tnsurgery.decompositions.conv1d import is_conv1d
 from tnsurgery.errors import SurgeryError, UserInputError
 from tnsurgery.hooks import hooked
 from tnsurgery.plan import TargetPlan
@@ -62,6 +63,8 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     is not one whose input statistics apply (grouped or non-zero-padded convs)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
+    if is_conv1d(module):  # GPT-2's Conv1D: x @ weight, weight (in, out)
+        return x.reshape(-1, module.weight.shape[0])
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
@@ -101,7 +104,7 @@ def product_rows(module: nn.Module, args: tuple, mask: torch.Tensor | None) -> t
     if not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0].detach()
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         x = unpadded(x, mask)
     r = input_rows(module, x)
     if r is None:
@@ -111,7 +114,7 @@ def product_rows(module: nn.Module, args: tuple, mask: torch.Tensor | None) -> t
 
 def supports(module: nn.Module) -> bool:
     """Whether :func:`collect` can gather statistics for ``module``."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     return (
         isinstance(module, nn.Conv2d)

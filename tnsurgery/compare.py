@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnsurgery.decompositions.conv1d import linear_weight
 from tnsurgery.errors import SurgeryError, UserInputError
 from tnsurgery.hooks import hooked
 from tnsurgery.plan import Plan
@@ -109,7 +110,7 @@ def weight_error(old: nn.Module, new: nn.Module) -> float | None:
     if not hasattr(new, "to_dense"):
         return None
     with torch.no_grad():
-        w = getattr(old, "weight", None)
+        w = linear_weight(old)  # a Conv1D's weight.T: the (out, in) matrix layers rebuild
         if not isinstance(w, torch.Tensor) and hasattr(old, "to_dense"):
             try:
                 w = old.to_dense()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tnsurgery.decompositions.conv1d import is_conv1d
+
 __all__ = ["conv2d_output_hw", "module_flops"]
 
 
@@ -34,6 +36,12 @@ def module_flops(module: nn.Module, input_shape: tuple[int, ...] | None) -> int 
         for d in (input_shape or (1, module.in_features))[:-1]:
             rows *= int(d)
         return 2 * rows * module.in_features * module.out_features
+    if is_conv1d(module):  # GPT-2's Conv1D: weight (in, out)
+        fin, fout = module.weight.shape
+        rows = 1
+        for d in (input_shape or (1, fin))[:-1]:
+            rows *= int(d)
+        return 2 * rows * int(fin) * int(fout)
     if isinstance(module, nn.Conv2d) and input_shape is not None:
         n = input_shape[0] if len(input_shape) == 4 else 1
         h, w = conv2d_output_hw(module, input_shape[-2:])

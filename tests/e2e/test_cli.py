@@ -170,11 +170,11 @@ def test_plugins_lists_factorize_as_builtin():
     result = invoke("plugins")
     assert result.exit_code == 0
     line = next(ln for ln in result.stdout.splitlines() if "factorize" in ln)
-    assert "builtin" in line and "Linear, Conv2d" in line
+    assert "builtin" in line and "Linear, Conv2d, Conv1D" in line
     data = json.loads(invoke("plugins", "--json").stdout)
     factorize = next(t for t in data["transforms"] if t["name"] == "factorize")
     assert factorize["origin"] == "builtin"
-    assert factorize["types"] == ["Linear", "Conv2d"]
+    assert factorize["types"] == ["Linear", "Conv2d", "Conv1D"]
     assert {"rank", "rank_ratio", "param_ratio", "energy", "max_error"} <= set(factorize["params"])
     assert isinstance(data["failed"], list)
 

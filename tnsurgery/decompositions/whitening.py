@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tnsurgery.decompositions.conv1d import linear_features
 from tnsurgery.decompositions.tucker import mode_product
 
 
@@ -149,7 +150,8 @@ def input_whitening(
     ``ctx.cache``: the whitening is kept there.
     """
     stats = ctx.input_stats
-    in_features = getattr(module, "in_features", None)
+    features = linear_features(module)  # a Conv1D's too
+    in_features = features[0] if features is not None else None
     if not whiten or stats is None or in_features is None or stats.gram.shape[0] != in_features:
         return None
     damping = 1e-2 if ctx.damping is None else float(ctx.damping)

@@ -1,6 +1,7 @@
 """The contract every replacement layer follows (:class:`SurgeryLayer`, defined in
-:mod:`tnsurgery.layer`; importable from here, as plugin authors do)."""
+:mod:`tnsurgery.layer`; importable from here, as plugin authors do), and
+:class:`DenseWeight`, what such a layer's ``weight`` is."""
 
-from tnsurgery.layer import SurgeryLayer
+from tnsurgery.layer import DenseWeight, SurgeryLayer
 
-__all__ = ["SurgeryLayer"]
+__all__ = ["DenseWeight", "SurgeryLayer"]

@@ -9,13 +9,14 @@ from torch import nn
 
 from tnsurgery.flops import conv2d_output_hw
 from tnsurgery.layers.base import SurgeryLayer
+from tnsurgery.layers.lowrank import ConvAttributes
 
 
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class CPConv2d(SurgeryLayer):
+class CPConv2d(ConvAttributes, SurgeryLayer):
     """Four thin convs whose composition is a conv with a rank-``R`` CP kernel.
 
     ``W[o, i, h, w] = Σ_r U_out[o, r] · U_in[i, r] · U_h[h, r] · U_w[w, r]`` becomes
@@ -29,6 +30,9 @@ class CPConv2d(SurgeryLayer):
     The split is exact for every padding mode: padding rows or columns only copies
     (or zero-fills) whole pixels, which commutes with the pointwise ``first`` conv and
     with a conv along the other axis. Only ``groups=1`` convolutions are represented.
+    The replaced conv's attributes are readable
+    (:class:`~tnsurgery.layers.lowrank.ConvAttributes`; the geometry is split
+    between ``vertical`` and ``horizontal``).
     """
 
     def __init__(
@@ -87,6 +91,10 @@ class CPConv2d(SurgeryLayer):
 
     # ------------------------------------------------------------------ geometry
     @property
+    def output_conv(self) -> nn.Conv2d:
+        return self.last
+
+    @property
     def stride(self) -> tuple[int, int]:
         return (self.vertical.stride[0], self.horizontal.stride[1])
 
@@ -143,12 +151,14 @@ class CPConv2d(SurgeryLayer):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The CP factors ``(out, R)``, ``(in, R)``, ``(kh, R)``, ``(kw, R)`` (views)."""
+        # (.t(), not .mT: the TorchScript ONNX exporter has no aten::mT, and a model that
+        # reads ``weight`` while exported runs to_dense() in the trace)
         r = self.rank
         return (
             self.last.weight.reshape(self.out_channels, r),
-            self.first.weight.reshape(r, self.in_channels).mT,
-            self.vertical.weight.reshape(r, self.kernel_size[0]).mT,
-            self.horizontal.weight.reshape(r, self.kernel_size[1]).mT,
+            self.first.weight.reshape(r, self.in_channels).t(),
+            self.vertical.weight.reshape(r, self.kernel_size[0]).t(),
+            self.horizontal.weight.reshape(r, self.kernel_size[1]).t(),
         )
 
     # ------------------------------------------------------------------ forward

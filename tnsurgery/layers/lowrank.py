@@ -153,11 +153,61 @@ def geometry_conv(
     )
 
 
-class LowRankConv2d(SurgeryLayer):
+class ConvAttributes:
+    """The attributes of the ``nn.Conv2d`` a conv block replaced, for model code that
+    reads them (``in_channels``, ``out_channels`` and ``kernel_size`` are the
+    block's own): ``stride``, ``padding``, ``dilation`` and ``padding_mode`` from
+    :attr:`geometry_conv` (the conv of the block that carries them), ``bias``
+    from :attr:`output_conv` (the same Parameter: not a copy), ``groups`` 1 (the
+    only convolutions decomposed), and ``weight`` from the
+    :class:`~tnsurgery.layer.SurgeryLayer` contract. Read-only: the block's
+    convs hold the values, ``config()`` records them."""
+
+    groups = 1
+    transposed = False
+    output_padding = (0, 0)
+    # (TorchScript compiles a module's properties: these stay in Python)
+    __jit_unused_properties__ = [
+        "weight", "geometry_conv", "output_conv", "stride", "padding", "dilation",
+        "padding_mode", "bias",
+    ]  # fmt: skip
+
+    # what a subclass provides (as properties): the conv of the block that carries the
+    # replaced conv's stride, padding and dilation (or it overrides those), and the
+    # conv that holds the bias
+    geometry_conv: nn.Conv2d
+    output_conv: nn.Conv2d
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return tuple(self.geometry_conv.stride)
+
+    @property
+    def padding(self) -> tuple[int, int] | str:
+        """The replaced conv's padding (a string stays a string)."""
+        padding = self.geometry_conv.padding
+        return padding if isinstance(padding, str) else tuple(padding)
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return tuple(self.geometry_conv.dilation)
+
+    @property
+    def padding_mode(self) -> str:
+        return self.geometry_conv.padding_mode
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The bias (the output conv's parameter itself), or ``None``."""
+        return self.output_conv.bias
+
+
+class LowRankConv2d(ConvAttributes, SurgeryLayer):
     """A k×k conv into ``rank`` channels, then a 1×1 conv to ``out_channels`` (with the bias).
 
     Stride, padding, dilation and padding mode stay on the first conv, so the
     output has the original shape; only ``groups=1`` convolutions are factorized.
+    The replaced conv's attributes are readable (:class:`ConvAttributes`).
     """
 
     def __init__(
@@ -184,6 +234,14 @@ class LowRankConv2d(SurgeryLayer):
             in_channels, rank, kernel_size, stride, padding, dilation, padding_mode, **kw
         )
         self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **kw)
+
+    @property
+    def geometry_conv(self) -> nn.Conv2d:
+        return self.first
+
+    @property
+    def output_conv(self) -> nn.Conv2d:
+        return self.second
 
     @classmethod
     def from_factors(cls, conv: nn.Conv2d, u: torch.Tensor, v: torch.Tensor) -> LowRankConv2d:

@@ -2,9 +2,11 @@
 ``QuantizedLayer`` (integer weights, dequantized on the fly, after export).
 
 Both wrap any layer whose forward reads its own parameters: ``nn.Linear``,
-``nn.Conv2d`` and every :class:`~tnsurgery.layers.base.SurgeryLayer`. The
-tensors quantized and their channel axes come from the layer's
-``quant_axes()`` (``{"weight": 0}`` for Linear/Conv2d): each low-rank factor,
+``nn.Conv2d``, Hugging Face's ``Conv1D`` (GPT-2) and every
+:class:`~tnsurgery.layers.base.SurgeryLayer`. The tensors quantized and their
+channel axes come from the layer's ``quant_axes()`` (``{"weight": 0}`` for
+Linear/Conv2d, ``{"weight": 1}`` for Conv1D, whose ``(in, out)`` weight has its
+output channels as columns): each low-rank factor,
 TT core, Tucker core and factor, CP factor gets its own quantizer. The wrapped
 layer runs with its parameters swapped for their (fake-)quantized versions
 through :func:`torch.func.functional_call`, so it needs no change of its own.
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from tnsurgery.decompositions.conv1d import conv1d_class, is_conv1d, linear_features
 from tnsurgery.flops import module_flops
 from tnsurgery.layers.base import SurgeryLayer
 from tnsurgery.quant import (
@@ -39,7 +42,23 @@ def quant_axes(module: nn.Module) -> dict[str, int]:
         return dict(module.quant_axes())
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         return {"weight": 0}
+    if is_conv1d(module):  # weight (in, out): one scale per output channel, a column
+        return {"weight": 1}
     return {}
+
+
+def _conv1d_structure(inner: nn.Module) -> bool:
+    """Whether ``inner`` is a Conv1D, or the copy of one that holds no tensor (the
+    ``inner`` of a :class:`QuantizedLayer`)."""
+    return conv1d_class(type(inner)) and isinstance(getattr(inner, "nf", None), int)
+
+
+def _linear_flops(features: tuple[int, int], input_shape: tuple[int, ...]) -> int:
+    """FLOPs of a Linear ``(in, out)`` (a Conv1D, which ``module_flops`` does not know)."""
+    rows = 1
+    for d in input_shape[:-1]:
+        rows *= int(d)
+    return 2 * rows * features[0] * features[1]
 
 
 def _key(name: str) -> str:
@@ -186,7 +205,8 @@ class QATLayer(SurgeryLayer):
     @property
     def in_features(self) -> int:
         """``inner``'s ``in_features`` (for FLOP counts without an input shape)."""
-        return self.inner.in_features
+        features = linear_features(self.inner)  # a Conv1D's too
+        return features[0] if features is not None else self.inner.in_features
 
     # --------------------------------------------------------------- forward
     def _quantized_params(self, observe: bool) -> dict[str, torch.Tensor]:
@@ -205,15 +225,19 @@ class QATLayer(SurgeryLayer):
         return _call_with(self.inner, self._quantized_params(True), args, kwargs)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense weight ``inner`` computes from its fake-quantized tensors."""
+        """The dense weight ``inner`` computes from its fake-quantized tensors (of a
+        Conv1D: the ``(out, in)`` weight of the Linear it computes, as ``factorize`` and
+        ``tt`` rebuild it)."""
         params = self._quantized_params(False)
         if isinstance(self.inner, SurgeryLayer):
             call = _Call(self.inner, "to_dense")
             return _call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
-        return params["weight"]
+        return params["weight"].mT if is_conv1d(self.inner) else params["weight"]
 
     # ------------------------------------------------------------- reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
+        if is_conv1d(self.inner):
+            return _linear_flops(linear_features(self.inner), input_shape)
         return module_flops(self.inner, input_shape) or 0
 
     def quantized_bytes(self) -> int:
@@ -362,7 +386,15 @@ class QuantizedLayer(SurgeryLayer):
     @property
     def in_features(self) -> int:
         """``inner``'s ``in_features`` (for FLOP counts without an input shape)."""
-        return self.inner.in_features
+        features = self._conv1d_features()
+        return features[0] if features is not None else self.inner.in_features
+
+    def _conv1d_features(self) -> tuple[int, int] | None:
+        """``(in, out)`` when the layer holds a Conv1D (its weight: ``(in, out)``)."""
+        if not _conv1d_structure(self.inner) or "weight" not in self.tensors:
+            return None
+        fin, fout = self.tensors["weight"]["shape"]
+        return int(fin), int(fout)
 
     def _dequantized(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -397,12 +429,15 @@ class QuantizedLayer(SurgeryLayer):
     def to_dense(self) -> torch.Tensor:
         params = self._all_params()
         if "weight" in params and not self.inner_config:
-            return params["weight"]
+            w = params["weight"]
+            return w.mT if self._conv1d_features() is not None else w  # (out, in)
         call = _Call(self.inner, "to_dense")
         return _call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
 
     # ------------------------------------------------------------- reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
+        if (features := self._conv1d_features()) is not None:
+            return _linear_flops(features, input_shape)
         if not isinstance(self.inner, SurgeryLayer):  # counted from its sizes alone
             return module_flops(self.inner, input_shape) or 0
         with torch.no_grad():

@@ -13,11 +13,11 @@ from torch import nn
 from tnsurgery.decompositions.tucker import tucker_to_full
 from tnsurgery.flops import conv2d_output_hw
 from tnsurgery.layers.base import SurgeryLayer
-from tnsurgery.layers.lowrank import geometry_conv
+from tnsurgery.layers.lowrank import ConvAttributes, geometry_conv
 from tnsurgery.layers.tensorized import TensorizedLinear
 
 
-class TuckerConv2d(SurgeryLayer):
+class TuckerConv2d(ConvAttributes, SurgeryLayer):
     """Tucker-2 convolution (Kim et al. 2016): a 1×1 conv to ``r_in`` channels, the k×k
     core conv to ``r_out`` channels, a 1×1 conv to ``out_channels`` (with the bias).
 
@@ -25,7 +25,8 @@ class TuckerConv2d(SurgeryLayer):
     ``core`` holds ``G (r_out, r_in, kh, kw)``, ``last`` holds ``U_out``.
     Stride, padding, dilation and padding mode sit on the core conv; the
     first 1×1 conv has no bias, so it commutes with any padding and the
-    output equals the dense conv's. Only ``groups=1`` convolutions.
+    output equals the dense conv's. Only ``groups=1`` convolutions. The replaced
+    conv's attributes are readable (:class:`~tnsurgery.layers.lowrank.ConvAttributes`).
     """
 
     def __init__(
@@ -53,6 +54,14 @@ class TuckerConv2d(SurgeryLayer):
             r_in, r_out, self.kernel_size, stride, padding, dilation, padding_mode, **kw
         )
         self.last = nn.Conv2d(r_out, out_channels, 1, bias=bias, **kw)
+
+    @property
+    def geometry_conv(self) -> nn.Conv2d:
+        return self.core
+
+    @property
+    def output_conv(self) -> nn.Conv2d:
+        return self.last
 
     @classmethod
     def from_tucker(

@@ -1,11 +1,13 @@
-"""``factorize``: truncated-SVD low-rank factorization of ``nn.Linear`` and ``nn.Conv2d``.
+"""``factorize``: truncated-SVD low-rank factorization of ``nn.Linear``, ``nn.Conv2d`` and
+Hugging Face's ``Conv1D`` (GPT-2).
 
 A Linear's weight ``W (out, in)`` becomes ``U (out, r)`` and ``V (r, in)`` with
 ``U V`` the best rank-``r`` approximation of ``W`` (Eckart–Young); the
 singular values are split evenly (``U = U_r √S``, ``V = √S V_rᵀ``) so both
 factors train at the same scale. A Conv2d's kernel is seen as the matrix
 ``(out, in·kh·kw)``: ``V`` becomes a k×k conv into ``r`` channels, ``U`` a 1×1
-conv to the output channels.
+conv to the output channels. A ``Conv1D`` (weight stored ``(in, out)``) is factorized
+as the Linear of weight ``Wᵀ`` it computes, into a ``LowRankLinear``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from tnsurgery.decompositions.conv1d import Conv1D, linear_weight
 from tnsurgery.decompositions.svd import (
     compute_dtype,
     exact_svd,
@@ -97,8 +100,9 @@ def _unwhiten(v: torch.Tensor, chol: torch.Tensor | None) -> torch.Tensor:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The module's weight as the matrix ``(out, in·…)`` that gets factorized."""
-    w = module.weight.detach()
+    """The module's weight as the matrix ``(out, in·…)`` that gets factorized (a
+    Conv1D's: ``weight.T``, the Linear it computes)."""
+    w = linear_weight(module).detach()
     return w.reshape(w.shape[0], -1)
 
 
@@ -198,11 +202,12 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
 
 
 def _flops(module: nn.Module, rank: int, input_shape: tuple[int, ...] | None) -> int | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, Conv1D)):
+        m, n = weight_matrix(module).shape
         rows = 1
-        for d in (input_shape or (1, module.in_features))[:-1]:
+        for d in (input_shape or (1, n))[:-1]:
             rows *= int(d)
-        return 2 * rows * rank * (module.in_features + module.out_features)
+        return 2 * rows * rank * (n + m)
     if input_shape is None:
         return None
     n = input_shape[0] if len(input_shape) == 4 else 1
@@ -224,7 +229,7 @@ def build(module: nn.Module, params: FactorizeParams, ctx: Context) -> nn.Module
     dtype, device = module.weight.dtype, module.weight.device
     u = (dec.u[:, :rank] * root).to(device=device, dtype=dtype)
     v = (_unwhiten(dec.v[:, :rank], dec.whitening) * root).mT.to(device=device, dtype=dtype)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, Conv1D)):
         bias = module.bias.detach() if module.bias is not None else None
         return LowRankLinear.from_factors(u, v, bias)
     return LowRankConv2d.from_factors(module, u, v)
@@ -238,10 +243,10 @@ def refit(new: nn.Module, old: nn.Module, stats, ctx: Context) -> float | None:
     by ``L⁻¹`` (``‖X_c Mᵀ − X_o Wᵀ‖² = ‖M L − A‖² + const``). The new factors are kept
     only if they do better on the data than the current ones; returns the relative
     output error of the factors kept (``None``: not a LowRankLinear)."""
-    if not isinstance(new, LowRankLinear) or not isinstance(old, nn.Linear):
+    if not isinstance(new, LowRankLinear) or not isinstance(old, (nn.Linear, Conv1D)):
         return None
     rows = max(stats.rows, 1)
-    w = old.weight.detach().double().cpu()
+    w = weight_matrix(old).double().cpu()
     c, p, go = stats.gram / rows, stats.cross / rows, stats.gram_original / rows
     damping = 1e-2 if ctx.damping is None else float(ctx.damping)
     scale = float(torch.diagonal(c).mean().clamp_min(1e-30))
@@ -278,13 +283,13 @@ def register_transforms(register):
         Transform(
             name="factorize",
             params_model=FactorizeParams,
-            module_types=(nn.Linear, nn.Conv2d),
+            module_types=(nn.Linear, nn.Conv2d, Conv1D),
             build=build,
             plan=plan,
             layers=(LowRankLinear, LowRankConv2d),
             refit=refit,
             refits=(LowRankLinear,),
-            description="Truncated-SVD low-rank factorization (Linear: x·V·Uᵀ+b; "
+            description="Truncated-SVD low-rank factorization (Linear, HF Conv1D: x·V·Uᵀ+b; "
             "Conv2d: k×k conv into r channels, then 1×1 conv).",
         )
     )

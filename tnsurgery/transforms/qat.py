@@ -1,6 +1,7 @@
 """``qat``: wrap layers for quantization-aware training (fake quantization).
 
-Any ``nn.Linear``, ``nn.Conv2d`` or layer made by another transform
+Any ``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D`` (GPT-2: per channel along
+its weight's output axis, 1) or layer made by another transform
 (``factorize``, ``tt``, ``tucker``, ``cp``) becomes a
 :class:`~tnsurgery.layers.qat.QATLayer`: each of its weight tensors (each
 low-rank factor, TT core, Tucker core and factor, CP factor) gets its own
@@ -19,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from tnsurgery.decompositions.conv1d import Conv1D, linear_weight
 from tnsurgery.errors import UserInputError
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.layers.base import SurgeryLayer
@@ -61,10 +63,11 @@ class QatParams(BaseModel):
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The dense weight ``module`` computes with (rebuilt for surgery layers)."""
+    """The dense weight ``module`` computes with (rebuilt for surgery layers; a Conv1D's
+    as the ``(out, in)`` Linear it computes, as ``QATLayer.to_dense`` gives it)."""
     if isinstance(module, SurgeryLayer):
         return module.to_dense()
-    return module.weight
+    return linear_weight(module)
 
 
 def plan(module: nn.Module, params: QatParams, ctx: Context) -> Decision:
@@ -124,7 +127,7 @@ def register_transforms(register):
         Transform(
             name="qat",
             params_model=QatParams,
-            module_types=(nn.Linear, nn.Conv2d, SurgeryLayer),
+            module_types=(nn.Linear, nn.Conv2d, Conv1D, SurgeryLayer),
             build=build,
             plan=plan,
             layers=(QATLayer, QuantizedLayer),

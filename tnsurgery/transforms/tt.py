@@ -1,4 +1,5 @@
-"""``tt``: Tensor-Train (TT-matrix) factorization of ``nn.Linear``.
+"""``tt``: Tensor-Train (TT-matrix) factorization of ``nn.Linear`` (and of Hugging Face's
+``Conv1D``, GPT-2's Linear with its weight stored transposed: as the Linear it computes).
 
 The weight ``W (out, in)`` is reshaped to a d-way tensor whose k-th mode
 pairs the k-th output and input factors, and decomposed by TT-SVD
@@ -30,6 +31,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from tnsurgery.decompositions.conv1d import Conv1D, linear_features, linear_weight
 from tnsurgery.decompositions.factors import linear_modes
 from tnsurgery.decompositions.svd import compute_dtype
 from tnsurgery.decompositions.tt import matrix_to_tt_tensor, split_cores, tt_svd
@@ -128,7 +130,8 @@ def _caps(module, params: TTParams, in_f, out_f) -> tuple[list[int] | None, floa
         return None, params.max_error
     # param_ratio: the largest uniform cap whose cores fit the budget
     bias = module.bias.numel() if module.bias is not None else 0
-    budget = params.param_ratio * (module.in_features * module.out_features + bias) - bias
+    fin, fout = linear_features(module)
+    budget = params.param_ratio * (fin * fout + bias) - bias
     lo, hi = 1, max(bond_max)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -143,15 +146,14 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
     """TT-SVD the weight at the requested ranks and measure the exact error (with
     calibration statistics and ``whiten``: of the whitened weight, and the exact
     output error on the data too)."""
+    fin, fout = linear_features(module)  # a Conv1D: the Linear it computes
     try:
-        in_f, out_f = linear_modes(
-            module.in_features, module.out_features, params.d, params.in_factors, params.out_factors
-        )
+        in_f, out_f = linear_modes(fin, fout, params.d, params.in_factors, params.out_factors)
     except ValueError as exc:
         return Decision(skip_reason=str(exc))
     caps, rel_error = _caps(module, params, in_f, out_f)
     white = input_whitening(module, ctx, params.whiten, in_f)
-    w = module.weight.detach()
+    w = linear_weight(module).detach()  # (out, in)
     a = w.to(compute_dtype(w) if white is None else torch.float64)
     rows_p, cols_p = math.prod(out_f), math.prod(in_f)
     padded = torch.zeros(rows_p, cols_p, dtype=a.dtype, device=a.device)
@@ -171,22 +173,22 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
         "in_factors": list(in_f),
         "out_factors": list(out_f),
     }
-    if math.prod(in_f) != module.in_features or math.prod(out_f) != module.out_features:
+    if math.prod(in_f) != fin or math.prod(out_f) != fout:
         resolved["padded"] = [math.prod(out_f), math.prod(in_f)]
     if white is not None:
         resolved["whitened"] = True
-    if kept >= module.in_features * module.out_features:
+    if kept >= fin * fout:
         return Decision(
             resolved=resolved,
             skip_reason=(
                 f"would not shrink: TT ranks {ranks} need {kept} weight params, dense has "
-                f"{module.in_features * module.out_features}"
+                f"{fin * fout}"
             ),
         )
     layer = TTLinear.from_cores(
         [c.to(dtype=w.dtype) for c in cores],
-        module.in_features,
-        module.out_features,
+        fin,
+        fout,
         module.bias.detach() if module.bias is not None else None,
         params.path,
     )
@@ -194,11 +196,11 @@ def plan(module: nn.Module, params: TTParams, ctx: Context) -> Decision:
         dense = layer.to_dense()
     err = relative_error(dense, w)  # measured as surgery measures weight_error
     out_err = white.output_error(dense, w) if white is not None else None
-    rows = math.prod((ctx.input_shape or (1, module.in_features))[:-1])
+    rows = math.prod((ctx.input_shape or (1, fin))[:-1])
     return Decision(
         resolved=resolved,
         params_after=kept + bias,
-        flops_after=layer.flops((rows, module.in_features)),
+        flops_after=layer.flops((rows, fin)),
         predicted_error=err,
         predicted_output_error=out_err,
         state=layer,
@@ -215,11 +217,11 @@ def register_transforms(register):
         Transform(
             name="tt",
             params_model=TTParams,
-            module_types=(nn.Linear,),
+            module_types=(nn.Linear, Conv1D),
             build=build,
             plan=plan,
             layers=(TTLinear,),
-            description="Tensor-Train (TT-matrix) Linear by TT-SVD; forward contracts through "
-            "the cores or rebuilds the weight, whichever costs fewer FLOPs.",
+            description="Tensor-Train (TT-matrix) Linear (or HF Conv1D) by TT-SVD; forward "
+            "contracts through the cores or rebuilds the weight, whichever costs fewer FLOPs.",
         )
     )
