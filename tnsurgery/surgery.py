@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from tnsurgery.budget import allocate
@@ -33,7 +32,7 @@ from tnsurgery.compare import (
     weight_error,
 )
 from tnsurgery.data import to_device
-from tnsurgery.errors import LayerRefusedError, MatchError, SurgeryError, UserInputError
+from tnsurgery.errors import MatchError, UserInputError
 from tnsurgery.export import convert
 from tnsurgery.manifest import (
     MANIFEST_ATTR,
@@ -45,12 +44,13 @@ from tnsurgery.manifest import (
 )
 from tnsurgery.plan import Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry
+from tnsurgery.replacing import build, bytes_after, decide, refusal
 from tnsurgery.spec import Spec, load_spec
 from tnsurgery.swap import Swaps, copy_model, restored_on_failure
 from tnsurgery.targets import RuleTargets, require_some, select_rule, select_targets
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, tensor_bytes, trace
 from tnsurgery.training import train
-from tnsurgery.transform import Context, Decision, Transform, qualified_name
+from tnsurgery.transform import Context, Decision, qualified_name
 
 __all__ = [
     "MANIFEST_ATTR",
@@ -292,7 +292,7 @@ def _run(
             if progress:
                 progress(done, len(todo), f"{rule.transform} {tp.name}")
             old = modules[tp.name]
-            new = _build(targets.transform, old, tp, decisions[tp.name])
+            new = build(targets.transform, old, tp, decisions[tp.name])
             swaps.swap(tp.name, new)
             built[(index, tp.name)] = new
             tp.weight_error = weight_error(old, new)
@@ -353,7 +353,7 @@ def _plan_pass(
         tp.flops_before = module_flops(module, tp.input_shape)
         tp.bytes_before = tensor_bytes(module)
         method = traced.method if traced else "none"
-        tp.reason = _refusal(name, module, call, aliases, tied, method)
+        tp.reason = refusal(name, module, call, aliases, tied, method)
         result.targets.append(tp)
         if tp.reason:
             tp.status = "refuse"
@@ -367,7 +367,7 @@ def _plan_pass(
             plan_only=plan_only,
         )
         params = prep.overrides.get((index, name), rule.parsed_params)
-        decision = _decide(transform, module, params, ctx)
+        decision = decide(transform, module, params, ctx)
         decision.params = params
         tp.resolved = decision.resolved
         if decision.skip_reason:
@@ -377,7 +377,7 @@ def _plan_pass(
             continue
         tp.params_after = decision.params_after
         tp.flops_after = decision.flops_after
-        tp.bytes_after = _bytes_after(module, decision)
+        tp.bytes_after = bytes_after(module, decision)
         tp.predicted_error = decision.predicted_error
         tp.predicted_output_error = decision.predicted_output_error
         decisions[name] = decision
@@ -410,124 +410,6 @@ def _train_dense_first(
         "order": "distill_then_compress",
     }
     return dense, done
-
-
-def _bytes_after(module: nn.Module, decision: Decision) -> int | None:
-    if decision.bytes_after is not None:
-        return decision.bytes_after
-    if decision.params_after is None:
-        return None
-    ref = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return decision.params_after * (ref.element_size() if ref is not None else 4)
-
-
-def _refusal(name, module, call, aliases, tied, method) -> str | None:
-    """Why the target ``name`` (``module``) is never replaced, or ``None``."""
-    unusable = _unusable_tensor(module)
-    if unusable is not None:
-        return unusable
-    if aliases.get(name):
-        return f"the same module is also registered as {', '.join(aliases[name])}; never split"
-    if tied.get(name):
-        others = ", ".join(tied[name])
-        return f"shares its parameters or their storage with {others} (tied weights); never split"
-    if call is None:
-        return None
-    if call.weight_read_directly:
-        return "the model reads this module's weight directly (outside its forward)"
-    if call.calls is not None and call.calls > 1:
-        return f"called {call.calls} times per forward; replacing it would change every call"
-    if call.calls == 0 and method != "none":
-        where = "in the traced graph" if method == "fx" else "on the sample input"
-        return (
-            f"never called {where} (its parent may use its weight directly, "
-            "e.g. nn.MultiheadAttention.out_proj)"
-        )
-    return None
-
-
-def _unusable_tensor(module: nn.Module) -> str | None:
-    """Why ``module``'s tensors cannot be replaced (an untrusted file may hold any):
-    a parameter that is not real floating point (int, bool, complex), or a
-    parameter or buffer on the meta device (no values)."""
-    for pname, p in module.named_parameters():
-        if p.is_meta:
-            return (
-                f"its {pname} is on the meta device (it holds no values): only weights "
-                "with values are replaced"
-            )
-        if not p.is_floating_point():
-            return f"its {pname} is {p.dtype}: only real floating-point weights are replaced"
-    for bname, b in module.named_buffers():
-        if b.is_meta:
-            return (
-                f"its buffer {bname} is on the meta device (it holds no values): only "
-                "weights with values are replaced"
-            )
-    return None
-
-
-# What a transform raises when the layer the spec asks for cannot be built (a value
-# that does not fit the module, a size beyond the machine): the spec is to change.
-REFUSALS = (
-    ValueError,
-    MemoryError,
-    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
-)
-
-
-def _refused(transform: Transform, name: str, exc: BaseException) -> LayerRefusedError:
-    return LayerRefusedError(
-        f"transform '{transform.name}' cannot build the layer asked for {name}: "
-        f"{type(exc).__name__}: {exc}. Change the rule's params (or exclude {name})."
-    )
-
-
-def _decide(transform: Transform, module: nn.Module, params, ctx: Context) -> Decision:
-    try:
-        if transform.plan is not None:
-            return transform.plan(module, params, ctx)
-        new = transform.build(module, params, ctx)
-    except UserInputError:  # the transform refuses what the spec asks: a user error
-        raise
-    except REFUSALS as exc:
-        raise _refused(transform, ctx.name, exc) from exc
-    except Exception as exc:
-        raise SurgeryError(
-            f"transform '{transform.name}' failed to plan {ctx.name}: {type(exc).__name__}: {exc}"
-        ) from exc
-    params = sum(p.numel() for p in new.parameters())
-    return Decision(params_after=params, flops_after=module_flops(new, ctx.input_shape), state=new)
-
-
-def _build(transform: Transform, old: nn.Module, tp: TargetPlan, decision: Decision) -> nn.Module:
-    ctx = Context(name=tp.name, input_shape=tp.input_shape, decision=decision)
-    try:
-        if transform.plan is None and isinstance(decision.state, nn.Module):
-            new = decision.state
-        else:
-            new = transform.build(old, decision.params, ctx)
-    except UserInputError:  # the transform refuses what the spec asks: a user error
-        raise
-    except REFUSALS as exc:
-        raise _refused(transform, tp.name, exc) from exc
-    except Exception as exc:
-        raise SurgeryError(
-            f"transform '{transform.name}' failed to build {tp.name}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(new, transform.layers) or not hasattr(new, "config"):
-        declared = ", ".join(c.__name__ for c in transform.layers) or "none"
-        raise SurgeryError(
-            f"transform '{transform.name}' built a {type(new).__name__} for {tp.name}, "
-            f"which is not one of its declared layers ({declared})"
-        )
-    ref = next(iter(old.parameters()), None)
-    if ref is not None:
-        new = new.to(device=ref.device)
-        if ref.is_floating_point():
-            new = new.to(dtype=ref.dtype)
-    new.train(old.training)
-    return new
 
 
 def _manifest(

@@ -22,6 +22,7 @@ from tnsurgery.errors import ModelLoadError, UserInputError
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest of a 10 000-layer model is a few MB
 HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 
 

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from tnsurgery.errors import ModelLoadError
 from tnsurgery.io.files import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     WEIGHTS_NAME,
     check_header_size,
     safetensors_errors,
@@ -36,7 +37,6 @@ from tnsurgery.io.files import (
 from tnsurgery.io.outputs import sha256
 from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 
-MAX_MANIFEST_BYTES = 16 << 20  # a manifest of a 10 000-layer model is a few MB
 MAX_MANIFEST_DEPTH = 64  # nesting of a manifest's values (a real one: about 10)
 MAX_MANIFEST_VALUES = 1_000_000  # values in all (a real one: about 60 per layer)
 

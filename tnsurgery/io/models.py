@@ -315,9 +315,9 @@ def load_model(
         state, _ = read_safetensors(p)
         load_state_dict_fitting(model, state, p)
         return LoadedModel(model, "safetensors", p, arch, sources)
-    _check_set(p)
     obj = torch_load_safely(p, trust_pickle, allow)
     if isinstance(obj, nn.Module):
+        _check_set(p)  # (a state dict's set is checked by load(), which reads its pair)
         _check_embedded_manifest(obj, p)
         return LoadedModel(obj, "pickle", p, sources=sources)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

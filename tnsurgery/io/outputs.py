@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tnsurgery.errors import OutputError
-from tnsurgery.io.files import HF_WEIGHT_SUFFIXES, MANIFEST_NAME
+from tnsurgery.io.files import HF_WEIGHT_SUFFIXES, MANIFEST_NAME, MAX_MANIFEST_BYTES
 from tnsurgery.manifest import MANIFEST_FORMAT
 
 CHUNK = 1 << 20
@@ -46,7 +46,7 @@ def read_own_manifest(path: Path) -> dict | None:
     if path.is_symlink() or not path.is_file():
         return None
     try:
-        if path.stat().st_size > 64 << 20:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
