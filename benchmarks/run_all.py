@@ -31,6 +31,8 @@ RUNS = [  # record name, script, its arguments, minutes of a full run on the 2-c
     ("bench_qat", "bench_qat.py", [], 2),
     ("bench_recover", "bench_recover.py", [], 15),
     ("bench_digits_tt", "bench_digits_tt.py", [], 1),
+    ("bench_defaults", "bench_defaults.py", [], 20),
+    ("bench_recipes", "bench_recipes.py", [], 5),
 ]
 
 

@@ -314,8 +314,14 @@ def test_cli_apply_on_a_saved_gpt2_then_inspect(name, tmp_path):
     listed = json.loads(res.stdout)
     assert listed["manifest"] is True
     conv1d = {m["name"] for m in listed["modules"] if m["type"] == "Conv1D"}
-    # factorize/tt replaced every Conv1D; qat wraps them (as ``inner``)
-    assert conv1d == ({f"{n}.inner" for n in NAMES} if name == "qat" else set())
+    # factorize/tt replaced every Conv1D; qat wraps them, a surgered layer listed as one
+    # row (its inner Conv1D within it) with the (out, in) shape of the Linear it computes
+    assert conv1d == set()
+    rows = {m["name"]: m for m in listed["modules"] if m["surgered"]}
+    assert set(rows) == set(NAMES)
+    for n, row in rows.items():
+        fin, fout = model.get_submodule(n).weight.shape  # Conv1D: (in, out)
+        assert row["shape"] == [fout, fin], n
     # the block weights changed, are what the file holds, and are what the API makes
     loaded = io.load_model(tmp_path / "out").model
     stored = load_file(tmp_path / "out" / "model.safetensors")

@@ -24,6 +24,11 @@ The cases are made the way surgery makes layers: a seeded ``nn.Linear`` or
 :func:`test_every_registered_layer_class_has_a_case` fails when a transform,
 a module type it accepts, or a layer class it registers has no case: add its
 params to :data:`PARAMS`.
+
+The layers a registered split (``register_splits``) puts in place of a fused module
+(``nn.MultiheadAttention`` -> ``SplitMultiheadAttention``) have no dense op of their
+own: they go through the same checks against the fused module they replace
+(:data:`SPLIT_SOURCES`), outputs and attention weights alike.
 """
 
 from __future__ import annotations
@@ -95,6 +100,28 @@ META_UNSUPPORTED = {
 }
 
 INPUT_SHAPES = {"Linear": (2, 3, 24), "Conv2d": (2, 6, 7, 5), "Conv1D": (2, 3, 24)}
+
+
+def _self_attention() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1))
+    return nn.MultiheadAttention(24, 4, batch_first=True), (x, x, x)
+
+
+def _cross_attention() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(5, 2, 24, generator=gen), torch.randn(7, 2, 10, generator=gen)
+    v = torch.randn(7, 2, 12, generator=gen)
+    mha = nn.MultiheadAttention(24, 4, bias=False, add_bias_kv=True, kdim=10, vdim=12)
+    nn.init.normal_(mha.bias_k)
+    nn.init.normal_(mha.bias_v)
+    return mha, (q, k, v)
+
+
+# The fused modules each registered split is tested on (seeded; with the positional
+# inputs of their forward), by split name: two cases when a split has options.
+SPLIT_SOURCES: dict[str, dict[str, Callable[[], tuple[nn.Module, tuple]]]] = {
+    "multihead_attention": {"self": _self_attention, "cross_kdim_vdim_bias_kv": _cross_attention},
+}
 
 
 class Conv1D(nn.Module):
@@ -241,7 +268,10 @@ def test_every_registered_layer_class_has_a_case():
                 f"transform '{name}' accepts {module_type.__name__} but no source in "
                 f"PARAMS['{name}'] is one: add a case in {__file__}"
             )
+    missing = [n for n in registry.splits if n not in SPLIT_SOURCES]
+    assert not missing, f"splits without a battery case: {missing}; add to SPLIT_SOURCES"
     built = {qualified_name(type(c.build().layer)) for c in CASES}
+    built |= {qualified_name(type(_split(c)[1])) for c in SPLIT_CASES}
     uncovered = sorted(set(registry.layer_classes()) - built)
     assert not uncovered, (
         f"registered layer classes no battery case builds: {uncovered}; add a case "
@@ -429,3 +459,127 @@ def test_training_hooks_keep_the_weight(case):
         rebuilt = type(layer).from_config(layer.config())  # config follows the cut
         rebuilt.load_state_dict(layer.state_dict())
         _same(rebuilt.eval()(x), layer.eval()(x))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _split_cases() -> list[tuple[str, str]]:
+    registered = get_registry().splits
+    return [(n, c) for n, by_case in SPLIT_SOURCES.items() if n in registered for c in by_case]
+
+
+SPLIT_CASES = _split_cases()
+
+
+@pytest.fixture(params=SPLIT_CASES, ids=[f"{n}/{c}" for n, c in SPLIT_CASES], name="split_case")
+def split_case_fixture(request) -> tuple[str, str]:
+    return request.param
+
+
+def _split(case: tuple[str, str]) -> tuple[nn.Module, nn.Module, tuple]:
+    """The fused module (seeded), its split (by the registered split) and inputs."""
+    name, source = case
+    torch.manual_seed(0)
+    fused, inputs = SPLIT_SOURCES[name][source]()
+    split = get_registry().splits[name].split(fused)
+    assert split is not None and isinstance(split, get_registry().splits[name].layers)
+    return fused, split, inputs
+
+
+def _same_outputs(a, b, tol: float = 0.0) -> None:
+    a, b = (a,) if isinstance(a, torch.Tensor) else a, (b,) if isinstance(b, torch.Tensor) else b
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None and tol:
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+        elif x is not None:
+            _same(x, y)
+
+
+def test_split_computes_the_fused_module(split_case):
+    fused, split, inputs = _split(split_case)
+    for part in get_registry().splits[split_case[0]].parts:  # the children rules target
+        assert part in split._modules, f"the split has no part {part}"
+    assert sum(p.numel() for p in split.parameters()) == sum(p.numel() for p in fused.parameters())
+    for training in (True, False):
+        fused.train(training), split.train(training)
+        _same_outputs(split(*inputs), fused(*inputs), 1e-6)
+    with torch.no_grad():  # (nn.MultiheadAttention's fused fast path, where it has one)
+        _same_outputs(split(*inputs), fused(*inputs), 1e-5)
+
+
+def test_split_gradients_reach_every_parameter(split_case):
+    _, split, inputs = _split(split_case)
+    inputs = tuple(x.clone().requires_grad_(True) for x in inputs)
+    out = split.train()(*inputs)
+    (out[0] if isinstance(out, tuple) else out).square().sum().backward()
+    for name, p in split.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_split_from_config_round_trip(split_case):
+    fused, split, inputs = _split(split_case)
+    config = split.eval().config()
+    assert json.loads(json.dumps(config)) == config, "config() is not JSON-compatible"
+    rebuilt = type(split).from_config(json.loads(json.dumps(config)), fused)
+    assert type(rebuilt) is type(split) and rebuilt.config() == config
+    buf = io.BytesIO()
+    torch.save(split.state_dict(), buf)
+    buf.seek(0)
+    rebuilt.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        _same_outputs(rebuilt.eval()(*inputs), split(*inputs))
+    with torch.device("meta"):
+        probe = type(split).from_config(config, fused)
+    shapes = {k: tuple(v.shape) for k, v in split.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in probe.state_dict().items()} == shapes
+
+
+def test_split_pickle_round_trip(split_case):
+    _, split, inputs = _split(split_case)
+    with torch.no_grad():
+        y = split.eval()(*inputs)
+        for loaded in (pickle.loads(pickle.dumps(split)), copy.deepcopy(split)):
+            assert type(loaded) is type(split) and loaded.config() == split.config()
+            _same_outputs(loaded(*inputs), y)
+
+
+def test_split_torch_compile(split_case):
+    torch._dynamo.reset()
+    _, split, inputs = _split(split_case)
+    compiled = torch.compile(split.eval(), backend="aot_eager", fullgraph=True)
+    _same_outputs(compiled(*inputs), split(*inputs), 1e-5)
+
+
+def test_split_onnx_export(split_case, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    _, split, inputs = _split(split_case)
+    path = tmp_path / "split.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(split.eval(), inputs, str(path), dynamo=False)
+        expected = split(*inputs)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, inputs, strict=False)}
+    got = ReferenceEvaluator(model).run(None, feeds)
+    _same_outputs(tuple(torch.from_numpy(g) for g in got), expected, 1e-4)
+
+
+def test_split_dtype_and_device_moves(split_case):
+    _, split, inputs = _split(split_case)
+    with torch.no_grad():
+        y = split.eval()(*inputs)
+        moved = copy.deepcopy(split).double()
+        y64 = tuple(None if t is None else t.double() for t in y)
+        _same_outputs(moved(*(x.double() for x in inputs)), y64, 1e-5)
+        meta = copy.deepcopy(split).to("meta")
+        out = meta(*(x.to("meta") for x in inputs))
+        assert out[0].is_meta and out[0].shape == y[0].shape
+        if torch.cuda.is_available():
+            got = copy.deepcopy(split).cuda()(*(x.cuda() for x in inputs))
+            _same_outputs(tuple(t.cpu() for t in got), y, 1e-4)

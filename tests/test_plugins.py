@@ -204,7 +204,8 @@ def test_builtins_without_entry_point_metadata(monkeypatch, restore_manager):
         pm = get_plugin_manager(refresh=True)
         reg = get_registry(pm)
     assert reg.origins == {name: "builtin" for name in ("factorize", "tt", "cp", "tucker", "qat")}
-    assert reg.data_origins == {s: "builtin" for s in ("tensors", "callable", "text", "random")}
+    sources = ("tensors", "callable", "text", "random", "sentences")
+    assert reg.data_origins == {s: "builtin" for s in sources}
 
 
 def test_unknown_transform_name_suggests_the_closest():
@@ -526,6 +527,92 @@ def test_hook_register_trainers(register_plugin):
     spec["training"]["trainer"] = "mien"
     with pytest.raises(SpecError, match="did you mean 'mine'"):
         surgery.apply(model, spec, registry=reg)
+
+
+class Gated(nn.Module):
+    """A fused module: two Linears kept in one weight, neither called on its own (what
+    a third party's split takes apart)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2 * d, d) / d**0.5)
+
+    def forward(self, x):
+        a, b = F.linear(x, self.weight).chunk(2, -1)
+        return a * torch.sigmoid(b)
+
+
+class SplitGated(nn.Module):
+    """``Gated`` with its two halves as Linear children."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.d = d
+        self.value, self.gate = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+    def config(self) -> dict:
+        return {"d": self.d}
+
+    @classmethod
+    def from_config(cls, config: dict, current=None) -> SplitGated:
+        return cls(**config)
+
+    @classmethod
+    def of(cls, fused: Gated) -> SplitGated:
+        new = cls(fused.weight.shape[1])
+        with torch.no_grad():
+            new.value.weight.copy_(fused.weight[: new.d])
+            new.gate.weight.copy_(fused.weight[new.d :])
+        return new
+
+
+def test_hook_register_splits(register_plugin, copy_plugin, tmp_path):
+    class Plugin:
+        @tnsurgery.hookimpl
+        def register_splits(self, register):
+            register(
+                hookspecs.Split(
+                    name="gated",
+                    module_types=(Gated,),
+                    parts=("value", "gate"),
+                    split=SplitGated.of,
+                    layers=(SplitGated,),
+                )
+            )
+
+    register_plugin(Plugin(), name="gated-plugin")
+    reg = get_registry()
+    assert reg.split_origins["gated"] == "gated-plugin"
+    assert reg.split_origins["multihead_attention"] == "builtin"
+    assert reg.layer_classes()[f"{__name__}.SplitGated"] is SplitGated
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(Gated(), nn.ReLU(), Gated())
+
+    x = torch.randn(4, 8)
+    spec = {"rules": [{"match": "0.value", "transform": "copy"}]}
+    small = surgery.apply(model(), spec, x)
+    assert isinstance(small[0], SplitGated) and isinstance(small[2], Gated)  # 2: not asked for
+    assert isinstance(small[0].value, CopiedLinear) and type(small[0].gate) is nn.Linear
+    manifest = surgery.get_manifest(small)
+    assert [(r["name"], r.get("operation")) for r in manifest["replacements"]] == [
+        ("0", "split"),
+        ("0.value", None),
+    ]
+    assert manifest["output_error"] == 0.0  # the split is exact, and so is the copy
+    path = tnsurgery.save(small, tmp_path / "gated")
+    loaded = tnsurgery.load(path, model())
+    assert isinstance(loaded[0], SplitGated) and torch.equal(loaded(x), small(x))
+    get_plugin_manager().unregister(name="gated-plugin")
+    with pytest.raises(ModelLoadError, match="SplitGated .* is not provided by any installed"):
+        tnsurgery.load(path, model())
+    # without the plugin the fused module is no target: its parts do not exist
+    plan = surgery.plan(model(), {**spec, "rules": [{**spec["rules"][0], "allow_empty": True}]})
+    assert plan.targets == []
 
 
 # --------------------------------------------------------- transform contract

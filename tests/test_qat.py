@@ -537,3 +537,33 @@ def test_convert_refuses_an_input_quantizer_that_saw_no_input():
     exported = surgery.convert(fq, x)  # the sample input gives it a scale
     with torch.no_grad():
         assert torch.allclose(exported(x), fq.eval()(x), atol=1e-6)
+
+
+def test_onnx_export_of_a_qat_model_says_to_convert_it_first(tmp_path):
+    """Fake quantization has no ONNX form: the export names the fix (convert first),
+    and the converted model exports and computes what the QAT model computed."""
+    pytest.importorskip("onnx")
+    import warnings
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    spec = {
+        "version": 1,
+        "rules": [{"match": "**", "types": ["Linear"], "transform": "qat", "params": {"bits": 4}}],
+    }
+    x = torch.randn(2, 8)
+    qat = tnsurgery.apply(model, spec, x).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(tnsurgery.UserInputError, match=r"convert it first.*tnsurgery\.convert"):
+            torch.onnx.export(qat, (x,), str(tmp_path / "q.onnx"), dynamo=False)
+        with pytest.raises(Exception, match=r"convert it first"):  # (wrapped by torch.export)
+            torch.onnx.export(qat, (x,), str(tmp_path / "q2.onnx"), dynamo=True)
+        converted = tnsurgery.convert(qat)
+        torch.onnx.export(converted, (x,), str(tmp_path / "c.onnx"), dynamo=False)
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx.load(str(tmp_path / "c.onnx"))
+    (got,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), qat(x), rtol=1e-4, atol=1e-4)

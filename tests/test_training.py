@@ -57,7 +57,13 @@ def test_label_free_distillation_recovers_the_teacher():
     teacher = teacher_mlp()
     spec = {
         "rules": [FACTORIZE],
-        "training": {"data": random_data(), "steps": 150, "lr": 1e-2, "batch_size": 32},
+        "training": {
+            "data": random_data(),
+            "steps": 150,
+            "lr": 1e-2,
+            "batch_size": 32,
+            "trainable": "surgered",
+        },
     }
     x = torch.randn(512, 16)
     plain = surgery.apply(teacher, {"rules": [FACTORIZE]})
@@ -565,7 +571,7 @@ def test_distill_match_adds_the_outputs_of_other_modules():
         data={"source": "random", "shape": [8], "vocab_size": 100, "samples": 16},
         steps=2,
         batch_size=8,
-        distill={"match": ["encoder.layer.*"], "output": "none"},
+        distill={"match": ["encoder.layer.*"], "output": "none", "features": "surgered"},
     )
     from tnsurgery.builtins import trainer as training_mod
 
@@ -755,8 +761,9 @@ def test_order_distill_then_compress_trains_the_dense_model_first(tmp_path):
     assert torch.equal(dense[0].weight, teacher_mlp(1)[0].weight)
     # every parameter trained, the non-surgered layer too
     assert not torch.equal(small[4].weight, dense[4].weight)
-    # the default order trains the factors only, from the given teacher
-    after = surgery.apply(dense, {"rules": [FACTORIZE], "training": training}, teacher=teacher)
+    # the default order, with the surgered layers alone training, trains the factors only
+    surgered = {**training, "trainable": "surgered"}
+    after = surgery.apply(dense, {"rules": [FACTORIZE], "training": surgered}, teacher=teacher)
     assert torch.equal(after[4].weight, dense[4].weight)
     assert cosine_to_teacher(after, teacher, x) > before
 
@@ -834,3 +841,21 @@ def test_cli_teacher_of_another_architecture(tmp_path):
     r = CliRunner().invoke(cli, [*args, "--teacher-arch", "tests.test_training:wide_teacher"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "model.surgered.pt").exists()
+
+
+def test_the_default_trains_every_parameter_with_a_tenth_of_warmup():
+    """The minimal section's defaults (chosen by benchmarks/bench_defaults.py): every
+    parameter trains, lr 3e-4, warmup over a tenth of the steps; 'surgered' when
+    unfreeze_stages is set (it unfreezes surgered layers)."""
+    from tnsurgery.spec.training import Training
+
+    t = Training.model_validate({"data": random_data(), "steps": 300})
+    assert (t.trainable, t.lr, t.warmup_steps) == ("all", 3e-4, 30)
+    staged = Training.model_validate({"data": random_data(), "unfreeze_stages": 2})
+    assert staged.trainable == "surgered"
+    explicit = Training.model_validate({"data": random_data(), "warmup_steps": 0})
+    assert explicit.warmup_steps == 0
+    teacher = teacher_mlp()
+    spec = {"rules": [FACTORIZE], "training": {"data": random_data(64), "steps": 5}}
+    trained = surgery.apply(teacher, spec)
+    assert not torch.equal(trained[4].weight, teacher[4].weight)  # not surgered, trained

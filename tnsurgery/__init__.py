@@ -27,10 +27,14 @@ from tnsurgery.errors import (
     UserInputError,
 )
 from tnsurgery.hookspecs import hookimpl
-from tnsurgery.io import load, save
+from tnsurgery.io import install_hf, load, save
 from tnsurgery.spec import Spec, load_spec
 from tnsurgery.surgery import apply, convert, get_manifest, plan, train
 from tnsurgery.transform import Context, Decision, Transform
+
+# transformers' from_pretrained (and SentenceTransformer) load surgered directories
+# once tnsurgery is imported; transformers itself is imported only when the user does
+install_hf()
 
 __all__ = [
     "Context",

@@ -1,6 +1,7 @@
 """Comparing a surgered model with the original: the relative error of model outputs
-(tensors, tuples, dicts, Hugging Face ModelOutputs), and of each replaced layer's
-output on the same input."""
+(tensors, tuples, dicts, Hugging Face ModelOutputs), each output tensor's and the one
+reported as the model's (a Hugging Face model's first output, else the worst), and of
+each replaced layer's output on the same input."""
 
 from __future__ import annotations
 
@@ -35,37 +36,71 @@ def float_leaves(value: Any, prefix: str = "output") -> list[tuple[str, torch.Te
     return []
 
 
+def is_model_output(value: Any) -> bool:
+    """Whether ``value`` is a Hugging Face ``ModelOutput`` (known by its class, without
+    importing transformers)."""
+    return any(
+        c.__name__ == "ModelOutput" and c.__module__.startswith("transformers")
+        for c in type(value).__mro__
+    )
+
+
+def output_errors(reference: Any, output: Any) -> dict[str, float]:
+    """The relative error of each floating-point tensor of ``output`` against the same
+    tensor of ``reference``, by name (``inf`` where the shapes differ)."""
+    errors: dict[str, float] = {}
+    for (name, r), (_, o) in zip(float_leaves(reference), float_leaves(output), strict=False):
+        errors[name] = math.inf if r.shape != o.shape else relative_error(o, r)
+    return errors
+
+
+def headline(reference: Any, errors: dict[str, float]) -> str | None:
+    """The output whose error is the model's: of a Hugging Face output, its first tensor
+    (``logits``, ``last_hidden_state``: what users read; ``loss`` only when it is the
+    only one); of any other output, the worst (a NaN counts as the worst)."""
+    if not errors:
+        return None
+    names = list(errors)
+    if is_model_output(reference):
+        return next((n for n in names if n != "output.loss"), names[0])
+    return max(names, key=lambda n: math.inf if math.isnan(errors[n]) else errors[n])
+
+
 def output_error(reference: Any, output: Any) -> tuple[float, str]:
-    """Largest relative error over the floating-point tensors of two model outputs,
-    and the name of that tensor."""
-    ref, out = float_leaves(reference), float_leaves(output)
-    worst, where = 0.0, "output"
-    for (name, r), (_, o) in zip(ref, out, strict=False):
-        if r.shape != o.shape:
-            return math.inf, name
-        err = relative_error(o, r)
-        if err > worst or where == "output":
-            worst, where = err, name
-    return worst, where
+    """The relative error of two model outputs, and the name of the tensor it is
+    measured on (see :func:`headline`); ``(0.0, "output")`` when neither has a
+    floating-point tensor."""
+    errors = output_errors(reference, output)
+    name = headline(reference, errors)
+    return (0.0, "output") if name is None else (errors[name], name)
+
+
+class SampleInputError(UserInputError):
+    """The model fails on the sample input; ``cause`` is the model's error, one line."""
+
+    def __init__(self, exc: Exception) -> None:
+        text = str(exc).strip()
+        self.cause = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        super().__init__(
+            "the model fails on the sample input (is it the input the model takes?): " + self.cause
+        )
 
 
 def check_sample_input(model: nn.Module, sample_input: Any) -> None:
     """Run ``model`` once on ``sample_input``: one it cannot take (a wrong shape, ids
-    out of range) is a :class:`UserInputError` saying so, before any work."""
+    out of range) is a :class:`SampleInputError` saying so, before any work."""
     with eval_mode(model):
         try:
             call_model(model, sample_input)
         except Exception as exc:
-            raise UserInputError(
-                "the model fails on the sample input (is it the input the model takes?): "
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-            ) from None
+            raise SampleInputError(exc) from None
 
 
 def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any) -> None:
     """Run both models on ``sample_input``: set the plan's ``output_error`` (and its
-    tensor's name) and each replaced target's ``output_error`` (its new layer on the
-    inputs the original layer received)."""
+    tensor's name, see :func:`headline`), ``output_errors`` (every tensor's) and each
+    replaced target's ``output_error`` (its new layer on the inputs the original layer
+    received)."""
     names = {t.name for t in result.replaced()}
     captured: dict[str, tuple] = {}
     modules = dict(original.named_modules())
@@ -81,10 +116,7 @@ def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any
             try:
                 reference = call_model(original, sample_input)
             except Exception as exc:
-                raise UserInputError(
-                    f"the model fails on the sample input (is it the input the model takes?): "
-                    f"{type(exc).__name__}: {exc}"
-                ) from None
+                raise SampleInputError(exc) from None
     with eval_mode(original, work):
         try:
             surgered = call_model(work, sample_input)
@@ -101,7 +133,12 @@ def verify(original: nn.Module, work: nn.Module, result: Plan, sample_input: Any
                 args, kwargs, out = captured[t.name]
                 if isinstance(out, torch.Tensor):
                     t.output_error = relative_error(new_modules[t.name](*args, **kwargs), out)
-    result.output_error, result.output_error_name = output_error(reference, surgered)
+    errors = output_errors(reference, surgered)
+    name = headline(reference, errors)
+    result.output_errors = errors
+    result.output_error, result.output_error_name = (
+        (0.0, "output") if name is None else (errors[name], name)
+    )
 
 
 def weight_error(old: nn.Module, new: nn.Module) -> float | None:

@@ -9,11 +9,15 @@ the ``tnsurgery`` entry-point group of its package::
 
 The built-in transforms are registered through the very same entry-point
 group, so anything they do a third-party plugin can do.
+
+:class:`Split`, what ``register_splits`` takes, is defined here: it is no more than
+the contract of that hook.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -31,6 +35,53 @@ hookspec = pluggy.HookspecMarker("tnsurgery")
 hookimpl = pluggy.HookimplMarker("tnsurgery")
 
 
+@dataclass(frozen=True)
+class Split:
+    """A fused module that surgery splits into parts that transforms take, as a plugin
+    registers it (``register_splits``).
+
+    Some modules compute with weights no transform can reach: ``nn.MultiheadAttention``
+    keeps its query, key and value projections in one bare parameter and never calls
+    its ``out_proj``. A :class:`Split` says how to turn such a module into an exact
+    equivalent whose parts are ordinary modules it calls (the built-in
+    ``multihead_attention`` split: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``,
+    each an ``nn.Linear``).
+
+    When a spec rule would select one of those parts (its ``match`` patterns, minus
+    ``exclude``, name ``<module>.<part>`` and the part is of the rule's ``types`` and of
+    a type its transform takes), surgery puts the split module in place of the fused
+    one first, and the parts are then ordinary targets (planned, calibrated, budgeted,
+    replaced, refitted, verified, trained). A fused module none of whose parts ends up
+    replaced is put back as it was: a run changes no module nobody asked for. A split
+    that stays is recorded in the manifest as a replacement (``"operation":
+    "split"``) before those of its parts, so :func:`tnsurgery.load` replays it.
+
+    Attributes:
+        name: names the split in messages and ``tnsurgery plugins``.
+        module_types: the fused module classes it splits (``isinstance``).
+        parts: the names of the split module's children that rules may target. Only a
+            module whose ``<name>.<part>`` some rule's patterns match is split.
+        split: ``split(module) -> nn.Module | None``: the exact equivalent of
+            ``module`` (same outputs, same parameters in other places, on its device
+            and dtype, in its training mode), with the ``parts`` as children; it must
+            not modify ``module``. ``None`` declines (e.g. a subclass whose forward
+            computes something else): the module stays fused.
+        layers: the classes ``split`` returns. They are what :func:`tnsurgery.load`
+            may instantiate from a manifest (like a transform's ``layers``), so each
+            needs ``config()`` and ``from_config(config, current)`` building it empty.
+            They must not derive from ``SurgeryLayer``: the parts of a layer surgery
+            built are never targets of their own.
+        description: one line for ``tnsurgery plugins``.
+    """
+
+    name: str
+    module_types: tuple[type[nn.Module], ...]
+    parts: tuple[str, ...]
+    split: Callable[[nn.Module], nn.Module | None]
+    layers: tuple[type[nn.Module], ...]
+    description: str = ""
+
+
 @hookspec
 def register_transforms(register: Callable[[Transform], None]) -> None:
     """Register the transforms this plugin provides.
@@ -44,6 +95,20 @@ def register_transforms(register: Callable[[Transform], None]) -> None:
     ``plan(module, params, ctx)`` that predicts the result without building,
     and ``layers``, the classes ``build`` may return (needed by
     :func:`tnsurgery.load`). Registering a name twice is an error.
+    """
+
+
+@hookspec
+def register_splits(register: Callable[[Split], None]) -> None:
+    """Register the fused modules this plugin can split into compressible parts.
+
+    Called once when the plugin manager is built. Call ``register`` once per kind
+    of fused module with a :class:`Split` (``name``, ``module_types``, ``parts``,
+    ``split``, ``layers``: see there for what surgery does with it). The built-in
+    ``multihead_attention`` split turns an ``nn.MultiheadAttention`` into a
+    ``tnsurgery.layers.attention.SplitMultiheadAttention`` whose ``q_proj``,
+    ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear`` children. Registering
+    a name twice is an error.
     """
 
 

@@ -17,6 +17,10 @@ from tnsurgery.dense_weight import DenseWeight, fx_tracing
 
 __all__ = ["DenseWeight", "SurgeryLayer"]
 
+# What a layer caches in its ``__dict__`` (rebuilt weights; a TT layer's contraction
+# plans): dropped from pickles, so a pickled model holds tensors and modules only.
+_CACHES = ("_weight_cache", "_plans")
+
 
 class SurgeryLayer(nn.Module):
     """Base class of the layers surgery puts in a model.
@@ -167,21 +171,46 @@ class SurgeryLayer(nn.Module):
             raise missing
         return DenseWeight(self, shape, *like)
 
-    def _fx_weight(self) -> torch.Tensor:
+    def _fx_weight(self) -> Any:
         """``weight`` under torch.fx's symbolic tracer: ``to_dense()`` in the graph, and
         the read recorded as fx records a Linear's, a ``get_attr`` node of
         ``<layer>.weight`` (left unused: at run time it is a free :class:`DenseWeight`),
         so that :mod:`tnsurgery.tracing` sees that the model reads this layer's weight,
-        whatever submodule its parameters live in."""
-        dense = self.to_dense()
+        whatever submodule its parameters live in. Where ``to_dense()`` cannot be
+        traced (a wrapper's quantizer branches on its tensors), that ``get_attr`` node
+        is the weight itself: the graph reads the :class:`DenseWeight` at run time."""
+        try:
+            dense = self.to_dense()
+        except torch.fx.proxy.TraceError:
+            dense = None
         tracer = getattr(dense, "tracer", None)  # a Proxy: to_dense() read the parameters
+        if not isinstance(tracer, torch.fx.Tracer):  # (read them by name: a wrapper's)
+            tracer = self._fx_tracer()
         if isinstance(tracer, torch.fx.Tracer):
             try:
                 path = tracer.path_of_module(self)
             except NameError:  # not a submodule of what is traced: nothing to mark
-                return dense
-            tracer.create_proxy("get_attr", f"{path}.weight", (), {})
+                path = None
+            if path is not None:
+                read = tracer.create_proxy("get_attr", f"{path}.weight", (), {})
+                return read if dense is None else dense
+        if dense is None:
+            raise torch.fx.proxy.TraceError(
+                f"{type(self).__name__}.weight cannot be traced outside the model"
+            )
         return dense
+
+    def _fx_tracer(self) -> torch.fx.Tracer | None:
+        """The running fx tracer, from a tensor of the layer read as model code reads it
+        (fx answers such a read with a Proxy); ``None`` when none answers so."""
+        for tensors in (self.named_parameters(), self.named_buffers()):
+            for name, _ in tensors:
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.get_submodule(owner_name) if owner_name else self
+                tracer = getattr(getattr(owner, attr), "tracer", None)
+                if isinstance(tracer, torch.fx.Tracer):
+                    return tracer
+        return None
 
     def param_count(self) -> int:
         """Number of parameters (weights and bias)."""
@@ -266,6 +295,7 @@ class SurgeryLayer(nn.Module):
             self.__dict__.get("_no_weight_cache")
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
+            or fx_tracing()  # (what it builds holds proxies of the trace)
         ):
             return False  # (a wrapper passes new tensors each call: never cache them)
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
@@ -295,7 +325,8 @@ class SurgeryLayer(nn.Module):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state.pop("_weight_cache", None)  # never pickled
+        for cache in _CACHES:  # never pickled (rebuilt when needed)
+            state.pop(cache, None)
         return state
 
     @classmethod

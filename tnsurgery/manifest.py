@@ -104,8 +104,14 @@ class Manifest(BaseModel):
         return [*self.history, self]
 
     def surgered_names(self) -> list[str]:
-        """Names of every module replaced by any recorded operation, in order."""
-        names = [r.name for record in self.records() for r in record.replacements]
+        """Names of every module replaced by any recorded operation, in order (a fused
+        module split into its parts is not one: only the parts replaced in it are)."""
+        names = [
+            r.name
+            for record in self.records()
+            for r in record.replacements
+            if r.operation != "split"
+        ]
         return list(dict.fromkeys(names))
 
 

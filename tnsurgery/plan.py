@@ -63,7 +63,13 @@ class PassInfo:
 
 @dataclass
 class Plan:
-    """Per-target plans of every rule pass, with totals (see :meth:`totals`)."""
+    """Per-target plans of every rule pass, with totals (see :meth:`totals`).
+
+    Once applied with a sample input: ``output_error``, the relative error of the
+    model's output (``output_error_name``: which tensor, a Hugging Face model's first,
+    e.g. ``output.last_hidden_state``, else the worst), ``output_errors`` (each output
+    tensor's) and ``sample_input`` (what it was measured on, when the caller says).
+    """
 
     targets: list[TargetPlan] = field(default_factory=list)
     passes: list[PassInfo] = field(default_factory=list)
@@ -72,6 +78,8 @@ class Plan:
     model_bytes_before: int | None = None
     output_error: float | None = None
     output_error_name: str | None = None
+    output_errors: dict[str, float] | None = None  # every output tensor's error, by name
+    sample_input: str | None = None  # what the output error was measured on, in words
     applied: bool = False
     budget: dict[str, Any] | None = None  # the global budget's allocation, when the spec has one
     calibration: dict[str, Any] | None = None  # what calibration ran, when the spec has it
@@ -122,6 +130,8 @@ class Plan:
             "passes": [asdict(p) for p in self.passes],
             "totals": self.totals(),
             "output_error_name": self.output_error_name,
+            "output_errors": self.output_errors,
+            "sample_input": self.sample_input,
             "applied": self.applied,
             "budget": self.budget,
             "calibration": self.calibration,
@@ -148,6 +158,8 @@ class Plan:
             model_bytes_before=totals.get("model_bytes_before"),
             output_error=totals.get("output_error"),
             output_error_name=d.get("output_error_name"),
+            output_errors=d.get("output_errors"),
+            sample_input=d.get("sample_input"),
             applied=d.get("applied", False),
             budget=d.get("budget"),
             calibration=d.get("calibration"),

@@ -21,6 +21,7 @@ import pluggy
 from tnsurgery import hookspecs
 from tnsurgery.datasource import DataSource
 from tnsurgery.errors import did_you_mean
+from tnsurgery.hookspecs import Split
 from tnsurgery.trainer import Trainer
 from tnsurgery.transform import Transform, qualified_name
 
@@ -42,6 +43,7 @@ DEFAULT_PLUGINS = (
     "tnsurgery.transforms.cp",
     "tnsurgery.transforms.tucker",
     "tnsurgery.transforms.qat",
+    "tnsurgery.transforms.attention",
     "tnsurgery.builtins.data_sources",
     "tnsurgery.builtins.trainer",
 )
@@ -67,6 +69,8 @@ class Registry:
     data_origins: dict[str, str] = field(default_factory=dict)
     trainers: dict[str, Trainer] = field(default_factory=dict)
     trainer_origins: dict[str, str] = field(default_factory=dict)
+    splits: dict[str, Split] = field(default_factory=dict)
+    split_origins: dict[str, str] = field(default_factory=dict)
 
     def get_trainer(self, name: str) -> Trainer:
         """The trainer called ``name``; ``KeyError`` with the closest names otherwise."""
@@ -92,12 +96,22 @@ class Registry:
             raise KeyError(unknown_name_message("transform", name, self.transforms)) from None
 
     def layer_classes(self) -> dict[str, type]:
-        """Every layer class a registered transform may build, by qualified name."""
+        """Every layer class a registered transform may build or a registered split may
+        put in place of a fused module, by qualified name (what :func:`tnsurgery.load`
+        may instantiate)."""
         out: dict[str, type] = {}
         for t in self.transforms.values():
             for cls in t.layers:
                 out[qualified_name(cls)] = cls
+        for s in self.splits.values():
+            for cls in s.layers:
+                out[qualified_name(cls)] = cls
         return out
+
+    def split_for(self, module: object) -> Split | None:
+        """The registered split that takes ``module`` (the first, built-ins first), or
+        ``None``."""
+        return next((s for s in self.splits.values() if isinstance(module, s.module_types)), None)
 
 
 def unknown_name_message(kind: str, name: str, valid) -> str:
@@ -157,7 +171,8 @@ def _record_failure(pm: pluggy.PluginManager, name: str, origin: str, exc: BaseE
 
 
 def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
-    """Ask every registered plugin for its transforms and return them by name.
+    """Ask every registered plugin for its transforms (data sources, trainers, splits)
+    and return them by name.
 
     Each plugin's ``register_transforms`` is called separately so that each
     transform's origin is known, and so that one plugin that fails while
@@ -193,6 +208,7 @@ def get_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         reg,
         origins,
     )
+    _collect(pm.hook.register_splits, Split, "split", reg.splits, reg.split_origins, reg, origins)
     return reg
 
 

@@ -32,8 +32,9 @@ from tnsurgery.compare import (
     weight_error,
 )
 from tnsurgery.data import to_device
-from tnsurgery.errors import MatchError, UserInputError
+from tnsurgery.errors import UserInputError
 from tnsurgery.export import convert
+from tnsurgery.io.hf_quantizer import attach_if_hf
 from tnsurgery.manifest import (
     MANIFEST_ATTR,
     MANIFEST_FORMAT,
@@ -47,7 +48,17 @@ from tnsurgery.plugins import Registry, get_plugin_manager, get_registry
 from tnsurgery.replacing import build, bytes_after, decide, refusal
 from tnsurgery.spec import Spec, load_spec
 from tnsurgery.swap import Swaps, copy_model, restored_on_failure
-from tnsurgery.targets import RuleTargets, require_some, select_rule, select_targets
+from tnsurgery.targets import (
+    FusedSplit,
+    RuleTargets,
+    require_a_replacement,
+    require_some,
+    select_rule,
+    select_targets,
+    split_fused,
+    split_records,
+    unsplit_unused,
+)
 from tnsurgery.tracing import call_model, eval_mode, module_flops, sharing, tensor_bytes, trace
 from tnsurgery.training import train
 from tnsurgery.transform import Context, Decision, qualified_name
@@ -124,6 +135,7 @@ def plan(
     spec = load_spec(spec, registry)
     registry = registry or get_registry()
     sequential = spec.calibration is not None and spec.calibration.sequential
+    model, _ = split_fused(model, spec, registry, copy=True)  # (MHAs whose parts are targets)
     prep = _prepare(model, spec, registry, sample_input, None, keep_batches=sequential)
     work = copy_model(model) if (len(spec.rules) > 1 or sequential) else model
     with Swaps(work) as swaps:
@@ -203,6 +215,8 @@ def _apply(
     if spec.training is not None and spec.training.order == "distill_then_compress":
         model, trained_first = _train_dense_first(model, spec, teacher, inplace, registry)
         inplace = True  # the trained copy is the one to operate on
+    model, splits = split_fused(model, spec, registry, copy=not inplace)  # MHAs with targets
+    inplace = inplace or bool(splits)  # (a split copy is ours to operate on)
     sequential = spec.calibration is not None and spec.calibration.sequential
     prep = _prepare(model, spec, registry, sample_input, progress, keep_batches=sequential)
     work = model if inplace else copy_model(model)
@@ -212,13 +226,14 @@ def _apply(
     original = copy_model(model) if (inplace and needs_original) else model
     with Swaps(work) as swaps:
         result, built = _run(work, original, spec, prep, allow_empty, True, swaps, progress, True)
-        _require_a_replacement(result, spec, allow_empty)
+        splits = unsplit_unused(work, splits, result, swaps)
+        require_a_replacement(result, spec, allow_empty, prep.targets, work, prep.registry)
         if prep.sample_input is not None:
             verify(original, work, result, prep.sample_input)
         if result.totals()["model_params_after"] is None:  # a transform did not count
             result.model_params_after = sum(p.numel() for p in work.parameters())
         result.applied = True
-        manifest = _manifest(work, spec, result, built)
+        manifest = _manifest(work, spec, result, built, splits)
         if trained_first is not None:  # recorded, the dense model having had no manifest
             manifest = manifest.model_copy(update={"training": trained_first})
         get_plugin_manager().hook.after_surgery(
@@ -234,24 +249,8 @@ def _apply(
                         call_model(work, prep.sample_input),
                     )[0]
                 record(work, "trained_output_error", err)
+    attach_if_hf(work)  # (its save_pretrained writes a directory that loads again)
     return work
-
-
-def _require_a_replacement(result: Plan, spec: Spec, allow_empty: bool) -> None:
-    """A surgery that replaces nothing is an error (a silent no-op would write an
-    unchanged model), unless the call or every rule allows it (``allow_empty``)."""
-    if result.replaced() or allow_empty or all(rule.allow_empty for rule in spec.rules):
-        return
-    why = [f"{t.name}: {t.reason or t.status}" for t in result.targets][:5]
-    more = f" (and {len(result.targets) - 5} more)" if len(result.targets) > 5 else ""
-    raise MatchError(
-        [
-            "nothing was replaced: every target was skipped or refused"
-            + (f": {'; '.join(why)}{more}" if why else "")
-            + '. Change the spec, or set "allow_empty": true on the rules (tnsurgery apply '
-            "--allow-empty) to accept an unchanged model"
-        ]
-    )
 
 
 def _run(
@@ -413,9 +412,13 @@ def _train_dense_first(
 
 
 def _manifest(
-    work: nn.Module, spec: Spec, result: Plan, built: dict[tuple[int, str], nn.Module]
+    work: nn.Module,
+    spec: Spec,
+    result: Plan,
+    built: dict[tuple[int, str], nn.Module],
+    splits: list[FusedSplit],
 ) -> Manifest:
-    replacements = []
+    replacements = split_records(splits)  # replayed first: their parts are replaced next
     for t in result.replaced():
         new = built[(t.rule_index, t.name)]
         replacements.append(

@@ -100,12 +100,19 @@ def _first_shape(value: Any) -> tuple[int, ...] | None:
 
 
 class _LeafTracer(torch.fx.Tracer):
+    """The targets are leaves; the modules that hold one are traced through, even those
+    fx keeps whole by default (``torch.nn``'s, e.g. an ``nn.TransformerEncoderLayer``
+    whose attention was split): as leaves, their targets would look never called."""
+
     def __init__(self, leaves: set[str]):
         super().__init__()
         self.leaves = leaves
+        self.holders = {n.rsplit(".", i)[0] for n in leaves for i in range(1, n.count(".") + 1)}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        if qualname in self.leaves:
+            return True
+        return qualname not in self.holders and super().is_leaf_module(m, qualname)
 
 
 def _fx_calls(model: nn.Module, targets: list[str]) -> tuple[torch.fx.GraphModule, dict]:

@@ -11,7 +11,10 @@ exactly as a third party's sources are.
 - ``text``: a text file, one example a line, tokenized with the tokenizer of
   the Hugging Face model (or ``tokenizer``, a directory), ``max_length``;
 - ``random``: random floats of ``shape``, or token ids below ``vocab_size``
-  (a Hugging Face dict batch): data-free.
+  (a Hugging Face dict batch): data-free;
+- ``sentences``: built-in English sentences (:mod:`tnsurgery.builtins.corpora`:
+  everyday sentences from a grammar, or the standard library's docstrings), tokenized
+  like ``text``: label-free text, offline, for a calibration when the user has none.
 
 A spec may come from someone else: a ``path`` must be a regular file (a symlink to
 one counts), never a FIFO, a device or a directory, checked before it is opened (a
@@ -33,14 +36,14 @@ from typing import Annotated, Any, BinaryIO, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
-from torch import nn
 
+from tnsurgery.builtins.corpora import SentencesParams, sentences_batches
+from tnsurgery.builtins.tokenizing import load_tokenizer, tokenized
 from tnsurgery.data import split
 from tnsurgery.datasource import DataContext, DataSource
 from tnsurgery.errors import DataSourceError, UserInputError
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.io import cwd_on_path, import_name
-from tnsurgery.io.files import HF_WEIGHT_SUFFIXES
 from tnsurgery.pickles import load_weights_only
 
 MAX_TEXT_BYTES = 1 << 30
@@ -235,44 +238,11 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
     lines = _read_lines(path)
     if not lines:
         raise UserInputError(f"data: {path} has no non-empty line")
-    where = params.tokenizer or _model_directory(ctx.model)
-    if where is None:
-        raise UserInputError(
-            "data: source 'text' needs a tokenizer: give \"tokenizer\" (a directory), or a "
-            "Hugging Face model loaded from a directory"
-        )
-    _check_tokenizer_dir(Path(where))
-    try:
-        import transformers  # optional dependency (the hf extra)
-
-        tok = transformers.AutoTokenizer.from_pretrained(
-            where, local_files_only=True, trust_remote_code=False
-        )
-    except Exception as exc:
-        raise UserInputError(f"data: cannot load a tokenizer from {where}: {exc}") from None
-    if tok.pad_token is None:  # e.g. GPT-2: pad with its end-of-text (masked out anyway)
-        fill = tok.eos_token or tok.unk_token
-        if fill is not None:
-            tok.pad_token = fill
-        elif ctx.batch_size > 1:
-            raise UserInputError(
-                f"data: the tokenizer in {where} has no pad, end-of-sequence or unknown token "
-                "to pad batches with: set its pad_token, or use batch_size 1"
-            )
-    padding = tok.pad_token is not None  # batch_size 1 needs none
+    tok = load_tokenizer(params.tokenizer, ctx, "text")
     if params.shuffle:
         order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
         lines = [lines[i] for i in order.tolist()]
-    for start in range(0, len(lines), ctx.batch_size):
-        chunk = lines[start : start + ctx.batch_size]
-        enc = tok(
-            chunk,
-            padding=padding,
-            truncation=True,
-            max_length=params.max_length,
-            return_tensors="pt",
-        )
-        yield {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+    yield from tokenized(tok, lines, params.max_length, ctx.batch_size)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -297,43 +267,6 @@ def _read_lines(path: Path) -> list[str]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UserInputError(f"data: cannot read {path}: {exc}") from None
     return lines
-
-
-def _check_tokenizer_dir(where: Path) -> None:
-    """A tokenizer directory holds regular files (each at most :data:`MAX_TEXT_BYTES`,
-    weights aside) and directories: no FIFO or device for the tokenizer to read. A
-    name that is no path is left to the local Hugging Face cache."""
-    try:
-        if not where.exists():
-            return
-        if not where.is_dir():
-            raise UserInputError(f"data: the tokenizer {where} is not a directory")
-        entries = list(where.iterdir())
-    except OSError as exc:
-        raise UserInputError(f"data: cannot read the tokenizer directory {where}: {exc}") from None
-    for entry in entries:
-        try:
-            st = entry.stat()
-        except OSError:  # a broken link: nothing to read
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            raise UserInputError(
-                f"data: the tokenizer directory {where} holds {entry.name}, not a regular "
-                f"file but a {_kind(st.st_mode)}"
-            )
-        if st.st_size > MAX_TEXT_BYTES and entry.suffix not in HF_WEIGHT_SUFFIXES:
-            raise UserInputError(
-                f"data: the tokenizer directory {where} holds {entry.name} of "
-                f"{st.st_size:,} bytes, more than the limit of {MAX_TEXT_BYTES:,}"
-            )
-
-
-def _model_directory(model: nn.Module | None) -> str | None:
-    config = getattr(model, "config", None)
-    where = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-    return where if where and Path(where).is_dir() else None
 
 
 # ------------------------------------------------------------------- random
@@ -399,7 +332,7 @@ def random_batches(params: RandomParams, ctx: DataContext) -> Iterator[Any]:
 
 @hookimpl
 def register_data_sources(register):
-    """Register the built-in sources: tensors, callable, text, random."""
+    """Register the built-in sources: tensors, callable, text, random, sentences."""
     register(DataSource("tensors", TensorsParams, tensors_batches, "A file of tensors."))
     register(
         DataSource(
@@ -408,3 +341,12 @@ def register_data_sources(register):
     )
     register(DataSource("text", TextParams, text_batches, "A text file, one example a line."))
     register(DataSource("random", RandomParams, random_batches, "Random inputs (data-free)."))
+    register(
+        DataSource(
+            "sentences",
+            SentencesParams,
+            sentences_batches,
+            "Built-in English sentences (everyday, or the standard library's docstrings): "
+            "label-free text for a calibration when you have none.",
+        )
+    )

@@ -15,6 +15,7 @@ from tnsurgery.cli.render import fmt_int, plan_table, print_passes
 from tnsurgery.decompositions.svd import effective_rank
 from tnsurgery.demo import demo_input, demo_model, demo_spec
 from tnsurgery.errors import SpecError
+from tnsurgery.layer import SurgeryLayer
 from tnsurgery.plugins import get_registry
 from tnsurgery.spec import json_schema, load_spec
 
@@ -117,30 +118,41 @@ def plugins(as_json: bool) -> None:
     help="Energy for the effective rank.",
 )
 def inspect(model, arch, trust_pickle, allow_class, as_json, energy):
-    """List MODEL's modules with weights: type, shape, params, effective rank."""
+    """List MODEL's modules with weights: type, shape, params, effective rank.
+
+    Surgered layers are listed as one row each (their parts inside them), with the
+    shape of the dense weight they compute with and the parameters they hold."""
     loaded = load_input(model, arch, trust_pickle, allow_class)
     rows = []
-    modules = [
-        (n, m)
-        for n, m in loaded.model.named_modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor)
-    ]
+    modules, surgered = [], []
+    for n, m in loaded.model.named_modules():
+        if any(n.startswith(f"{s}.") for s in surgered):
+            continue  # (a part of a surgered layer: counted in it)
+        if isinstance(m, SurgeryLayer):
+            surgered.append(n)
+        if isinstance(getattr(m, "weight", None), torch.Tensor):
+            modules.append((n, m))
     with Progress(
         TextColumn("{task.description}"), BarColumn(), console=err, transient=True, disable=as_json
     ) as bar:
         task = bar.add_task("effective ranks", total=len(modules))
         for name, m in modules:
-            w = m.weight
+            w = m.weight  # (of a surgered layer: the dense weight it computes with)
+            layer = isinstance(m, SurgeryLayer)
             row = {
                 "name": name,
                 "type": type(m).__name__,
                 "shape": list(w.shape),
-                "params": sum(p.numel() for p in m.parameters(recurse=False)),
+                "params": m.param_count()
+                if layer
+                else sum(p.numel() for p in m.parameters(recurse=False)),
+                "surgered": layer,
                 "effective_rank": None,
                 "full_rank": None,
             }
             if w.dim() >= 2 and w.is_floating_point():
-                row["effective_rank"], row["full_rank"] = effective_rank(w, energy)
+                with torch.no_grad():
+                    row["effective_rank"], row["full_rank"] = effective_rank(w.clone(), energy)
             rows.append(row)
             bar.advance(task)
     total = sum(p.numel() for p in loaded.model.parameters())
@@ -165,7 +177,7 @@ def inspect(model, arch, trust_pickle, allow_class, as_json, energy):
         rank = "-" if r["effective_rank"] is None else f"{r['effective_rank']}/{r['full_rank']}"
         t.add_row(
             shown(r["name"]),
-            shown(r["type"]),
+            shown(r["type"]) + (" [dim](surgered)[/dim]" if r["surgered"] else ""),
             "x".join(map(str, r["shape"])),
             fmt_int(r["params"]),
             rank,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,10 @@ import torch
 
 from tnsurgery import io
 from tnsurgery.cli.app import err
+from tnsurgery.cli.samples import check_sample, resolve_sample
+from tnsurgery.cli.samples import resolve_sample_input as resolve_sample_input  # re-exported
+from tnsurgery.cli.shapes import MAX_SAMPLE_ELEMENTS as MAX_SAMPLE_ELEMENTS  # re-exported
+from tnsurgery.cli.shapes import parse_shape as parse_shape  # re-exported
 from tnsurgery.errors import UserInputError
 from tnsurgery.manifest import get_manifest
 from tnsurgery.spec import load_spec
@@ -52,9 +55,13 @@ def sample_options(f):
         "--sample-input",
         "sample_input",
         metavar="SPEC",
-        help="A .pt file of tensors (tensor, tuple or dict), a shape like 8x3x32x32 "
-        "(random floats), int:2x16:VOCAB (random ids), or 'auto' (Hugging Face models; "
-        "their default). Used to trace, count FLOPs and measure the output error.",
+        help="What to trace, count FLOPs and measure the output error on: a .txt file (one "
+        "sentence a line, through the model's tokenizer; its first 64 lines), a .pt or "
+        ".safetensors file of tensors (a tensor, a tuple of positional inputs or a dict of "
+        "keyword inputs), a shape like 8x3x32x32 (random floats), int:2x16:VOCAB (random "
+        "token ids), or 'auto'. Default: the spec's evaluation data, else calibration "
+        "examples it holds out, else for Hugging Face text models 16 built-in sentences "
+        "(random ids, with a warning, when the model has no tokenizer).",
     )
     @click.option("--no-sample-input", is_flag=True, help="Do not use any sample input.")
     @functools.wraps(f)
@@ -113,71 +120,6 @@ def recorded_teacher(
         ) from None
 
 
-MAX_SAMPLE_ELEMENTS = 2**28  # a random sample input of at most 1 GiB of float32
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``8x3x32x32`` -> ``(8, 3, 32, 32)``: positive sizes, at most
-    :data:`MAX_SAMPLE_ELEMENTS` elements in all."""
-    parts = text.lower().split("x")
-    if not parts or len(parts) > 8 or not all(p.isdigit() and len(p) <= 12 for p in parts):
-        raise UserInputError(f"--sample-input: bad shape {text!r} (expected e.g. 8x3x32x32)")
-    dims = tuple(int(d) for d in parts)
-    if any(d <= 0 for d in dims):
-        raise UserInputError(f"--sample-input: bad shape {text!r} (every size at least 1)")
-    if math.prod(dims) > MAX_SAMPLE_ELEMENTS:
-        raise UserInputError(
-            f"--sample-input: shape {text!r} has more than {MAX_SAMPLE_ELEMENTS:,} elements"
-        )
-    return dims
-
-
-def resolve_sample_input(
-    text: str | None, loaded: io.LoadedModel | None, disabled: bool = False
-) -> Any:
-    """Turn ``--sample-input`` into tensors (see the option's help)."""
-    if disabled:
-        return None
-    model = loaded.model if loaded else None
-    config = getattr(model, "config", None)
-    if text is None:
-        text = "auto" if config is not None and hasattr(config, "vocab_size") else None
-    if text is None:
-        return None
-    g = torch.Generator().manual_seed(0)
-    if text == "auto":
-        if config is None or not hasattr(config, "vocab_size"):
-            raise UserInputError("--sample-input auto works for Hugging Face text models only")
-        ids = torch.randint(0, config.vocab_size, (2, 16), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if text.startswith("int:"):
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise UserInputError("--sample-input int:SHAPE:HIGH, e.g. int:2x16:30522")
-        high_text = parts[2]
-        if not high_text.isdigit() or len(high_text) > 12 or int(high_text) < 1:
-            raise UserInputError(
-                f"--sample-input: bad upper bound {high_text!r} (a vocabulary size, at least 1)"
-            )
-        high = int(high_text)
-        return torch.randint(0, high, parse_shape(parts[1]), generator=g)
-    path = Path(text)
-    if path.exists():
-        if path.suffix == ".safetensors":
-            state, _ = io.read_safetensors(path)
-            return state
-        obj = io.torch_load_safely(path)
-        if isinstance(obj, (torch.Tensor, tuple, list, dict)):
-            return tuple(obj) if isinstance(obj, list) else obj
-        raise UserInputError(f"--sample-input {path}: expected tensors, got {type(obj).__name__}")
-    if any(c.isdigit() for c in text) and set(text.lower()) <= set("0123456789x"):
-        shape = parse_shape(text)
-        ref = next(iter(model.parameters()), None) if model is not None else None
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-        return torch.randn(shape, generator=g).to(dtype)
-    raise UserInputError(f"--sample-input {text!r}: no such file, and not a shape like 8x3x32x32")
-
-
 def plan_arguments(f):
     """SPEC MODEL and the options of every command that plans (plan, apply)."""
     f = click.option(
@@ -194,10 +136,14 @@ def plan_arguments(f):
 
 
 def prepare(spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input):
-    """Spec first (cheap, and its errors matter most), then the model and the sample input."""
+    """Spec first (cheap, and its errors matter most), then the model and the sample
+    input (:class:`~tnsurgery.cli.samples.Sample`), checked on the model."""
     s = load_spec(spec)
     loaded = load_input(model, arch, trust_pickle, allow_class)
-    return s, loaded, resolve_sample_input(sample_input, loaded, no_sample_input)
+    with err.status("preparing the sample input"):
+        x = resolve_sample(sample_input, loaded, no_sample_input, s)
+        check_sample(loaded.model, x)
+    return s, loaded, x
 
 
 def check_spec_writes(spec, inputs: list[Path], outputs: list[Path]) -> None:

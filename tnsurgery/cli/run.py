@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tnsurgery import io, surgery
-from tnsurgery.cli.app import cli, emit_json, err, out
+from tnsurgery.cli.app import cli, emit_json, err, out, shown
 from tnsurgery.cli.inputs import (
     check_spec_writes,
     default_output,
@@ -20,7 +20,6 @@ from tnsurgery.cli.inputs import (
     plan_arguments,
     prepare,
     recorded_teacher,
-    resolve_sample_input,
     sample_options,
     source_record,
 )
@@ -28,12 +27,14 @@ from tnsurgery.cli.render import (
     fmt_err,
     fmt_int,
     model_summary,
+    output_error_lines,
     plan_table,
     print_passes,
     progress_bar,
 )
+from tnsurgery.cli.samples import check_sample, resolve_sample
 from tnsurgery.errors import UserInputError
-from tnsurgery.manifest import record
+from tnsurgery.manifest import get_manifest, record
 from tnsurgery.plan import Plan
 from tnsurgery.spec import load_spec
 
@@ -56,13 +57,16 @@ def plan_cmd(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
     with err.status("planning"):
-        p = surgery.plan(loaded.model, s, x, allow_empty=allow_empty)
+        p = surgery.plan(loaded.model, s, x.value, allow_empty=allow_empty)
+    p.sample_input = x.described
     if as_json:
         emit_json(p.to_dict())
         return
     print_passes(p)
     out.print(plan_table(p))
     out.print(model_summary(p), highlight=False)
+    if x.described:
+        out.print(shown(f"sample input: {x.described}"), highlight=False)
 
 
 @cli.command(name="apply")
@@ -115,13 +119,14 @@ def apply_cmd(
         small = surgery.apply(
             loaded.model,
             s,
-            x,
+            x.value,
             allow_empty=allow_empty,
             progress=progress,
             teacher=master.model if master else None,
         )
         bar.update(task, description=f"writing {target}", total=None)
         record(small, "source", source_record(loaded))  # train's teacher
+        measured_on(small, x.described)
         written = io.save_like_input(small, loaded, target, protect)
     manifest = surgery.get_manifest(small)
     p = Plan.from_dict(manifest["plan"])
@@ -131,6 +136,8 @@ def apply_cmd(
                 "plan": manifest["plan"],
                 "output_error": manifest["output_error"],
                 "output_error_name": manifest["output_error_name"],
+                "output_errors": p.output_errors,
+                "sample_input": p.sample_input,
                 "written": [str(w) for w in written],
             }
         )
@@ -138,16 +145,28 @@ def apply_cmd(
     print_passes(p)
     out.print(plan_table(p, title="Surgery"))
     out.print(model_summary(p), highlight=False)
-    if manifest["output_error"] is not None:
-        out.print(
-            f"output error on the sample input: {manifest['output_error']:.4g} "
-            f"(relative, {manifest['output_error_name']})",
-            highlight=False,
-        )
-    else:
-        out.print("output error: not measured (no sample input)", highlight=False)
+    lines = output_error_lines(
+        "output error on the sample input",
+        manifest["output_error"],
+        manifest["output_error_name"],
+        p.sample_input,
+        p.output_errors,
+    )
+    for line in lines or ["output error: not measured (no sample input)"]:
+        out.print(shown(line), highlight=False)
     for w in written:
         out.print(f"wrote {w}", highlight=False)
+
+
+def measured_on(model, described: str | None) -> None:
+    """Record what the output error in ``model``'s manifest was measured on (top level
+    and in its plan), when it was measured."""
+    manifest = get_manifest(model)
+    if manifest is None or manifest.get("output_error") is None or not described:
+        return
+    record(model, "sample_input", described)
+    if isinstance(manifest.get("plan"), dict):
+        record(model, "plan", {**manifest["plan"], "sample_input": described})
 
 
 @cli.command(name="train")
@@ -236,11 +255,14 @@ def export_cmd(
     rule): packed integers, scales and zero points, dequantized on the fly. Writes the
     same kind of file as the input, with its manifest.json + .safetensors pair."""
     loaded = load_input(model, arch, trust_pickle, allow_class)
-    x = resolve_sample_input(sample_input, loaded, no_sample_input)
+    x = resolve_sample(sample_input, loaded, no_sample_input)
+    check_sample(loaded.model, x)
     target = Path(output) if output else default_output(loaded, "exported")
     io.check_output(loaded, target)
     with err.status("exporting"):
-        exported = surgery.convert(loaded.model, x)
+        exported = surgery.convert(loaded.model, x.value)
+        if x.value is not None:
+            record(exported, "sample_input", x.described)
         written = io.save_like_input(exported, loaded, target)
     manifest = surgery.get_manifest(exported)
     sizes = {str(w): disk_bytes(w) for w in written}
@@ -253,6 +275,7 @@ def export_cmd(
         "model_bytes_after": manifest["model_bytes_after"],
         "output_error": manifest["output_error"],
         "output_error_name": manifest["output_error_name"],
+        "sample_input": x.described if x.value is not None else None,
         "written": sizes,
     }
     if as_json:
@@ -274,11 +297,12 @@ def export_cmd(
         f"model tensors: {fmt_int(before)}B -> {fmt_int(after)}B ({after / before:.1%})",
         highlight=False,
     )
-    if summary["output_error"] is not None:
-        out.print(
-            f"output error vs the fake-quant model: {summary['output_error']:.3g} "
-            f"(relative, {summary['output_error_name']})",
-            highlight=False,
-        )
+    for line in output_error_lines(
+        "output error vs the fake-quant model",
+        summary["output_error"],
+        summary["output_error_name"],
+        summary["sample_input"],
+    ):
+        out.print(shown(line), highlight=False)
     for w, size in sizes.items():
         out.print(f"wrote {w} ({fmt_int(size)}B)", highlight=False)

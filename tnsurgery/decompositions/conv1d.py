@@ -32,7 +32,10 @@ def is_conv1d(module: Any) -> bool:
     and a 2-D ``weight`` ``(in_features, nf)``."""
     if not conv1d_class(type(module)):
         return False
-    nf, w = getattr(module, "nf", None), getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    # the parameter itself (read as an attribute under torch.fx, it is a Proxy)
+    w = getattr(module, "_parameters", {}).get("weight")
+    w = getattr(module, "weight", None) if w is None else w
     return (
         isinstance(nf, int)
         and isinstance(w, torch.Tensor)
@@ -54,7 +57,9 @@ def linear_features(module: Any) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of an ``nn.Linear``-like module (a Conv1D:
     ``(weight.shape[0], nf)``), or ``None`` when it has neither."""
     if is_conv1d(module):
-        return int(module.weight.shape[0]), int(module.nf)
+        weight = getattr(module, "_parameters", {}).get("weight")  # (as in is_conv1d)
+        weight = module.weight if weight is None else weight
+        return int(weight.shape[0]), int(module.nf)
     fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if isinstance(fin, int) and isinstance(fout, int):
         return fin, fout

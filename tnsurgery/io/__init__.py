@@ -3,7 +3,11 @@ back as a ``manifest.json`` + ``.safetensors`` pair, atomically.
 
 - :mod:`~tnsurgery.io.models`: :func:`load_model` (pickles on an allow list, state
   dicts and safetensors with ``--arch``, Hugging Face directories);
-- :mod:`~tnsurgery.io.pairs`: :func:`save`, :func:`load`, :func:`save_like_input`;
+- :mod:`~tnsurgery.io.pairs`: :func:`save`, :func:`save_like_input`, and the replay
+  behind :func:`load` (:mod:`~tnsurgery.io.models`, which builds a Hugging Face
+  output's base from its config);
+- :mod:`~tnsurgery.io.hf_entry`, :mod:`~tnsurgery.io.hf_quantizer`: what makes
+  ``from_pretrained`` load a surgered Hugging Face directory (:func:`install_hf`);
 - :mod:`~tnsurgery.io.files`: names, safetensors reading, state dicts that fit,
   importing what the user named.
 """
@@ -18,9 +22,10 @@ from tnsurgery.io.files import (
     import_name,
     read_safetensors,
 )
-from tnsurgery.io.models import load_model, torch_load_safely
+from tnsurgery.io.hf_quantizer import install as install_hf
+from tnsurgery.io.models import load, load_model, torch_load_safely
 from tnsurgery.io.outputs import check_apart
-from tnsurgery.io.pairs import check_output, load, save, save_like_input
+from tnsurgery.io.pairs import check_output, save, save_like_input
 
 __all__ = [
     "MANIFEST_NAME",
@@ -33,6 +38,7 @@ __all__ = [
     "check_output",
     "cwd_on_path",
     "import_name",
+    "install_hf",
     "load",
     "load_model",
     "read_safetensors",

@@ -37,6 +37,7 @@ from tnsurgery.io.files import (
 from tnsurgery.io.outputs import sha256
 from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 
+FILE_FIELDS = ("weights", "aliases", "files", "guards")  # about the files, not the model
 MAX_MANIFEST_DEPTH = 64  # nesting of a manifest's values (a real one: about 10)
 MAX_MANIFEST_VALUES = 1_000_000  # values in all (a real one: about 60 per layer)
 
@@ -69,6 +70,12 @@ class Document:
     weights: Path  # the .safetensors file it describes, inside its directory
     aliases: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] | None = None
+    # empty tensors of a Hugging Face output that make a loader without tnsurgery fail
+    # (see tnsurgery.io.hf_entry); never part of the model
+    guards: list[str] = field(default_factory=list)
+    # what the replacements were read from, and the path of their field, for messages
+    what: str = "manifest"
+    prefix: str = ""
 
 
 @dataclass
@@ -183,6 +190,9 @@ def read_document(path: Path) -> Document:
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
     ):
         raise ModelLoadError(f"{where}: malformed manifest: field 'aliases' is not a name map")
+    guards = raw.get("guards") or []
+    if not isinstance(guards, list) or not all(isinstance(g, str) for g in guards):
+        raise ModelLoadError(f"{where}: malformed manifest: field 'guards' is not a list of names")
     files = raw.get("files")
     if files is not None and not (
         isinstance(files, dict)
@@ -196,7 +206,7 @@ def read_document(path: Path) -> Document:
         raise ModelLoadError(
             f"{where}: malformed manifest: field 'files' is not a map of name -> {{bytes, sha256}}"
         )
-    return Document(validated(raw, where), where, weights, aliases, files)
+    return Document(validated(raw, where), where, weights, aliases, files, guards)
 
 
 def validated(raw: Any, where: object) -> Manifest:
@@ -205,9 +215,7 @@ def validated(raw: Any, where: object) -> Manifest:
     is a :class:`ModelLoadError` naming ``where`` and the field."""
     raw = _check_format(raw, where)
     try:
-        return Manifest.model_validate(
-            {k: v for k, v in raw.items() if k not in ("weights", "aliases", "files")}
-        )
+        return Manifest.model_validate({k: v for k, v in raw.items() if k not in FILE_FIELDS})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnsurgery.errors import ModelLoadError
+from tnsurgery.errors import ModelLoadError, OutputError
+from tnsurgery.io import hf_entry, hf_quantizer, pairs
 from tnsurgery.io.files import (
     HF_WEIGHT_SUFFIXES,
     MANIFEST_NAME,
+    WEIGHTS_NAME,
     LoadedModel,
     build_arch,
     cwd_on_path,
@@ -28,10 +30,9 @@ from tnsurgery.io.files import (
 )
 from tnsurgery.io.manifests import read_document, read_metadata, validated, verify_files
 from tnsurgery.io.outputs import read_own_manifest
-from tnsurgery.io.pairs import load
 from tnsurgery.manifest import get_manifest
 from tnsurgery.pickles import load_weights_only
-from tnsurgery.plugins import get_registry
+from tnsurgery.plugins import Registry, get_registry
 
 
 def _is_module_class(obj: Any) -> bool:
@@ -241,7 +242,7 @@ def _check_weights_found(model: nn.Module, info: dict, path: Path) -> None:
         )
 
 
-def _load_hf(path: Path) -> nn.Module:
+def _load_hf(path: Path, registry: Registry | None = None) -> nn.Module:
     try:
         import transformers  # optional dependency (the hf extra)
     except ImportError:
@@ -256,12 +257,17 @@ def _load_hf(path: Path) -> nn.Module:
         cls = _hf_class(config)
         surgered = (path / MANIFEST_NAME).exists()
         _check_config_size(transformers, cls, config, path, surgered)
-        if surgered:  # a surgered directory: base from config
+        if surgered:  # a surgered directory: base from config, in its dtype
             if cls is transformers.AutoModel:
                 base = cls.from_config(config, trust_remote_code=False)
             else:
                 base = cls(config)
-            return load(path, base).eval()  # as from_pretrained returns it
+            dtype = getattr(config, "dtype", None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                base = base.to(dtype)  # what from_pretrained gives (its dtype "auto")
+            model = pairs.load(path, base, registry).eval()  # as from_pretrained returns it
+            hf_quantizer.attach(model)  # save_pretrained writes a directory that loads
+            return model
         extra = {"trust_remote_code": False} if cls is transformers.AutoModel else {}
         model, info = cls.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True, **extra
@@ -272,6 +278,51 @@ def _load_hf(path: Path) -> nn.Module:
         raise
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load the Hugging Face model: {short(exc)}") from None
+
+
+def load(
+    path: str | Path, base_model: nn.Module | None = None, registry: Registry | None = None
+) -> nn.Module:
+    """Rebuild a surgered model from what tnsurgery wrote, unpickling nothing.
+
+    A Hugging Face output directory (``config.json`` + ``manifest.json``; also its
+    ``manifest.json`` or ``model.safetensors`` named directly) needs no
+    ``base_model``: its config says which class to build. Every other output (a
+    :func:`~tnsurgery.io.pairs.save` directory, a ``.safetensors`` file, the pair
+    beside a ``.pt``) is replayed on ``base_model``, a fresh instance of the
+    original architecture (see :func:`tnsurgery.io.pairs.load`).
+
+    Raises:
+        ModelLoadError: malformed or mismatched files, a layer no installed plugin
+            provides, or no ``base_model`` for an output that needs one.
+    """
+    p = Path(path)
+    if base_model is not None:
+        return pairs.load(p, base_model, registry)
+    directory = p if p.is_dir() else p.parent
+    if (p.is_dir() or p.name in (MANIFEST_NAME, WEIGHTS_NAME)) and _surgered_hf(directory):
+        return _load_hf(directory, registry)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file or directory")
+    raise ModelLoadError(
+        f"{p} is not a Hugging Face output directory: its config does not say which "
+        "architecture to build; pass the base model: tnsurgery.load(path, base_model) "
+        "with a fresh instance of the original architecture"
+    )
+
+
+def _surgered_hf(directory: Path) -> bool:
+    """A Hugging Face directory tnsurgery wrote (a manifest beside its config), or that
+    ``save_pretrained`` wrote from one (its config's tnsurgery entry)."""
+    config = directory / hf_entry.CONFIG_NAME
+    if not config.is_file():
+        return False
+    if (directory / MANIFEST_NAME).is_file():
+        return True
+    try:
+        return hf_entry.quant_method(config) == hf_entry.QUANT_METHOD
+    except OutputError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def load_model(
@@ -300,7 +351,7 @@ def load_model(
                 raise ModelLoadError(
                     f"{p} holds a tnsurgery manifest: give --arch pkg.module:factory"
                 )
-            return LoadedModel(load(p, build_arch(arch)), "safetensors", p, arch, sources)
+            return LoadedModel(pairs.load(p, build_arch(arch)), "safetensors", p, arch, sources)
         raise ModelLoadError(f"{p}: a directory without config.json is not a model directory")
     if p.suffix == ".safetensors":
         metadata = read_metadata(p)
@@ -311,7 +362,7 @@ def load_model(
             )
         model = build_arch(arch)
         if "tnsurgery_manifest" in metadata or sidecar_manifest(p).exists():
-            return LoadedModel(load(p, model), "safetensors", p, arch, sources)
+            return LoadedModel(pairs.load(p, model), "safetensors", p, arch, sources)
         state, _ = read_safetensors(p)
         load_state_dict_fitting(model, state, p)
         return LoadedModel(model, "safetensors", p, arch, sources)
@@ -327,7 +378,8 @@ def load_model(
             )
         model = build_arch(arch)
         if sidecar_manifest(p).exists():
-            return LoadedModel(load(sidecar_manifest(p), model), "state_dict", p, arch, sources)
+            state_dict = pairs.load(sidecar_manifest(p), model)
+            return LoadedModel(state_dict, "state_dict", p, arch, sources)
         load_state_dict_fitting(model, obj, p)
         return LoadedModel(model, "state_dict", p, arch, sources)
     raise ModelLoadError(

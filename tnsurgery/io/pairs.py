@@ -6,7 +6,7 @@ model, then the weights loaded."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 from tnsurgery.atomic import atomic_dir, atomic_files
 from tnsurgery.errors import ModelLoadError, OutputError, UserInputError
+from tnsurgery.io import hf_entry
 from tnsurgery.io.files import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
@@ -65,14 +66,27 @@ def _write_set(
     weights_tmp: Path,
     weights_name: str,
     main: tuple[Path, str, str] | None = None,
+    hf_config: Path | None = None,
 ) -> dict:
     """Write the weights (and the ``main`` file: ``(tmp, name, "pickle" | "state_dict")``),
-    then the manifest, which lists every file of the set with its size and SHA-256."""
+    then the manifest, which lists every file of the set with its size and SHA-256.
+
+    ``hf_config``: the ``config.json`` of a Hugging Face output, which receives the
+    ``quantization_config`` entry of :mod:`tnsurgery.io.hf_entry`; the weights file
+    then holds its guards."""
     tensors, aliases = _state_for_safetensors(model)
     manifest = _manifest_for_file(model, weights_name, aliases)
+    files = {weights_name: weights_tmp}
+    if hf_config is not None:
+        typed = Manifest.of(model)
+        guards = hf_entry.guard_names(model, typed, set(tensors) | set(aliases))
+        tensors.update({g: hf_entry.guard_tensor() for g in guards})
+        manifest["guards"] = guards
+        # (config.json is not listed: users edit configs, and tnsurgery.load replays
+        # this manifest, not the entry)
+        hf_entry.write_config(hf_config, hf_entry.entry(typed, guards, aliases))
     compact = json.dumps(manifest, separators=(",", ":"), default=str)
     save_file(tensors, str(weights_tmp), metadata={"format": "pt", "tnsurgery_manifest": compact})
-    files = {weights_name: weights_tmp}
     if main is not None:
         tmp, name, kind = main
         torch.save(model if kind == "pickle" else model.state_dict(), tmp)
@@ -137,6 +151,12 @@ def check_output(loaded: LoadedModel, out: str | Path, protect: Iterable[Path] =
     targets = output_set(loaded, out)
     check_apart(targets, [*loaded.sources, *protect])
     if loaded.kind == "hf":
+        method = hf_entry.foreign_quantization(loaded.path / hf_entry.CONFIG_NAME)
+        if method is not None:
+            raise OutputError(
+                f"{loaded.path} is quantized with '{method}' (its config.json): tnsurgery "
+                "cannot write a surgered model loadable from that format; dequantize it first"
+            )
         check_replaceable_dir(out)
         return targets
     if loaded.kind == "safetensors" and out.suffix != ".safetensors":
@@ -153,7 +173,9 @@ def save_like_input(
     """Write the surgered model in the same kind as the input, plus its manifest pair.
 
     - Hugging Face directory -> a directory with the input's config and
-      tokenizer files, ``manifest.json`` and ``model.safetensors``;
+      tokenizer files, ``manifest.json`` and ``model.safetensors``; its
+      ``config.json`` gains the ``quantization_config`` entry that makes
+      ``from_pretrained`` rebuild the surgered layers (:mod:`tnsurgery.io.hf_entry`);
     - pickled module -> ``OUT`` (pickled), ``OUT-stem.safetensors`` and
       ``OUT-stem.manifest.json``;
     - state dict -> ``OUT`` (state dict) and the same pair;
@@ -174,7 +196,10 @@ def save_like_input(
     if loaded.kind == "hf":
         with atomic_dir(out) as tmp:
             copy_input_dir(loaded.path, tmp)
-            _write_set(model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME)
+            config = tmp / hf_entry.CONFIG_NAME
+            _write_set(
+                model, tmp / MANIFEST_NAME, tmp / WEIGHTS_NAME, WEIGHTS_NAME, hf_config=config
+            )
         return [out]
     manifest_path = targets[-1]
     if loaded.kind == "safetensors":
@@ -218,32 +243,66 @@ def load(path: str | Path, base_model: nn.Module, registry: Registry | None = No
     doc = read_document(Path(path))
     verify_files(doc)
     header = read_header(doc.weights)
+    hf_entry.check_guards(doc, header)
     classes = (registry or get_registry()).layer_classes()
     reps = [rep for record in doc.manifest.records() for rep in record.replacements]
     _dry_run(base_model, reps, classes, doc, header)
     with Swaps(base_model) as swaps:
-        for i, rep in enumerate(reps):
-            cls, current = _place(base_model, rep, classes, doc, i)
-            try:
-                new = cls.from_config(rep.config, current)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"{doc.where}: malformed manifest: field 'replacements[{i}].config' of "
-                    f"{rep.name}: {short(exc)}"
-                ) from None
-            ref = next(iter(current.parameters()), None) if current is not None else None
-            if ref is not None:
-                new = new.to(
-                    device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None
-                )
-            swaps.swap(rep.name, new)
+        swap_in(swaps, base_model, reps, classes, doc)
         state, _ = read_safetensors(doc.weights)
+        for guard in doc.guards:
+            state.pop(guard, None)
         for alias, target in doc.aliases.items():
             if target in state:
                 state[alias] = state[target]
         load_state_dict_fitting(base_model, state, doc.weights)
     doc.manifest.attach(base_model)
     return base_model
+
+
+def replay(
+    base: nn.Module,
+    reps: list[Replacement],
+    classes: dict[str, type],
+    doc: Document,
+    header: dict[str, TensorInfo],
+    build: Build | None = None,
+) -> None:
+    """Put the recorded layers in ``base`` (no weights loaded), after the checks of a
+    dry run on the meta device (:func:`_dry_run`); all or nothing. ``build(cls,
+    config, current)`` makes each layer (``cls.from_config`` by default)."""
+    hf_entry.check_guards(doc, header)
+    _dry_run(base, reps, classes, doc, header)
+    with Swaps(base) as swaps:
+        swap_in(swaps, base, reps, classes, doc, build)
+
+
+Build = Callable[[type, dict, "nn.Module | None"], nn.Module]
+
+
+def swap_in(
+    swaps: Swaps,
+    base: nn.Module,
+    reps: list[Replacement],
+    classes: dict[str, type],
+    doc: Document,
+    build: Build | None = None,
+) -> None:
+    """Build each recorded layer (in the dtype and on the device of the module at its
+    place) and swap it in through ``swaps``."""
+    for i, rep in enumerate(reps):
+        cls, current = _place(base, rep, classes, doc, i)
+        try:
+            new = build(cls, rep.config, current) if build else cls.from_config(rep.config, current)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{doc.where}: malformed {doc.what}: field '{doc.prefix}replacements[{i}].config' "
+                f"of {rep.name}: {short(exc)}"
+            ) from None
+        ref = next(iter(current.parameters()), None) if current is not None else None
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        swaps.swap(rep.name, new)
 
 
 def _dry_run(
@@ -264,15 +323,15 @@ def _dry_run(
     with Swaps(base) as swaps:
         try:
             for i, rep in enumerate(reps):
-                field = f"replacements[{i}]"
+                field = f"{doc.prefix}replacements[{i}]"
                 cls, current = _place(base, rep, classes, doc, i)
                 try:
                     with torch.device("meta"):
                         probe = cls.from_config(rep.config, current)
                 except Exception as exc:
-                    if not _meta_unsupported(exc):
+                    if not meta_unsupported(exc):
                         raise ModelLoadError(
-                            f"{doc.where}: malformed manifest: field '{field}.config' of "
+                            f"{doc.where}: malformed {doc.what}: field '{field}.config' of "
                             f"{rep.name}: {rep.layer} cannot be built from it: {short(exc)}"
                         ) from None
                     # a plugin layer that cannot be built on meta: bound its config's
@@ -320,7 +379,8 @@ def _check_shapes(
             continue
         problem = "is missing from" if got is None else f"is {list(got)} in"
         raise ModelLoadError(
-            f"{doc.where}: field 'replacements[{owners[owner]}].config' of {owner} gives tensor "
+            f"{doc.where}: field '{doc.prefix}replacements[{owners[owner]}].config' of {owner} "
+            f"gives tensor "
             f"{key} the shape {list(shape)}, which {problem} {doc.weights.name}: the manifest "
             "and the weights do not agree"
         )
@@ -333,7 +393,8 @@ def _nbytes(t: TensorInfo) -> int:
     return t.numel * _DTYPE_BYTES.get(t.dtype, 1)
 
 
-def _meta_unsupported(exc: Exception) -> bool:
+def meta_unsupported(exc: Exception) -> bool:
+    """Whether ``exc`` says a layer cannot be built on the meta device."""
     return isinstance(exc, NotImplementedError) or "meta" in str(exc)
 
 
@@ -395,6 +456,6 @@ def _place(
     except (AttributeError, KeyError):
         raise ModelLoadError(
             f"{doc.where}: the base model has no module {rep.name} "
-            f"(replacements[{index}].name): is it the right architecture?"
+            f"({doc.prefix}replacements[{index}].name): is it the right architecture?"
         ) from None
     return cls, current

@@ -1,5 +1,6 @@
 """Quantization layers: ``QATLayer`` (fake quantization for training) and
-``QuantizedLayer`` (integer weights, dequantized on the fly, after export).
+``QuantizedLayer`` (integer weights, dequantized on the fly, after export); their
+shared parts are in :mod:`tnsurgery.layers.qat_parts`.
 
 Both wrap any layer whose forward reads its own parameters: ``nn.Linear``,
 ``nn.Conv2d``, Hugging Face's ``Conv1D`` (GPT-2) and every
@@ -15,16 +16,29 @@ through :func:`torch.func.functional_call`, so it needs no change of its own.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from tnsurgery.decompositions.conv1d import conv1d_class, is_conv1d, linear_features
+from tnsurgery.decompositions.conv1d import is_conv1d, linear_features
+from tnsurgery.errors import UserInputError
 from tnsurgery.flops import module_flops
 from tnsurgery.layers.base import SurgeryLayer
+from tnsurgery.layers.qat_parts import (
+    Call,
+    InnerAttributes,
+    call_with,
+    conv1d_structure,
+    export_bytes,
+    key,
+    linear_flops,
+    numel,
+    qualified,
+    quant_axes,
+    stripped,
+)
 from tnsurgery.quant import (
     FakeQuantizer,
     dequantize,
@@ -34,85 +48,14 @@ from tnsurgery.quant import (
     unpack_bits,
 )
 
-
-def quant_axes(module: nn.Module) -> dict[str, int]:
-    """The parameters of ``module`` a quantizer wraps, with their channel axis
-    (``{}`` when the module declares none)."""
-    if isinstance(module, SurgeryLayer):
-        return dict(module.quant_axes())
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return {"weight": 0}
-    if is_conv1d(module):  # weight (in, out): one scale per output channel, a column
-        return {"weight": 1}
-    return {}
+NOT_EXPORTABLE = (
+    "a QAT model (fake quantization, a training-time layer) has no ONNX form: convert it "
+    "first, `small = tnsurgery.convert(model)` (or `tnsurgery export MODEL -o OUT` on the "
+    "command line), then export the converted model, whose integer layers export to ONNX"
+)
 
 
-def _conv1d_structure(inner: nn.Module) -> bool:
-    """Whether ``inner`` is a Conv1D, or the copy of one that holds no tensor (the
-    ``inner`` of a :class:`QuantizedLayer`)."""
-    return conv1d_class(type(inner)) and isinstance(getattr(inner, "nf", None), int)
-
-
-def _linear_flops(features: tuple[int, int], input_shape: tuple[int, ...]) -> int:
-    """FLOPs of a Linear ``(in, out)`` (a Conv1D, which ``module_flops`` does not know)."""
-    rows = 1
-    for d in input_shape[:-1]:
-        rows *= int(d)
-    return 2 * rows * features[0] * features[1]
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-class _Call(nn.Module):
-    """Calls one method of a module (so :func:`functional_call` can swap its
-    parameters for a method other than ``forward``)."""
-
-    def __init__(self, module: nn.Module, method: str):
-        super().__init__()
-        self.module, self.method = module, method
-
-    def forward(self, *args):
-        return getattr(self.module, self.method)(*args)
-
-
-_MISSING = object()
-
-
-def _call_with(
-    module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict | None = None
-) -> Any:
-    """``module(*args, **kwargs)`` with the tensors named in ``tensors`` (dotted
-    parameter names) in place of its own: :func:`functional_call`, which refuses to
-    run under the TorchScript tracer; there (``torch.onnx.export(dynamo=False)``)
-    the tensors are swapped in by hand for the call, and back after it."""
-    kwargs = kwargs or {}
-    if not torch.jit.is_tracing():
-        return functional_call(module, tensors, args, kwargs)
-    saved = []
-    try:
-        for name, tensor in tensors.items():
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            # a parameter's slot (the wrapped layer), or a plain attribute (a stripped one)
-            slots = owner._parameters if attr in owner._parameters else owner.__dict__
-            saved.append((slots, attr, slots.get(attr, _MISSING)))
-            slots[attr] = tensor
-        return module(*args, **kwargs)
-    finally:
-        for slots, attr, old in reversed(saved):
-            if old is _MISSING:
-                del slots[attr]
-            else:
-                slots[attr] = old
-
-
-class QATLayer(SurgeryLayer):
+class QATLayer(InnerAttributes, SurgeryLayer):
     """``inner`` with every tensor of ``quant_axes(inner)`` fake-quantized in forward
     (and, with ``activations``, its input too).
 
@@ -173,7 +116,7 @@ class QATLayer(SurgeryLayer):
                     is_weight=True,
                 )
             q.observe(p)
-            quantizers[_key(name)] = q
+            quantizers[key(name)] = q
         self.weight_quantizers = nn.ModuleDict(quantizers)
         device = next(iter(params.values())).device if params else None
         with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -202,27 +145,36 @@ class QATLayer(SurgeryLayer):
     def quant_enabled(self, value: bool) -> None:
         self._enabled.fill_(bool(value))
 
+    # ------------------------------------------------ drop-in: the wrapped layer's
+    def _features(self) -> tuple[int, int] | None:
+        return linear_features(self.inner)  # a Conv1D's too
+
+    def _plain_weight_shape(self) -> tuple[int, ...] | None:
+        w = self.inner._parameters.get("weight")  # (not a Proxy under torch.fx)
+        return tuple(w.shape) if isinstance(w, torch.Tensor) else None
+
     @property
-    def in_features(self) -> int:
-        """``inner``'s ``in_features`` (for FLOP counts without an input shape)."""
-        features = linear_features(self.inner)  # a Conv1D's too
-        return features[0] if features is not None else self.inner.in_features
+    def bias(self) -> torch.Tensor | None:
+        """``inner``'s bias (never quantized)."""
+        return getattr(self.inner, "bias", None)
 
     # --------------------------------------------------------------- forward
     def _quantized_params(self, observe: bool) -> dict[str, torch.Tensor]:
         params = dict(self.inner.named_parameters())
         out = {}
         for name in self.axes:
-            q = self.weight_quantizers[_key(name)]
+            q = self.weight_quantizers[key(name)]
             out[name] = q(params[name]) if observe else q.fake(params[name])
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise UserInputError(NOT_EXPORTABLE)
         if not self.quant_enabled:
             return self.inner(*args, **kwargs)
         if self.input_quantizer is not None and args:
             args = (self.input_quantizer(args[0]), *args[1:])
-        return _call_with(self.inner, self._quantized_params(True), args, kwargs)
+        return call_with(self.inner, self._quantized_params(True), args, kwargs)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``inner`` computes from its fake-quantized tensors (of a
@@ -230,24 +182,24 @@ class QATLayer(SurgeryLayer):
         ``tt`` rebuild it)."""
         params = self._quantized_params(False)
         if isinstance(self.inner, SurgeryLayer):
-            call = _Call(self.inner, "to_dense")
-            return _call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
-        return params["weight"].mT if is_conv1d(self.inner) else params["weight"]
+            call = Call(self.inner, "to_dense")
+            return call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
+        return params["weight"].transpose(0, 1) if is_conv1d(self.inner) else params["weight"]
 
     # ------------------------------------------------------------- reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
         if is_conv1d(self.inner):
-            return _linear_flops(linear_features(self.inner), input_shape)
+            return linear_flops(linear_features(self.inner), input_shape)
         return module_flops(self.inner, input_shape) or 0
 
     def quantized_bytes(self) -> int:
         """Bytes the exported layer stores: packed integers, scales, zero points,
         and every other parameter (bias) in its float dtype."""
-        return _export_bytes(self.inner, self.axes, self.bits, self.granularity)
+        return export_bytes(self.inner, self.axes, self.bits, self.granularity)
 
     def config(self) -> dict[str, Any]:
         return {
-            "inner_layer": _qualified(type(self.inner)),
+            "inner_layer": qualified(type(self.inner)),
             "bits": self.bits,
             "scheme": self.scheme,
             "granularity": self.granularity,
@@ -261,8 +213,8 @@ class QATLayer(SurgeryLayer):
         """Wrap ``current`` (the layer now at the target's place) again."""
         config = dict(config)
         expected = config.pop("inner_layer")
-        if current is None or _qualified(type(current)) != expected:
-            got = "nothing" if current is None else _qualified(type(current))
+        if current is None or qualified(type(current)) != expected:
+            got = "nothing" if current is None else qualified(type(current))
             raise ValueError(f"QATLayer wraps a {expected}, found {got} at its place")
         return cls(current, **config)
 
@@ -275,18 +227,7 @@ class QATLayer(SurgeryLayer):
         )
 
 
-def _export_bytes(inner: nn.Module, axes: dict[str, int], bits: int, granularity: str) -> int:
-    total = 0
-    for name, p in inner.named_parameters():
-        if name in axes:
-            channels = p.shape[axes[name]] if granularity == "per_channel" else 1
-            total += packed_bytes(p.numel(), bits) + channels * (4 + 4)  # float32 scale, int32 zp
-        else:
-            total += p.numel() * p.element_size()
-    return total
-
-
-class QuantizedLayer(SurgeryLayer):
+class QuantizedLayer(InnerAttributes, SurgeryLayer):
     """A layer stored with integer weights: each quantized tensor as packed
     ``bits``-bit integers (``<key>_q``, uint8), a float scale and an int32 zero
     point per channel; other parameters (bias) stay in float. Forward
@@ -309,16 +250,16 @@ class QuantizedLayer(SurgeryLayer):
         self.inner_layer, self.inner_config = inner_layer, inner_config
         self.tensors, self.floats = tensors, floats
         for name, t in tensors.items():
-            k = _key(name)
+            k = key(name)
             channels = t["shape"][t["axis"]] if t["axis"] is not None else 1
             self.register_buffer(
                 f"{k}_q",
-                torch.zeros(packed_bytes(_numel(t["shape"]), t["bits"]), dtype=torch.uint8),
+                torch.zeros(packed_bytes(numel(t["shape"]), t["bits"]), dtype=torch.uint8),
             )
             self.register_buffer(f"{k}_scale", torch.ones(channels))
             self.register_buffer(f"{k}_zero_point", torch.zeros(channels, dtype=torch.int32))
         self.float_params = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.zeros(shape)) for n, shape in floats.items()}
+            {key(n): nn.Parameter(torch.zeros(shape)) for n, shape in floats.items()}
         )
         # The float dtype the layer computes in, carried by an empty buffer (not saved)
         # so that .double(), .to(dtype) and .half() move it, as they move the floats;
@@ -346,7 +287,7 @@ class QuantizedLayer(SurgeryLayer):
         tensors, floats = {}, {}
         for name, p in params.items():
             if name in layer.axes:
-                q = layer.weight_quantizers[_key(name)]
+                q = layer.weight_quantizers[key(name)]
                 tensors[name] = {
                     "shape": list(p.shape),
                     "axis": q.axis,
@@ -358,40 +299,49 @@ class QuantizedLayer(SurgeryLayer):
                 floats[name] = list(p.shape)
         input_quant = layer.input_quantizer.config() if layer.input_quantizer is not None else None
         new = cls(
-            _qualified(type(inner)),
+            qualified(type(inner)),
             inner.config() if isinstance(inner, SurgeryLayer) else None,
             tensors,
             floats,
             input_quant,
-            inner=_stripped(inner),
+            inner=stripped(inner),
         )
         ref = next(iter(params.values()))
         new = new.to(ref.device)
         with torch.no_grad():
             for name, t in tensors.items():
-                q = layer.weight_quantizers[_key(name)]
-                k = _key(name)
+                q = layer.weight_quantizers[key(name)]
+                k = key(name)
                 qmin, _ = qrange(t["bits"], t["scheme"])
                 packed = pack_bits(q.quantize(params[name]), t["bits"], qmin)
                 getattr(new, f"{k}_q").copy_(packed)
                 getattr(new, f"{k}_scale").copy_(q.grid_scale().reshape(-1))
                 getattr(new, f"{k}_zero_point").copy_(q.zero_point.reshape(-1))
             for name in floats:
-                new.float_params[_key(name)] = nn.Parameter(params[name].detach().clone())
+                new.float_params[key(name)] = nn.Parameter(params[name].detach().clone())
             if layer.input_quantizer is not None:
                 new.input_quantizer.load_state_dict(layer.input_quantizer.state_dict())
                 new.input_quantizer.observer_enabled.fill_(False)
         return new
 
+    # ------------------------------------------------ drop-in: the held layer's
+    def _features(self) -> tuple[int, int] | None:
+        return self._conv1d_features() or linear_features(self.inner)
+
+    def _plain_weight_shape(self) -> tuple[int, ...] | None:
+        t = self.tensors.get("weight") or {}
+        shape = t.get("shape") or self.floats.get("weight")
+        return tuple(int(s) for s in shape) if shape else None
+
     @property
-    def in_features(self) -> int:
-        """``inner``'s ``in_features`` (for FLOP counts without an input shape)."""
-        features = self._conv1d_features()
-        return features[0] if features is not None else self.inner.in_features
+    def bias(self) -> torch.Tensor | None:
+        """The float bias the layer computes with (``None`` when it has none)."""
+        k = key("bias")
+        return self.float_params[k] if k in self.float_params else None
 
     def _conv1d_features(self) -> tuple[int, int] | None:
         """``(in, out)`` when the layer holds a Conv1D (its weight: ``(in, out)``)."""
-        if not _conv1d_structure(self.inner) or "weight" not in self.tensors:
+        if not conv1d_structure(self.inner) or "weight" not in self.tensors:
             return None
         fin, fout = self.tensors["weight"]["shape"]
         return int(fin), int(fout)
@@ -399,7 +349,7 @@ class QuantizedLayer(SurgeryLayer):
     def _dequantized(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in self.tensors.items():
-            k = _key(name)
+            k = key(name)
             scale = getattr(self, f"{k}_scale")
             qmin, _ = qrange(t["bits"], t["scheme"])
             q = unpack_bits(
@@ -418,36 +368,36 @@ class QuantizedLayer(SurgeryLayer):
     def _all_params(self) -> dict[str, torch.Tensor]:
         params = dict(self.dequantized())
         for name in self.floats:
-            params[name] = self.float_params[_key(name)]
+            params[name] = self.float_params[key(name)]
         return params
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.input_quantizer is not None and args:
             args = (self.input_quantizer(args[0]), *args[1:])
-        return _call_with(self.inner, self._all_params(), args, kwargs)
+        return call_with(self.inner, self._all_params(), args, kwargs)
 
     def to_dense(self) -> torch.Tensor:
         params = self._all_params()
         if "weight" in params and not self.inner_config:
             w = params["weight"]
-            return w.mT if self._conv1d_features() is not None else w  # (out, in)
-        call = _Call(self.inner, "to_dense")
-        return _call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
+            return w.transpose(0, 1) if self._conv1d_features() is not None else w  # (out, in)
+        call = Call(self.inner, "to_dense")
+        return call_with(call, {f"module.{k}": v for k, v in params.items()}, ())
 
     # ------------------------------------------------------------- reporting
     def flops(self, input_shape: tuple[int, ...]) -> int:
         if (features := self._conv1d_features()) is not None:
-            return _linear_flops(features, input_shape)
+            return linear_flops(features, input_shape)
         if not isinstance(self.inner, SurgeryLayer):  # counted from its sizes alone
             return module_flops(self.inner, input_shape) or 0
         with torch.no_grad():
-            call = _Call(self.inner, "flops")
+            call = Call(self.inner, "flops")
             params = {f"module.{k}": v for k, v in self._all_params().items()}
             return functional_call(call, params, (input_shape,))
 
     def param_count(self) -> int:
         """Values stored (integers and floats), as the dense layer counted them."""
-        return sum(_numel(t["shape"]) for t in self.tensors.values()) + sum(
+        return sum(numel(t["shape"]) for t in self.tensors.values()) + sum(
             p.numel() for p in self.float_params.values()
         )
 
@@ -467,12 +417,12 @@ class QuantizedLayer(SurgeryLayer):
         """Rebuild from the layer now at the target's place: the :class:`QATLayer`
         it was exported from (or the layer that QATLayer wrapped)."""
         inner = current.inner if isinstance(current, QATLayer) else current
-        if inner is None or _qualified(type(inner)) != config["inner_layer"]:
-            got = "nothing" if inner is None else _qualified(type(inner))
+        if inner is None or qualified(type(inner)) != config["inner_layer"]:
+            got = "nothing" if inner is None else qualified(type(inner))
             raise ValueError(
                 f"QuantizedLayer holds a {config['inner_layer']}, found {got} at its place"
             )
-        return cls(**config, inner=_stripped(inner))
+        return cls(**config, inner=stripped(inner))
 
     def extra_repr(self) -> str:
         bits = sorted({t["bits"] for t in self.tensors.values()})
@@ -482,20 +432,3 @@ class QuantizedLayer(SurgeryLayer):
         )
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _stripped(inner: nn.Module) -> nn.Module:
-    """A copy of ``inner`` that holds no tensor (its parameters are supplied per call)."""
-    clone = copy.deepcopy(inner)
-    if isinstance(clone, SurgeryLayer):
-        clone.clear_dense_cache()
-    for name, _ in list(clone.named_parameters()):
-        owner_name, _, attr = name.rpartition(".")
-        owner = clone.get_submodule(owner_name) if owner_name else clone
-        del owner._parameters[attr]
-    return clone

