@@ -381,3 +381,15 @@ def test_the_readme_load_snippets_run(outputs, minilm, tmp_path, monkeypatch):
         if "small" in scope:
             assert torch.equal(scope["small"](x), small(x))
     assert scope["small"] is not None
+
+
+def test_a_transformers_that_changed_gets_a_warning_never_a_failed_import(monkeypatch):
+    """Registration runs inside transformers' own import: it must never break it."""
+    from tnsurgery.io import hf_quantizer
+
+    def broken():
+        raise AttributeError("no HfQuantizer here")
+
+    monkeypatch.setattr(hf_quantizer, "classes", broken)
+    with pytest.warns(RuntimeWarning, match="could not register its loader"):
+        hf_quantizer.register()

@@ -23,6 +23,7 @@ import importlib.abc
 import importlib.machinery
 import re
 import sys
+import warnings
 from collections.abc import Callable, Container
 from pathlib import Path
 from types import ModuleType
@@ -110,12 +111,23 @@ def __getattr__(name: str) -> type:
 
 
 def register() -> None:
-    """Register ``quant_method: tnsurgery`` with transformers (once; needs transformers)."""
-    from transformers.quantizers import auto  # optional dependency (hf extra)
+    """Register ``quant_method: tnsurgery`` with transformers (once; needs transformers).
 
-    config_cls, quantizer_cls = classes()
-    auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(hf_entry.QUANT_METHOD, config_cls)
-    auto.AUTO_QUANTIZER_MAPPING.setdefault(hf_entry.QUANT_METHOD, quantizer_cls)
+    A transformers whose quantizer registry is not what this expects gets a warning,
+    never an error: importing transformers must not fail because tnsurgery is there."""
+    try:
+        from transformers.quantizers import auto  # optional dependency (hf extra)
+
+        config_cls, quantizer_cls = classes()
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(hf_entry.QUANT_METHOD, config_cls)
+        auto.AUTO_QUANTIZER_MAPPING.setdefault(hf_entry.QUANT_METHOD, quantizer_cls)
+    except Exception as exc:  # (an API of transformers' that changed)
+        warnings.warn(
+            f"tnsurgery could not register its loader with transformers ({exc}): surgered "
+            "directories load with tnsurgery.load(OUT) only",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------ registration
