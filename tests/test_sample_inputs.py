@@ -410,3 +410,30 @@ def test_the_sentences_ship_in_the_wheel():
         "package-data"
     ]["tnsurgery"]
     assert any(Path("data/sentences.txt").match(g) for g in globs), globs
+
+
+def test_a_default_speech_or_vision_sample_is_bounded_before_it_is_built():
+    """Sizes in a config are data: a default sample past the bound is refused with what
+    to do, before anything is allocated; a real-sized one is built."""
+    from types import SimpleNamespace
+
+    from tnsurgery.cli.samples import MAX_DEFAULT_ELEMENTS, features_sample
+    from tnsurgery.errors import UserInputError
+
+    class Speech(torch.nn.Module):
+        main_input_name = "input_features"
+
+        def __init__(self, mels, frames):
+            super().__init__()
+            self.config = SimpleNamespace(
+                num_mel_bins=mels, max_source_positions=frames, is_encoder_decoder=True,
+                decoder_start_token_id=3,
+            )  # fmt: skip
+
+    sample = features_sample(Speech(80, 1500))  # Whisper's real sizes
+    assert sample.value["input_features"].shape == (2, 80, 3000)
+    assert sample.value["decoder_input_ids"].tolist() == [[3] * 4] * 2
+    with pytest.raises(UserInputError, match="--sample-input") as info:
+        features_sample(Speech(10**6, 10**6))
+    assert f"{MAX_DEFAULT_ELEMENTS:,}" in str(info.value)
+    assert features_sample(Speech(True, "x")) is None  # not sizes: no default

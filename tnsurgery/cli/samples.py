@@ -19,6 +19,7 @@ bounds on files and tokenizer directories), never a source of its own.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,9 @@ from tnsurgery.errors import UserInputError
 from tnsurgery.spec import Spec
 
 SAMPLE_EXAMPLES = 16
+MAX_DEFAULT_ELEMENTS = 2**24
+"""Most values of a default speech or vision sample built from a config (64 MiB of
+float32; Whisper's is 480,000, a 224-pixel image batch 301,056)."""
 """Examples of a default sample input (held-out or evaluation data, built-in sentences)."""
 MAX_SAMPLE_LINES = 64
 """Most lines of a ``.txt`` sample input used (one forward pass runs on all of them)."""
@@ -196,26 +200,39 @@ def features_sample(model: nn.Module | None) -> Sample | None:
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     g = torch.Generator().manual_seed(0)
-    if main == "input_features":
-        mels, frames = getattr(config, "num_mel_bins", None), getattr(
-            config, "max_source_positions", None
+    shape = _config_shape(config, main)
+    if shape is None:
+        return None
+    if math.prod(shape) > MAX_DEFAULT_ELEMENTS:  # (sizes from a file: checked first)
+        raise UserInputError(
+            f"the model's config asks for {main} of shape {'x'.join(map(str, shape))}, more "
+            f"than {MAX_DEFAULT_ELEMENTS:,} values for a default sample input: give one "
+            f"with --sample-input. {FORMS}"
         )
-        if not (isinstance(mels, int) and isinstance(frames, int)):
-            return None
-        value: dict[str, torch.Tensor] = {
-            "input_features": torch.randn(2, mels, 2 * frames, generator=g)
-        }
-        start = getattr(config, "decoder_start_token_id", None)
-        if getattr(config, "is_encoder_decoder", False) and isinstance(start, int):
-            value["decoder_input_ids"] = torch.full((2, 4), start, dtype=torch.long)
-        shape = f"2x{mels}x{2 * frames}"
-        return Sample(to_device(value, model), f"random input features of shape {shape}")
+    described = "x".join(map(str, shape))
+    value = {str(main): torch.randn(shape, generator=g)}
     if main == "pixel_values":
-        channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
-        if not (isinstance(channels, int) and isinstance(size, int)):
-            return None
-        value = {"pixel_values": torch.randn(2, channels, size, size, generator=g)}
-        return Sample(to_device(value, model), f"random images of shape 2x{channels}x{size}x{size}")
+        return Sample(to_device(value, model), f"random images of shape {described}")
+    start = getattr(config, "decoder_start_token_id", None)
+    if getattr(config, "is_encoder_decoder", False) and isinstance(start, int):
+        value["decoder_input_ids"] = torch.full((2, 4), start, dtype=torch.long)
+    return Sample(to_device(value, model), f"random input features of shape {described}")
+
+
+def _config_shape(config: object, main: object) -> tuple[int, ...] | None:
+    """The shape of a default speech or vision sample, from the config's sizes."""
+    def size(name: str) -> int | None:
+        value = getattr(config, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    if main == "input_features":
+        mels, frames = size("num_mel_bins"), size("max_source_positions")
+        if mels is not None and frames is not None and mels > 0 and frames > 0:
+            return (2, mels, 2 * frames)
+    if main == "pixel_values":
+        channels, side = size("num_channels"), size("image_size")
+        if channels is not None and side is not None and channels > 0 and side > 0:
+            return (2, channels, side, side)
     return None
 
 
