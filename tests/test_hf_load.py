@@ -322,6 +322,34 @@ HOSTILE = {
         lambda qc: _first(qc)["config"].update(x=json.loads("[" * 80 + "]" * 80)),
         "nested deeper",
     ),
+    # red-team round 3: a device in a config escaped the meta-device dry run (memory)
+    "a device in a config": (
+        lambda qc: _first(qc)["config"].update(rank=10**7, device="cpu"),
+        "holds device: a recorded layer config never says where",
+    ),
+    # an alias hid a missing tensor (zeros), or broadcast another-shaped one
+    "an alias to nothing": (
+        lambda qc: qc.update(aliases={"bert.embeddings.made_up.weight": "nope"}),
+        "names nope, which is not stored",
+    ),
+    "an alias over a stored tensor": (
+        lambda qc: qc.update(
+            aliases={"bert.embeddings.word_embeddings.weight": "bert.embeddings.LayerNorm.weight"}
+        ),
+        "is also stored",
+    ),
+    # a QAT record on a Linear replaced by factors: built on meta now, so shapes checked
+    "a qat record where the file holds factors": (
+        lambda qc: qc["replacements"].__setitem__(
+            0,
+            {
+                **_first(qc),
+                "layer": "tnsurgery.layers.qat.QATLayer",
+                "config": {"inner_layer": "torch.nn.modules.linear.Linear", "bits": 8},
+            },
+        ),
+        "do not agree",
+    ),
 }
 
 
@@ -393,3 +421,37 @@ def test_a_transformers_that_changed_gets_a_warning_never_a_failed_import(monkey
     monkeypatch.setattr(hf_quantizer, "classes", broken)
     with pytest.warns(RuntimeWarning, match="could not register its loader"):
         hf_quantizer.register()
+
+
+def test_a_tokenizer_directory_linking_out_is_refused(tmp_path):
+    """A tokenizer file linking to /proc/self/pagemap (a "regular file" of size 0, of
+    endless content) made the tokenizer read without bound: links out are refused."""
+    from tnsurgery.builtins.tokenizing import check_tokenizer_dir
+    from tnsurgery.errors import UserInputError
+
+    where = tmp_path / "tok"
+    where.mkdir()
+    (where / "vocab.txt").symlink_to("/proc/self/pagemap")
+    with pytest.raises(UserInputError, match="a link out of the directory"):
+        check_tokenizer_dir(where)
+    (where / "vocab.txt").unlink()
+    (where / "real.txt").write_text("a\n")
+    (where / "vocab.txt").symlink_to(where / "real.txt")  # a link inside: followed
+    check_tokenizer_dir(where)
+
+
+def test_a_line_is_cut_before_it_is_tokenized():
+    """A gigabyte line is not tokenized whole to keep its first max_length tokens."""
+    from tnsurgery.builtins.tokenizing import CHARS_PER_TOKEN, tokenized
+
+    seen = []
+
+    class Tok:
+        pad_token = "[PAD]"
+
+        def __call__(self, lines, **kw):
+            seen.extend(len(line) for line in lines)
+            return {"input_ids": torch.zeros(len(lines), 1, dtype=torch.long)}
+
+    list(tokenized(Tok(), ["x" * 10**6, "short"], max_length=8, batch_size=2))
+    assert seen == [8 * CHARS_PER_TOKEN, 5]

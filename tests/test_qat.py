@@ -559,11 +559,13 @@ def test_onnx_export_of_a_qat_model_says_to_convert_it_first(tmp_path):
         with pytest.raises(Exception, match=r"convert it first"):  # (wrapped by torch.export)
             torch.onnx.export(qat, (x,), str(tmp_path / "q2.onnx"), dynamo=True)
         converted = tnsurgery.convert(qat)
-        torch.onnx.export(converted, (x,), str(tmp_path / "c.onnx"), dynamo=False)
+        for dynamo in (False, True):  # (4-bit unpacking: no shift, which dynamo lacks)
+            torch.onnx.export(converted, (x,), str(tmp_path / f"c{dynamo}.onnx"), dynamo=dynamo)
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    graph = onnx.load(str(tmp_path / "c.onnx"))
-    (got,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), qat(x), rtol=1e-4, atol=1e-4)
+    for dynamo in (False, True):
+        graph = onnx.load(str(tmp_path / f"c{dynamo}.onnx"))
+        (got,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), qat(x), rtol=1e-4, atol=1e-4)

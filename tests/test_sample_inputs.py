@@ -437,3 +437,5 @@ def test_a_default_speech_or_vision_sample_is_bounded_before_it_is_built():
         features_sample(Speech(10**6, 10**6))
     assert f"{MAX_DEFAULT_ELEMENTS:,}" in str(info.value)
     assert features_sample(Speech(True, "x")) is None  # not sizes: no default
+    with pytest.raises(UserInputError, match="a side over"):  # attention is quadratic in it
+        features_sample(Speech(1, 10**6))

@@ -179,10 +179,14 @@ def unpack_bits(
     if bits == 8:
         u = packed[:numel].to(torch.int16)
     else:
-        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-        stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits]
-        weights = 1 << torch.arange(bits, dtype=torch.int16, device=packed.device)
-        u = (stream.reshape(numel, bits).to(torch.int16) * weights).sum(dim=1)
+        # floor division and remainder by powers of two, not shifts: both ONNX exporters
+        # have them (the dynamo one has no aten.__rshift__)
+        powers = torch.tensor([1 << k for k in range(8)], dtype=torch.int32, device=packed.device)
+        stream = torch.remainder(
+            torch.div(packed.to(torch.int32).unsqueeze(1), powers, rounding_mode="floor"), 2
+        )
+        stream = stream.reshape(-1)[: numel * bits]
+        u = (stream.reshape(numel, bits) * powers[:bits]).sum(dim=1).to(torch.int16)
     return (u + qmin).to(dtype).reshape(shape)
 
 
@@ -256,7 +260,10 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Update the range from ``x`` and recompute scale and zero point
-        (a learned scale is only initialized, at the first observation)."""
+        (a learned scale is only initialized, at the first observation). On the meta
+        device (a layer built to check its shapes) there is nothing to observe."""
+        if x.is_meta or self.observed.is_meta:
+            return
         lo, hi = observed_range(x, self.axis)
         first = not bool(self.observed)
         if first or self.is_weight and self.observer == "minmax":

@@ -102,10 +102,18 @@ def require_some(
             + ", ".join(refused[:5])
             + (" ..." if len(refused) > 5 else "")
         ]
+        split = registry.split_for(modules[refused[0]]) if registry is not None else None
+        if split is not None:  # (a fused module: its parts are what to match)
+            parts.append(
+                f"{type(modules[refused[0]]).__name__}: its parts {', '.join(split.parts)} are "
+                f"targets (split by '{split.name}'): match them, e.g. '{refused[0]}.*'"
+            )
     else:
         parts = [f"{rule.label(index)} matches no {accepted} module"]
-    if found.wrong_type:
-        parts.append(_other_types(found.wrong_type, modules, transform, rule, registry))
+    others = [n for n in found.wrong_type if n not in refused]
+    if others:
+        text = _other_types(others, modules, transform, rule, registry)
+        parts.append(text.replace("matched only", "also matched", 1) if refused else text)
     if found.excluded:
         parts.append(f"{len(found.excluded)} matching module(s) removed by 'exclude'")
     near = found.near_misses(candidates, rule.match) or candidates[:5]

@@ -60,3 +60,26 @@ def test_inspect_lists_surgered_layers_as_one_row_each(tmp_path):
     table = _run("inspect", tmp_path / "s.pt")
     assert table.exit_code == 0
     assert "LowRankLinear (surgered)" in table.stdout and "4/32" in table.stdout
+
+
+def test_a_pickled_transformer_encoder_loads_without_flags(tmp_path):
+    """nn.TransformerEncoderLayer stores F.relu: the standard activation functions are
+    trusted as references (a pickle calling one is still refused: tnsurgery.pickles)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
+    torch.save(nn.TransformerEncoder(layer, 2), tmp_path / "enc.pt")
+    spec = {
+        "version": 1,
+        "rules": [{"match": "**", "types": ["Linear"], "transform": "factorize",
+                   "params": {"rank": 4}}],
+    }  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    applied = _run(
+        "apply", tmp_path / "spec.json", tmp_path / "enc.pt", "-o", tmp_path / "s.pt",
+        "--sample-input", "2x10x32", "--json",
+    )  # fmt: skip
+    assert applied.exit_code == 0, applied.output
+    names = {r["name"] for r in json.loads(_run("inspect", tmp_path / "s.pt", "--json").stdout)[
+        "modules"] if r["surgered"]}  # fmt: skip
+    # the attention projections too (split out of nn.MultiheadAttention)
+    assert "layers.0.self_attn.q_proj" in names and "layers.1.linear2" in names

@@ -186,7 +186,12 @@ def test_tokenizer_directory_with_a_fifo_is_refused(tmp_path, fifo):
     text.write_text("hello\n")
     tok = tmp_path / "tok"
     tok.mkdir()
-    (tok / "tokenizer.json").symlink_to(fifo)
+    (tok / "tokenizer.json").symlink_to(fifo)  # a link out of the directory, to a FIFO
+    exc = quickly(lambda: first_batch("text", text, tokenizer=str(tok)))
+    assert isinstance(exc, UserInputError), exc
+    assert "tokenizer.json, a link out of the directory" in str(exc)
+    (tok / "tokenizer.json").unlink()
+    os.mkfifo(tok / "tokenizer.json")  # a FIFO in the directory itself
     exc = quickly(lambda: first_batch("text", text, tokenizer=str(tok)))
     assert isinstance(exc, UserInputError), exc
     assert "tokenizer.json, not a regular file but a FIFO" in str(exc)

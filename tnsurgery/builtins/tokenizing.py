@@ -16,16 +16,21 @@ from torch import nn
 from tnsurgery.datasource import DataContext
 from tnsurgery.errors import UserInputError
 from tnsurgery.io.files import HF_WEIGHT_SUFFIXES
+from tnsurgery.io.outputs import link_stays_inside
 
 MAX_TOKENIZER_FILE_BYTES = 1 << 30
 """Largest file of a tokenizer directory (1 GiB; weights aside)."""
+CHARS_PER_TOKEN = 32
+"""Characters of a line kept per token of ``max_length`` (tokens are a few characters
+long): a line of a gigabyte is not tokenized whole to keep its first tokens."""
 
 
 def check_tokenizer_dir(where: Path) -> None:
     """A tokenizer directory holds regular files (each at most
-    :data:`MAX_TOKENIZER_FILE_BYTES`, weights aside) and directories: no FIFO or device
-    for the tokenizer to read. A name that is no path is left to the local Hugging Face
-    cache."""
+    :data:`MAX_TOKENIZER_FILE_BYTES`, weights aside) and directories, and no link out
+    of it (``/proc/self/pagemap`` is a "regular file" of size 0): no FIFO, device or
+    endless file for the tokenizer to read. A name that is no path is left to the local
+    Hugging Face cache."""
     try:
         if not where.exists():
             return
@@ -35,6 +40,11 @@ def check_tokenizer_dir(where: Path) -> None:
     except OSError as exc:
         raise UserInputError(f"data: cannot read the tokenizer directory {where}: {exc}") from None
     for entry in entries:
+        if entry.is_symlink() and not link_stays_inside(entry, where):
+            raise UserInputError(
+                f"data: the tokenizer directory {where} holds {entry.name}, a link out of "
+                "the directory: refused (copy the file in)"
+            )
         try:
             st = entry.stat()
         except OSError:  # a broken link: nothing to read
@@ -96,11 +106,13 @@ def tokenized(
     tok: Any, lines: list[str], max_length: int, batch_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``lines`` tokenized ``batch_size`` at a time, each batch padded to its longest
-    line and truncated to ``max_length`` tokens."""
+    line and truncated to ``max_length`` tokens (each line first cut to
+    :data:`CHARS_PER_TOKEN` characters a token)."""
     padding = tok.pad_token is not None  # batch_size 1 needs none
+    longest = max_length * CHARS_PER_TOKEN  # (a line is cut before it is tokenized whole)
     for start in range(0, len(lines), batch_size):
         enc = tok(
-            lines[start : start + batch_size],
+            [line[:longest] for line in lines[start : start + batch_size]],
             padding=padding,
             truncation=True,
             max_length=max_length,

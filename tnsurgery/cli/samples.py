@@ -40,6 +40,9 @@ SAMPLE_EXAMPLES = 16
 MAX_DEFAULT_ELEMENTS = 2**24
 """Most values of a default speech or vision sample built from a config (64 MiB of
 float32; Whisper's is 480,000, a 224-pixel image batch 301,056)."""
+MAX_DEFAULT_LENGTH = 8192
+"""Longest side (frames, pixels) of such a sample: attention is quadratic in it
+(Whisper's is 3,000 frames)."""
 """Examples of a default sample input (held-out or evaluation data, built-in sentences)."""
 MAX_SAMPLE_LINES = 64
 """Most lines of a ``.txt`` sample input used (one forward pass runs on all of them)."""
@@ -203,11 +206,11 @@ def features_sample(model: nn.Module | None) -> Sample | None:
     shape = _config_shape(config, main)
     if shape is None:
         return None
-    if math.prod(shape) > MAX_DEFAULT_ELEMENTS:  # (sizes from a file: checked first)
+    if math.prod(shape) > MAX_DEFAULT_ELEMENTS or max(shape[2:]) > MAX_DEFAULT_LENGTH:
         raise UserInputError(
             f"the model's config asks for {main} of shape {'x'.join(map(str, shape))}, more "
-            f"than {MAX_DEFAULT_ELEMENTS:,} values for a default sample input: give one "
-            f"with --sample-input. {FORMS}"
+            f"than {MAX_DEFAULT_ELEMENTS:,} values or a side over {MAX_DEFAULT_LENGTH:,} "
+            f"for a default sample input: give one with --sample-input. {FORMS}"
         )
     described = "x".join(map(str, shape))
     value = {str(main): torch.randn(shape, generator=g)}

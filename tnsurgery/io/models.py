@@ -50,9 +50,21 @@ def _layer_modules() -> set[str]:
     return found | set(LAYER_PART_MODULES)
 
 
+# The activation functions torch.nn modules store as attributes (nn.TransformerEncoderLayer
+# keeps ``F.relu`` or ``F.gelu``): referenced by a pickle, never called by it (a call of
+# anything torch.save does not write is refused by tnsurgery.pickles).
+ACTIVATION_FUNCTIONS = frozenset(
+    f"torch.nn.functional.{f}"
+    for f in ("relu", "gelu", "silu", "tanh", "sigmoid", "elu", "leaky_relu", "mish", "glu")
+)
+
+
 def _default_trust(name: str, obj: Any, layer_modules: set[str]) -> bool:
     """Trusted without a flag: ``torch.nn`` module classes and the installed layer
-    classes (with the module classes defined beside them); classes only."""
+    classes (with the module classes defined beside them), and the activation
+    functions of :data:`ACTIVATION_FUNCTIONS`; no other function."""
+    if name in ACTIVATION_FUNCTIONS and callable(obj):
+        return True
     if not _is_module_class(obj):
         return False
     return name.startswith("torch.nn.") or obj.__module__ in layer_modules

@@ -135,6 +135,13 @@ def check_apart(outputs: Iterable[Path], inputs: Iterable[Path], what: str = "ou
                 )
 
 
+def link_stays_inside(link: Path, root: Path) -> bool:
+    """Whether the symlink ``link`` (in the directory ``root``) resolves inside
+    ``root``, or to the blobs of the Hugging Face hub cache repository ``root`` is a
+    snapshot of: the links a model directory may hold."""
+    return _inside(link, root) or _hub_blob(link, root)
+
+
 def _inside(path: Path, root: Path) -> bool:
     return _resolved(path).is_relative_to(_resolved(root))
 

@@ -272,6 +272,7 @@ def replay(
     dry run on the meta device (:func:`_dry_run`); all or nothing. ``build(cls,
     config, current)`` makes each layer (``cls.from_config`` by default)."""
     hf_entry.check_guards(doc, header)
+    _check_aliases(doc, header)
     _dry_run(base, reps, classes, doc, header)
     with Swaps(base) as swaps:
         swap_in(swaps, base, reps, classes, doc, build)
@@ -325,6 +326,7 @@ def _dry_run(
             for i, rep in enumerate(reps):
                 field = f"{doc.prefix}replacements[{i}]"
                 cls, current = _place(base, rep, classes, doc, i)
+                _check_placement(rep.config, doc, f"{field}.config", rep.name)
                 try:
                     with torch.device("meta"):
                         probe = cls.from_config(rep.config, current)
@@ -339,7 +341,7 @@ def _dry_run(
                     _check_numbers(rep.config, largest, doc, f"{field}.config", rep.name)
                     exact = False
                     continue
-                budget -= _meta_bytes(probe)
+                budget -= _new_bytes(probe, current)
                 if budget < 0:
                     raise ModelLoadError(
                         f"{doc.where}: field '{field}.config' of {rep.name} describes a "
@@ -351,6 +353,31 @@ def _dry_run(
                 _check_shapes(base, reps, doc, header)
         finally:
             swaps.rollback()
+
+
+def _check_aliases(doc: Document, header: dict[str, TensorInfo]) -> None:
+    """Each alias names a tensor the weights file holds, and is not one itself (an
+    alias must never hide a missing tensor, nor replace a stored one)."""
+    for alias, target in doc.aliases.items():
+        if target not in header or alias in header:
+            why = "is also stored" if alias in header else f"names {target}, which is not stored"
+            raise ModelLoadError(
+                f"{doc.where}: alias {alias} {why} in {doc.weights.name}: refused"
+            )
+
+
+PLACEMENT_KEYS = frozenset({"device", "dtype", "factory_kwargs", "device_map"})
+"""Constructor arguments a recorded config never holds: where and in what a layer is
+built is the loader's choice (a ``device`` would escape the meta-device dry run)."""
+
+
+def _check_placement(config: object, doc: Document, field: str, name: str) -> None:
+    bad = sorted(PLACEMENT_KEYS & set(config)) if isinstance(config, dict) else []
+    if bad:
+        raise ModelLoadError(
+            f"{doc.where}: field '{field}' of {name} holds {', '.join(bad)}: a recorded "
+            "layer config never says where or in what dtype to build it; refused"
+        )
 
 
 def _check_shapes(
@@ -374,6 +401,11 @@ def _check_shapes(
                 f"{doc.weights}: tensor {key} is stored as {kind}, where the model holds "
                 f"{state[key].dtype}: refused (it would be cast silently)"
             )
+        if key in doc.aliases and got != shape:  # (an alias stands for a tensor of its shape)
+            raise ModelLoadError(
+                f"{doc.where}: alias {key} names {doc.aliases[key]}, of shape "
+                f"{list(got) if got else None}, where the model holds {list(shape)}: refused"
+            )
         owner = max((n for n in owners if key.startswith(n + ".")), key=len, default=None)
         if got == shape or owner is None:  # the base model's own tensors: checked on load
             continue
@@ -391,6 +423,14 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
 
 def _nbytes(t: TensorInfo) -> int:
     return t.numel * _DTYPE_BYTES.get(t.dtype, 1)
+
+
+def _new_bytes(probe: nn.Module, current: nn.Module | None) -> int:
+    """Bytes of the tensors ``probe`` holds that ``current`` (the module it wraps, if
+    any) did not: on the meta device or not, all count against the budget."""
+    old = {id(t) for t in (*current.parameters(), *current.buffers())} if current else set()
+    tensors = (*probe.parameters(), *probe.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if id(t) not in old)
 
 
 def meta_unsupported(exc: Exception) -> bool:
@@ -413,11 +453,6 @@ def _check_numbers(value, bound: int, doc: Document, field: str, name: str) -> N
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _check_numbers(v, bound, doc, f"{field}[{i}]", name)
-
-
-def _meta_bytes(module: nn.Module) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if t.is_meta)
 
 
 def _kind(dtype: str) -> str:
