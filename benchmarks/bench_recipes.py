@@ -31,6 +31,7 @@ from pathlib import Path
 
 import sentences
 import torch
+from bench_digits_tt import fit
 from bench_qat import DigitsCNN
 from common import accuracy, cosines, digits, embed, minilm, parser, start, tokens
 from torch import nn
@@ -103,25 +104,12 @@ class DigitsMLP(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(64):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
 def measure_digits(name: str) -> dict:
     """``mlp_tt`` / ``cnn_factorize_qat`` on a model trained here on digits: accuracy."""
     images = name == "cnn_factorize_qat"
     xtr, xte, ytr, yte = digits(0, images=images)
     torch.manual_seed(0)
-    model = trained(DigitsCNN() if images else DigitsMLP(), xtr, ytr, 10 if images else 30)
+    model = fit(DigitsCNN() if images else DigitsMLP(), xtr, ytr, 10 if images else 30)
     spec = tnsurgery.load_spec(SPECS / f"{name}.json")
     began = time.perf_counter()
     small = tnsurgery.apply(model, spec, xtr[:256])  # (QAT observers see training images)

@@ -32,34 +32,21 @@ The unlabeled corpus (``--corpus auto``): WordNet's usage examples (Debian's
 
 from __future__ import annotations
 
-import importlib
 import random
 import re
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import sentences
 from common import MINILM_ENCODER, cosines, embed, minilm, parser, start, tokens
 
 from tnsurgery import bench, surgery
+from tnsurgery.builtins.docstrings import docstring_sentences
 
 EVAL = sentences.EVAL  # held out: never seen by calibration (or training)
-
-DOC_MODULES = (
-    "collections json re os pathlib argparse logging unittest email http.client "
-    "urllib.request csv sqlite3 decimal fractions statistics random string textwrap datetime "
-    "calendar heapq bisect functools itertools operator subprocess threading asyncio socket "
-    "shutil tempfile zipfile tarfile gzip pickle copy pprint inspect ast dis dataclasses enum "
-    "abc contextlib io struct hashlib hmac secrets uuid base64 binascii html difflib gettext "
-    "locale codecs unicodedata math cmath numbers array queue sched signal selectors mmap ssl "
-    "smtplib poplib imaplib ftplib wave colorsys configparser fileinput glob fnmatch linecache "
-    "traceback warnings weakref gc platform sysconfig timeit trace tracemalloc doctest pdb "
-    "zoneinfo"
-).split()
 
 FORTUNES = Path("/usr/share/games/fortunes")  # Debian's `fortunes` package
 FORTUNE_FILES = (
@@ -118,28 +105,9 @@ def wordnet_corpus(seed: int = 0) -> list[str]:
 
 def docstring_corpus(seed: int = 0) -> list[str]:
     """English sentences from the docstrings of standard-library modules: unlabeled
-    text from another domain than the evaluation sentences (deterministic)."""
-    sents: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in DOC_MODULES:
-            try:
-                mod = importlib.import_module(name)
-            except Exception:
-                continue
-            objs = [mod] + [getattr(mod, n) for n in sorted(dir(mod)) if not n.startswith("_")]
-            for obj in objs:
-                doc = getattr(obj, "__doc__", None)
-                if not isinstance(doc, str):
-                    continue
-                for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", doc)):
-                    if (
-                        40 <= len(s) <= 200
-                        and re.match(r"^[A-Z][a-z]", s)
-                        and not re.search(r"[{}<>=\[\]_|\\`]|::", s)
-                    ):
-                        sents.append(s)
-    return shuffled_unique(sents, seed)
+    text from another domain than the evaluation sentences (the ``docstrings`` corpus of
+    tnsurgery's ``sentences`` data source)."""
+    return docstring_sentences(seed)
 
 
 CORPORA = {

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tnsurgery.builtins.docstrings import docstring_sentences
 from tnsurgery.builtins.everyday import everyday_sentences
-from tnsurgery.builtins.tokenizing import load_tokenizer, tokenized
+from tnsurgery.builtins.tokenizing import TokenizedParams, text_source_batches
 from tnsurgery.datasource import DataContext
 from tnsurgery.errors import UserInputError
 
@@ -26,10 +26,9 @@ EVERYDAY_SENTENCES = 8192
 """Sentences of the ``everyday`` corpus."""
 
 
-class SentencesParams(BaseModel):
+class SentencesParams(TokenizedParams):
     """``sentences``: built-in English sentences (label-free), tokenized for the model."""
 
-    model_config = ConfigDict(extra="forbid")
     corpus: Literal["everyday", "docstrings"] = Field(
         "everyday",
         description="'everyday': 8,192 simple general-domain sentences (generated from a "
@@ -46,16 +45,6 @@ class SentencesParams(BaseModel):
         "so that training sees others).",
     )
     order_seed: int = Field(0, description="Seed of the sentences' order.")
-    max_length: int = Field(128, ge=1, description="Truncate each sentence to this many tokens.")
-    tokenizer: str | None = Field(
-        None,
-        description="Tokenizer directory; default: the Hugging Face model's own directory.",
-    )
-    shuffle: bool = Field(
-        False,
-        description="Shuffle the chosen sentences with the run's seed (in training, a new "
-        "order each epoch).",
-    )
 
 
 def corpus_sentences(corpus: str, order_seed: int = 0) -> list[str]:
@@ -77,8 +66,4 @@ def sentences_batches(
             f"data: corpus '{params.corpus}' has {len(every):,} sentences here: skip "
             f"{params.skip:,} leaves none"
         )
-    tok = load_tokenizer(params.tokenizer, ctx, "sentences")
-    if params.shuffle:
-        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
-        lines = [lines[i] for i in order.tolist()]
-    yield from tokenized(tok, lines, params.max_length, ctx.batch_size)
+    yield from text_source_batches(lines, params, ctx, "sentences")

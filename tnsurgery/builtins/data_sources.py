@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
 
 from tnsurgery.builtins.corpora import SentencesParams, sentences_batches
-from tnsurgery.builtins.tokenizing import load_tokenizer, tokenized
+from tnsurgery.builtins.tokenizing import TokenizedParams, text_source_batches
 from tnsurgery.data import split
 from tnsurgery.datasource import DataContext, DataSource
 from tnsurgery.errors import DataSourceError, UserInputError
@@ -215,21 +215,10 @@ def _accepts(fn: Callable, name: str) -> bool:
 # --------------------------------------------------------------------- text
 
 
-class TextParams(BaseModel):
+class TextParams(TokenizedParams):
     """``text``: a text file, one example a line, tokenized for a Hugging Face model."""
 
-    model_config = ConfigDict(extra="forbid")
     path: str = Field(..., description="Text file, one example a line (blank lines skipped).")
-    max_length: int = Field(128, ge=1, description="Truncate each example to this many tokens.")
-    tokenizer: str | None = Field(
-        None,
-        description="Tokenizer directory; default: the Hugging Face model's own directory.",
-    )
-    shuffle: bool = Field(
-        False,
-        description="Shuffle the lines (with the run's seed; in training, a new order each "
-        "epoch, replayed exactly on resume).",
-    )
 
 
 def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, torch.Tensor]]:
@@ -238,11 +227,7 @@ def text_batches(params: TextParams, ctx: DataContext) -> Iterator[dict[str, tor
     lines = _read_lines(path)
     if not lines:
         raise UserInputError(f"data: {path} has no non-empty line")
-    tok = load_tokenizer(params.tokenizer, ctx, "text")
-    if params.shuffle:
-        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
-        lines = [lines[i] for i in order.tolist()]
-    yield from tokenized(tok, lines, params.max_length, ctx.batch_size)
+    yield from text_source_batches(lines, params, ctx, "text")
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tnsurgery.datasource import DataContext
@@ -119,3 +120,31 @@ def tokenized(
             return_tensors="pt",
         )
         yield {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+
+
+class TokenizedParams(BaseModel):
+    """The params every built-in text source shares: how its lines become tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_length: int = Field(128, ge=1, description="Truncate each example to this many tokens.")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer directory; default: the Hugging Face model's own directory.",
+    )
+    shuffle: bool = Field(
+        False,
+        description="Shuffle the examples (with the run's seed; in training, a new order each "
+        "epoch, replayed exactly on resume).",
+    )
+
+
+def text_source_batches(
+    lines: list[str], params: TokenizedParams, ctx: DataContext, source: str
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``lines`` through the tokenizer ``params`` names (or the model's), shuffled with
+    the run's seed when ``params.shuffle``, ``ctx.batch_size`` at a time."""
+    tok = load_tokenizer(params.tokenizer, ctx, source)
+    if params.shuffle:
+        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(ctx.seed))
+        lines = [lines[i] for i in order.tolist()]
+    yield from tokenized(tok, lines, params.max_length, ctx.batch_size)
