@@ -279,3 +279,19 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_before_building(tmp
         load(out)
     msg = str(info.value)
     assert "replacements[0].config" in msg and "do not agree" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "aliases, message",
+    [
+        ({"2.made_up": "nope"}, "names nope, which is not stored"),
+        ({"2.bias": "0.bias"}, "is also stored"),
+    ],
+)
+def test_a_manifest_alias_must_name_a_stored_tensor_and_not_be_one(tmp_path, aliases, message):
+    """tnsurgery.load checks aliases as from_pretrained does (one check before building):
+    an alias could hide a missing tensor, or replace a stored one."""
+    out = surgered_dir(tmp_path)
+    edit_manifest(out / "manifest.json", aliases=aliases)
+    with pytest.raises(ModelLoadError, match=message):
+        tnsurgery.load(out, plain_mlp(1))

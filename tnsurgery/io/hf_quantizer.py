@@ -34,8 +34,9 @@ from torch import nn
 
 from tnsurgery.errors import ModelLoadError
 from tnsurgery.io import hf_entry
+from tnsurgery.io.dry_run import meta_unsupported
 from tnsurgery.io.manifests import Document, TensorInfo, read_document, read_header
-from tnsurgery.io.pairs import meta_unsupported, replay
+from tnsurgery.io.pairs import replay
 from tnsurgery.layer import SurgeryLayer
 from tnsurgery.manifest import Manifest, Replacement
 from tnsurgery.plugins import get_registry
