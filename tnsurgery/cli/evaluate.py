@@ -1,0 +1,1 @@
+"""``tnsurgery eval``: perplexity, cosine or accuracy, side by side (placeholder)."""

@@ -1,0 +1,1 @@
+"""``tnsurgery bench``: each planned replacement timed against its original (placeholder)."""

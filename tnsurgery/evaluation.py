@@ -1,0 +1,1 @@
+"""Evaluation where the user looks: perplexity, cosine, accuracy (placeholder)."""

@@ -1,0 +1,1 @@
+"""Honest speed: each planned replacement timed against its original (placeholder)."""
