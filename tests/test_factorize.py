@@ -21,7 +21,9 @@ from conftest import (
 from torch import nn
 
 from tnsurgery import surgery
+from tnsurgery.errors import SpecError
 from tnsurgery.layers import LowRankConv2d, LowRankLinear
+from tnsurgery.spec import load_spec
 from tnsurgery.surgery import get_manifest
 from tnsurgery.transform import Context, RankOptions, resolve_rank, truncation_error
 from tnsurgery.transforms import factorize
@@ -581,3 +583,66 @@ def test_apply_copies_by_default_and_inplace_modifies():
     )
     assert same is model and isinstance(model[0], LowRankLinear)
     torch.testing.assert_close(model[0].to_dense(), out[0].to_dense(), rtol=0, atol=0)
+
+
+# --- rank_multiple: ranks rounded to GEMM-friendly multiples ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rank", "multiple", "full", "expected"),
+    [
+        (37, 16, 256, 32),  # nearest multiple below
+        (40, 16, 256, 48),  # a tie goes up
+        (41, 16, 256, 48),
+        (3, 16, 256, 16),  # at least one multiple
+        (250, 64, 200, 200),  # never above the full rank
+        (37, None, 256, 37),  # no multiple: the rank as it was
+        (37, 1, 256, 37),
+    ],
+)
+def test_align_rank_rounds_to_the_nearest_multiple(rank, multiple, full, expected):
+    assert factorize.align_rank(rank, multiple, full) == expected
+
+
+@pytest.mark.parametrize(("asked", "used"), [(37, 32), (40, 48)])
+def test_rank_multiple_builds_the_truncation_at_the_rounded_rank(asked, used):
+    w = trained_like(96, 128, seed=21, decay=0.97)
+    model = nn.Sequential(linear_with_weight(w))
+    params = {"rank": asked, "rank_multiple": 16}
+    (target,) = plan(model, params).targets
+    assert target.resolved["rank_asked"] == asked
+    assert target.resolved["rank"] == used and target.resolved["rank_multiple"] == 16
+    out = apply(model, params)
+    assert out[0].rank == used
+    # the error is the SVD truncation's at the rank used, not at the rank asked
+    assert rel_error(out[0].to_dense(), w) == pytest.approx(optimal_error(w, used), abs=1e-5)
+    assert target.params_after == used * (96 + 128) + 96
+
+
+def test_rank_multiple_applies_to_every_rank_option_and_is_capped():
+    w = trained_like(40, 48, seed=22)
+    model = nn.Sequential(linear_with_weight(w))
+    (ratio,) = plan(model, {"rank_ratio": 0.5, "rank_multiple": 8}).targets
+    assert (ratio.resolved["rank_asked"], ratio.resolved["rank"]) == (20, 24)
+    (capped,) = plan(model, {"rank": 30, "rank_multiple": 64}).targets
+    assert capped.resolved["rank"] == 40  # min(out, in), although not a multiple of 64
+    assert capped.status == "skip" and "rounded by rank_multiple 64" in capped.reason
+
+
+@pytest.mark.parametrize("bad", [0, -16, 2.5, "16", True, 2048])
+def test_rank_multiple_must_be_a_positive_int(bad):
+    with pytest.raises(SpecError, match=r"params\.rank_multiple"):
+        load_spec(spec_for({"rank": 8, "rank_multiple": bad}), factorize_only_registry())
+
+
+def test_rank_multiple_survives_a_budget():
+    model = nn.Sequential(*(linear_with_weight(trained_like(64, 64, seed=s)) for s in (1, 2)))
+    spec = {
+        "version": 1,
+        "budget": {"params": 0.5},
+        "rules": [{"match": "*", "transform": "factorize", "params": {"rank_multiple": 8}}],
+    }
+    p = surgery.plan(model, spec, registry=factorize_only_registry())
+    ranks = [t.resolved["rank"] for t in p.replaced()]
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert all("rank_asked" in t.resolved for t in p.replaced())

@@ -32,7 +32,7 @@ GOOD = {
 }
 
 RANK_OPTIONS_LIST = "rank, rank_ratio, param_ratio, energy, max_error"
-PARAM_NAMES = f"{RANK_OPTIONS_LIST}, method, niter, oversample, seed, whiten"
+PARAM_NAMES = f"{RANK_OPTIONS_LIST}, method, niter, oversample, seed, rank_multiple, whiten"
 RULE_FIELDS = "match, exclude, types, transform, params, allow_empty"
 
 
@@ -160,7 +160,8 @@ def test_unknown_top_level_key(factorize_registry):
     assert problems == [
         "spec: field 'rules': Field required",
         "spec: unknown field 'rule'; did you mean 'rules'? "
-        "(valid: $schema, version, description, rules, budget, calibration, training)",
+        "(valid: $schema, version, description, rules, budget, calibration, training, "
+        "evaluation)",
     ]
 
 

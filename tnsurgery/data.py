@@ -126,7 +126,7 @@ def _guarded(name: str, where: str | None, it: Iterator[Any]) -> Iterator[Any]:
 def to_device(batch: Any, model: nn.Module) -> Any:
     """The batch on ``model``'s device, floating tensors in its dtype."""
     ref = next(iter(model.parameters()), None)
-    if ref is None:
+    if ref is None or ref.is_meta:  # (a skeleton: its weights are read later)
         return batch
 
     def move(t):

@@ -83,6 +83,10 @@ class Plan:
     applied: bool = False
     budget: dict[str, Any] | None = None  # the global budget's allocation, when the spec has one
     calibration: dict[str, Any] | None = None  # what calibration ran, when the spec has it
+    # how a checkpoint directory was surgered: "blocks" (streamed, one block at a time)
+    # or "whole" (the model in memory); None for a model given in memory
+    pipeline: str | None = None
+    streaming: dict[str, Any] | None = None  # its time, memory peaks and shards
 
     def replaced(self) -> list[TargetPlan]:
         """Targets that get (or got) a replacement."""
@@ -135,6 +139,8 @@ class Plan:
             "applied": self.applied,
             "budget": self.budget,
             "calibration": self.calibration,
+            "pipeline": self.pipeline,
+            "streaming": self.streaming,
         }
 
     @classmethod
@@ -162,5 +168,7 @@ class Plan:
             sample_input=d.get("sample_input"),
             applied=d.get("applied", False),
             budget=d.get("budget"),
+            pipeline=d.get("pipeline"),
+            streaming=d.get("streaming"),
             calibration=d.get("calibration"),
         )

@@ -33,6 +33,7 @@ from tnsurgery.compare import (
 )
 from tnsurgery.data import to_device
 from tnsurgery.errors import UserInputError
+from tnsurgery.evaluation import spec_reference
 from tnsurgery.export import convert
 from tnsurgery.io.hf_quantizer import attach_if_hf
 from tnsurgery.manifest import (
@@ -218,6 +219,7 @@ def _apply(
     model, splits = split_fused(model, spec, registry, copy=not inplace)  # MHAs with targets
     inplace = inplace or bool(splits)  # (a split copy is ours to operate on)
     sequential = spec.calibration is not None and spec.calibration.sequential
+    reference = spec_reference(model, spec.evaluation, registry)  # the original, scored first
     prep = _prepare(model, spec, registry, sample_input, progress, keep_batches=sequential)
     work = model if inplace else copy_model(model)
     # the original is needed to verify, refit and teach; with inplace it is a copy
@@ -233,7 +235,7 @@ def _apply(
         if result.totals()["model_params_after"] is None:  # a transform did not count
             result.model_params_after = sum(p.numel() for p in work.parameters())
         result.applied = True
-        manifest = _manifest(work, spec, result, built, splits)
+        manifest = build_manifest(work, spec, result, built, splits)
         if trained_first is not None:  # recorded, the dense model having had no manifest
             manifest = manifest.model_copy(update={"training": trained_first})
         get_plugin_manager().hook.after_surgery(
@@ -249,6 +251,8 @@ def _apply(
                         call_model(work, prep.sample_input),
                     )[0]
                 record(work, "trained_output_error", err)
+        if reference is not None:  # the surgered (and trained) model beside the original
+            record(work, "evaluation", reference.record(work))
     attach_if_hf(work)  # (its save_pretrained writes a directory that loads again)
     return work
 
@@ -411,7 +415,7 @@ def _train_dense_first(
     return dense, done
 
 
-def _manifest(
+def build_manifest(
     work: nn.Module,
     spec: Spec,
     result: Plan,

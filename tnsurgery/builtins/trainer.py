@@ -44,6 +44,16 @@ from tnsurgery.training.checkpoints import (
     restore_state,
     save_checkpoint,
     trim_log,
+    write_checkpoint,
+)
+from tnsurgery.training.distributed import (
+    FSDP,
+    ShardedRun,
+    batch_sum,
+    full_state,
+    is_main_process,
+    sum_over_ranks,
+    under_torchrun,
 )
 from tnsurgery.training.losses import FeatureCapture, training_loss
 from tnsurgery.training.steps import (
@@ -100,6 +110,8 @@ class _Loop:
 
     def __init__(self, model, opts: Training, teacher, registry, progress) -> None:
         self.model, self.opts, self.teacher = model, opts, teacher
+        # under FSDP, model and teacher become sharded copies; the caller's are kept here
+        self.caller, self.sharded = model, None
         self.registry, self.progress = registry, progress
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         manifest = Manifest.of(model)
@@ -141,10 +153,13 @@ class _Loop:
             self.teacher.eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        init_distributed()
+        if opts.distributed == FSDP and under_torchrun():
+            self._shard()
+        else:
+            init_distributed()
         self.rank, self.world = rank_world()
-        self.runner: nn.Module = model
-        if self.world > 1:  # gradients averaged over the processes at each step
+        self.runner: nn.Module = self.model
+        if self.world > 1 and self.sharded is None:  # DDP: gradients averaged at each step
             self.runner = DistributedDataParallel(
                 model, find_unused_parameters=bool(opts.unfreeze_stages)
             )
@@ -160,8 +175,23 @@ class _Loop:
             raise UserInputError(f"training: cannot write the log {opts.log}: {exc}") from None
         self.board = tensorboard_writer(opts.tensorboard) if self.rank == 0 else None
         self.t0 = time.perf_counter()
-        self.batches = batches_forever(opts, model, self.registry, skip=self.state["step"])
-        train_mode(model, opts)
+        self.batches = batches_forever(
+            opts, model, self.registry, skip=self.state["step"], per_process=self.sharded is None
+        )
+        train_mode(self.model, opts)
+
+    def _shard(self) -> None:
+        """Train sharded copies of the model and the teacher (FSDP); the optimizer's
+        state, resumed into the caller's model's optimizer, moves over."""
+        run = ShardedRun(self.model, self.teacher, self.opts, self.optimizer)
+        self.sharded = run
+        self.model, self.teacher = run.model, run.teacher
+        self.params, self.optimizer = run.params, run.optimizer
+        if grad_scaler(self.opts, self.model) is not None:
+            raise UserInputError(
+                "training: amp with float16 loss scaling (a GPU without bfloat16) is not "
+                "supported with distributed 'fsdp'"
+            )
 
     def _resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
@@ -182,7 +212,8 @@ class _Loop:
             self._new_optimizer()
         self.state = apply_checkpoint(payload, self.model, self.optimizer, path)
         self.result.resumed_from = self.state["step"]
-        trim_log(self.opts.log, self.state["step"])
+        if is_main_process():  # the process that writes the log (before any group exists)
+            trim_log(self.opts.log, self.state["step"])
         self.result.losses = self.state.get("losses", [])
         self.result.evals = self.state.get("evals", [])
         self.plateau_scale = self.state.get("plateau_scale", 1.0)
@@ -222,7 +253,7 @@ class _Loop:
         if self._eval_due(done):
             self._evaluate(done, metrics)
         self._log(done, metrics)
-        if self.progress:
+        if self.progress and self.rank == 0:  # one process reports
             self.progress(done, self.opts.steps, metrics)
         if self.ckpt_dir is not None and (
             done % self.opts.checkpoint.every == 0 or done == self.opts.steps
@@ -246,15 +277,19 @@ class _Loop:
 
     def _update(self) -> tuple[float, dict[str, float]]:
         opts, model = self.opts, self.model
-        inputs, labels = split_labels(next(self.batches), opts.labels)
+        batch, share = next(self.batches), None
+        if self.sharded is not None:  # this process's slice, its share of the loss
+            batch, share = self.sharded.share(batch), batch_sum
+        inputs, labels = split_labels(batch, opts.labels)
         inputs = to_device(inputs, model)
         with autocast(opts, model):
             loss, parts = training_loss(
-                opts, self.runner, self.teacher, inputs, labels, self.s_cap, self.t_cap
+                opts, self.runner, self.teacher, inputs, labels, self.s_cap, self.t_cap, share
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
-            loss.backward()
+            # FSDP averages the gradients of the shares: times the processes, their sum
+            (loss * self.world if share is not None else loss).backward()
             if opts.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, opts.grad_clip)
             self.optimizer.step()
@@ -265,7 +300,11 @@ class _Loop:
                 torch.nn.utils.clip_grad_norm_(self.params, opts.grad_clip)
             self.scaler.step(self.optimizer)  # skipped when a gradient overflowed
             self.scaler.update()
-        self.result.losses.append(float(loss.detach()))
+        if self.sharded is not None:  # the global batch's loss, on every process
+            parts = sum_over_ranks({**parts, "loss": float(loss.detach())})
+            self.result.losses.append(parts.pop("loss"))
+        else:
+            self.result.losses.append(float(loss.detach()))
         return self.result.losses[-1], parts
 
     def _eval_due(self, done: int) -> bool:
@@ -285,7 +324,7 @@ class _Loop:
         best = self.state.get("best_metric")
         if best is None or value > best:
             self.state["best_metric"], self.state["best_step"] = value, done
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_state = self._full_state()
         elif opts.scheduler == "plateau":
             self.plateau_scale *= opts.gamma
 
@@ -306,16 +345,29 @@ class _Loop:
         state["recipe"] = recipe(self.opts)
         state["plateau_scale"] = self.plateau_scale
         state["grad_scaler"] = self.scaler.state_dict() if self.scaler is not None else None
-        if self.rank == 0:
+        if self.sharded is not None:  # gathered by every process, written by rank 0
+            model_state, optimizer_state = self.sharded.checkpoint_states()
+            if self.rank == 0:
+                write_checkpoint(
+                    self.ckpt_dir, model_state, optimizer_state, state, self.best_state
+                )
+        elif self.rank == 0:
             save_checkpoint(self.ckpt_dir, self.model, self.optimizer, state, self.best_state)
         if self.world > 1:  # no process resumes from a checkpoint not yet written
             dist.barrier()
+
+    def _full_state(self) -> dict:
+        """A copy of the whole state of the model being trained (gathered under FSDP)."""
+        if self.sharded is not None:
+            return full_state(self.model)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------- end
 
     def close(self) -> None:
         """Give back modes and flags, remove hooks, close the log (on any exit)."""
         self.model.eval()
+        self.caller.eval()
         restore_flags(self.saved_flags, self.teacher_modes)
         known = {id(p) for p, _ in self.saved_flags}
         for p in self.model.parameters():  # parameters made during training (progressive rank)
@@ -334,8 +386,13 @@ class _Loop:
 
     def finish(self) -> TrainResult:
         """The best state put back when asked (all of it, or the last state kept and
-        the result saying why), configs refreshed, the run recorded."""
-        model, opts, result, state = self.model, self.opts, self.result, self.state
+        the result saying why), configs refreshed, the run recorded. Under FSDP the
+        trained weights are first gathered into the caller's model, on every process."""
+        if self.sharded is not None:
+            why = restore_state(self.caller, full_state(self.model))
+            if why is not None:  # the copy has the caller's keys and shapes: never expected
+                raise RuntimeError(f"training: the sharded model's state does not fit: {why}")
+        model, opts, result, state = self.caller, self.opts, self.result, self.state
         result.best_metric = state.get("best_metric")
         result.best_step = state.get("best_step")
         if opts.keep_best:

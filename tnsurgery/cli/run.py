@@ -33,14 +33,31 @@ from tnsurgery.cli.render import (
     progress_bar,
 )
 from tnsurgery.cli.samples import check_sample, resolve_sample
+from tnsurgery.cli.speed import build_and_time, speed_table, summary_lines
+from tnsurgery.cli.streamed import apply_streamed, streamable
 from tnsurgery.errors import UserInputError
 from tnsurgery.manifest import get_manifest, record
 from tnsurgery.plan import Plan
 from tnsurgery.spec import load_spec
+from tnsurgery.speed import parse_tokens
+from tnsurgery.training.distributed import (
+    FSDP,
+    LAUNCH,
+    is_main_process,
+    leave_process_group,
+    under_torchrun,
+)
 
 
 @cli.command(name="plan")
 @plan_arguments
+@click.option(
+    "--tokens",
+    metavar="N,N,...",
+    help="Also build each replacement (on a copy) and time it against its original at "
+    "these token counts, as 'tnsurgery bench' does: the targets that would be slower are "
+    "named.",
+)
 def plan_cmd(
     spec,
     model,
@@ -51,22 +68,31 @@ def plan_cmd(
     no_sample_input,
     as_json,
     allow_empty,
+    tokens,
 ):
     """Show what SPEC would do to MODEL, as a table; changes nothing."""
+    counts = parse_tokens(tokens) if tokens else None  # a bad value: exit 2 before any work
     s, loaded, x = prepare(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
     with err.status("planning"):
         p = surgery.plan(loaded.model, s, x.value, allow_empty=allow_empty)
     p.sample_input = x.described
+    report = None
+    if counts:
+        report = build_and_time(s, loaded.model, x.value, counts, "cpu", allow_empty, as_json)
     if as_json:
-        emit_json(p.to_dict())
+        emit_json({**p.to_dict(), "speed": report.to_dict()} if report else p.to_dict())
         return
     print_passes(p)
     out.print(plan_table(p))
     out.print(model_summary(p), highlight=False)
     if x.described:
         out.print(shown(f"sample input: {x.described}"), highlight=False)
+    if report is not None:
+        out.print(speed_table(report))
+        for line in summary_lines(report):
+            out.print(shown(line), highlight=False)
 
 
 @cli.command(name="apply")
@@ -86,6 +112,17 @@ def plan_cmd(
 @click.option(
     "--teacher-arch", help="pkg.module:factory for --teacher when it is another architecture."
 )
+@click.option(
+    "--device",
+    help="Where a Hugging Face checkpoint directory's blocks are surgered and run (cuda, "
+    "cuda:1; default the CPU).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Hugging Face checkpoint directory: the plan from its config and its shard "
+    "headers alone (no tensor data read), params and bytes before and after; nothing written.",
+)
 def apply_cmd(
     spec,
     model,
@@ -99,9 +136,41 @@ def apply_cmd(
     output,
     teacher,
     teacher_arch,
+    device,
+    dry_run,
 ):
     """Apply SPEC to MODEL and write the surgered model (same kind as the input) with its
-    manifest.json + .safetensors pair."""
+    manifest.json + .safetensors pair.
+
+    A Hugging Face checkpoint directory (config.json and safetensors weights, one file
+    or shards) is streamed: read shard by shard and surgered one block at a time (or
+    whole, when the spec calibrates, budgets or trains), written as shards with
+    model.safetensors.index.json."""
+    if streamable(model, arch):
+        apply_streamed(
+            spec,
+            model,
+            sample_input,
+            no_sample_input,
+            as_json,
+            allow_empty,
+            output,
+            teacher,
+            teacher_arch,
+            device,
+            dry_run,
+            trust_pickle,
+            allow_class,
+        )
+        return
+    if dry_run or device:
+        flag = "--dry-run" if dry_run else "--device"
+        raise UserInputError(
+            f"{flag} works on a Hugging Face checkpoint directory (config.json and "
+            f"safetensors weights); {model} is not one (tnsurgery plan shows the plan of any model)"
+        )
+    main = is_main_process()  # under torchrun (a spec training sharded): rank 0 writes
+    as_json = as_json or not main
     s, loaded, x = prepare(
         spec, model, arch, trust_pickle, allow_class, sample_input, no_sample_input
     )
@@ -127,6 +196,9 @@ def apply_cmd(
         bar.update(task, description=f"writing {target}", total=None)
         record(small, "source", source_record(loaded))  # train's teacher
         measured_on(small, x.described)
+        leave_process_group()
+        if not main:
+            return
         written = io.save_like_input(small, loaded, target, protect)
     manifest = surgery.get_manifest(small)
     p = Plan.from_dict(manifest["plan"])
@@ -190,10 +262,19 @@ def measured_on(model, described: str | None) -> None:
 )
 def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arch, as_json, output):
     """Run SPEC's 'training' section on MODEL, a surgered model: distill from --teacher
-    (label-free) or fine-tune, then write the trained model like 'apply' does."""
+    (label-free) or fine-tune, then write the trained model like 'apply' does. Under
+    torchrun every process trains and rank 0 alone prints and writes."""
     s = load_spec(spec)
     if s.training is None:
         raise UserInputError(f"{spec}: the spec has no 'training' section")
+    main = is_main_process()
+    as_json = as_json or not main  # the other processes print nothing
+    if s.training.distributed == FSDP and not under_torchrun():
+        err.print(
+            "note: distributed 'fsdp' without torchrun: training in this one process "
+            f"(to shard over N devices: {LAUNCH})",
+            highlight=False,
+        )
     loaded = load_input(model, arch, trust_pickle, allow_class)
     if surgery.get_manifest(loaded.model) is None:
         raise UserInputError(f"{model} was not surgered by tnsurgery (no manifest)")
@@ -217,6 +298,9 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
         result = surgery.train(
             loaded.model, s, original.model if original else None, progress=progress
         )
+        leave_process_group()
+        if not main:
+            return
         written = io.save_like_input(loaded.model, loaded, target, protect)
     summary = {**result.to_dict(), "written": [str(w) for w in written]}
     if as_json:

@@ -71,9 +71,7 @@ def check_aliases(doc: Document, header: dict[str, TensorInfo]) -> None:
     for alias, target in doc.aliases.items():
         if target not in header or alias in header:
             why = "is also stored" if alias in header else f"names {target}, which is not stored"
-            raise ModelLoadError(
-                f"{doc.where}: alias {alias} {why} in {doc.weights.name}: refused"
-            )
+            raise ModelLoadError(f"{doc.where}: alias {alias} {why} in {doc.weights.name}: refused")
 
 
 PLACEMENT_KEYS = frozenset({"device", "dtype", "factory_kwargs", "device_map"})

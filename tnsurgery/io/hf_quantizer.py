@@ -24,7 +24,6 @@ import importlib.machinery
 import re
 import sys
 import warnings
-from collections.abc import Callable, Container
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,6 +36,7 @@ from tnsurgery.io import hf_entry
 from tnsurgery.io.dry_run import meta_unsupported
 from tnsurgery.io.manifests import Document, TensorInfo, read_document, read_header
 from tnsurgery.io.pairs import replay
+from tnsurgery.io.skeleton import renamer
 from tnsurgery.layer import SurgeryLayer
 from tnsurgery.manifest import Manifest, Replacement
 from tnsurgery.plugins import get_registry
@@ -201,21 +201,6 @@ class Loaded:
         return hf_entry.entry(manifest, guards_of(model, set(model.state_dict())), self.aliases)
 
 
-def renamer(model: nn.Module, keys: Container[str]) -> Callable[[str], str]:
-    """How the checkpoint's names (``keys``) read in ``model``: without the base
-    model's prefix when ``model`` is the base model of a checkpoint with a head (a
-    CausalLM output loaded as AutoModel), with it in the reverse case; as
-    transformers renames the tensors it loads."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    inside = isinstance(getattr(model, prefix, None), nn.Module) if prefix else False
-    prefixed = any(k.startswith(prefix + ".") for k in keys) if prefix else False
-    if prefix and prefixed and not inside:
-        return lambda k: k[len(prefix) + 1 :] if k.startswith(prefix + ".") else k
-    if prefix and inside and not prefixed:
-        return lambda k: f"{prefix}.{k}"
-    return lambda k: k
-
-
 def prepare(model: nn.Module, raw: dict[str, Any], files: list[str]) -> Loaded:
     """Replay the entry ``raw`` on ``model`` (the meta model transformers built from
     ``files``): validated, bounded and checked against the weights' header first."""
@@ -252,13 +237,13 @@ def prepare(model: nn.Module, raw: dict[str, Any], files: list[str]) -> Loaded:
     guards = [rename(g) for g in entry.guards]
     doc = Document(Manifest(), where, paths[0], aliases, guards=guards)
     doc.what, doc.prefix = "quantization_config", "quantization_config."
-    replay(model, reps, get_registry().layer_classes(), doc, aligned, _build)
+    replay(model, reps, get_registry().layer_classes(), doc, aligned, build_on_meta)
     loaded = Loaded(reps, aliases, where)
     _expect(model, loaded, [*guards, *entry.guards])  # as loaded, and as reported
     return loaded
 
 
-def _build(cls: type, config: dict, current: nn.Module | None) -> nn.Module:
+def build_on_meta(cls: type, config: dict, current: nn.Module | None) -> nn.Module:
     """A layer on the meta device (where transformers builds the model). One that
     cannot be built there (it reads the values of the module it wraps, e.g. ``qat``)
     is built on the CPU beside an empty copy of that module (as large as the module,

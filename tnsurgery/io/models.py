@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tnsurgery.errors import ModelLoadError, OutputError
-from tnsurgery.io import hf_entry, hf_quantizer, pairs
+from tnsurgery.io import hf_entry, pairs
 from tnsurgery.io.files import (
     HF_WEIGHT_SUFFIXES,
     MANIFEST_NAME,
@@ -30,6 +30,8 @@ from tnsurgery.io.files import (
 )
 from tnsurgery.io.manifests import read_document, read_metadata, validated, verify_files
 from tnsurgery.io.outputs import read_own_manifest
+from tnsurgery.io.skeleton import hf_class
+from tnsurgery.io.streamed import load_surgered
 from tnsurgery.manifest import get_manifest
 from tnsurgery.pickles import load_weights_only
 from tnsurgery.plugins import Registry, get_registry
@@ -176,35 +178,6 @@ def _torch_load(path: Path, trust_pickle: bool, allow_classes: tuple[str, ...]) 
     return load_weights_only(path, path, allowed, frozenset(by_user_names))
 
 
-def _hf_model_class_names(transformers: Any) -> set[str]:
-    """Every model class name that transformers' auto mappings list: the only classes
-    a config's ``architectures`` may name."""
-    from transformers.models.auto import modeling_auto  # optional dependency (hf extra)
-
-    names: set[str] = set()
-    for attr in dir(modeling_auto):
-        mapping = getattr(modeling_auto, attr)
-        if attr.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
-            for v in mapping.values():
-                names.update(v if isinstance(v, (tuple, list)) else [v])
-    return names
-
-
-def _hf_class(config: Any) -> Any:
-    """The model class of a config: one of transformers' model classes named by its
-    ``architectures`` (through the fixed auto mappings), else ``AutoModel``."""
-    import transformers  # optional dependency (the hf extra)
-
-    known = _hf_model_class_names(transformers)
-    for name in getattr(config, "architectures", None) or []:
-        if not isinstance(name, str) or name not in known:
-            continue
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    return transformers.AutoModel
-
-
 # The fewest bytes a parameter of a checkpoint takes (4-bit quantized), and how much
 # smaller than its dense model a surgered directory's weights may be.
 MIN_PARAM_BYTES = 0.5
@@ -266,20 +239,11 @@ def _load_hf(path: Path, registry: Registry | None = None) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(
             str(path), local_files_only=True, trust_remote_code=False
         )
-        cls = _hf_class(config)
+        cls = hf_class(config)
         surgered = (path / MANIFEST_NAME).exists()
         _check_config_size(transformers, cls, config, path, surgered)
-        if surgered:  # a surgered directory: base from config, in its dtype
-            if cls is transformers.AutoModel:
-                base = cls.from_config(config, trust_remote_code=False)
-            else:
-                base = cls(config)
-            dtype = getattr(config, "dtype", None)
-            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-                base = base.to(dtype)  # what from_pretrained gives (its dtype "auto")
-            model = pairs.load(path, base, registry).eval()  # as from_pretrained returns it
-            hf_quantizer.attach(model)  # save_pretrained writes a directory that loads
-            return model
+        if surgered:  # a surgered directory: built from its config, read tensor by tensor
+            return load_surgered(path, config, registry)
         extra = {"trust_remote_code": False} if cls is transformers.AutoModel else {}
         model, info = cls.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True, **extra
@@ -312,7 +276,7 @@ def load(
     if base_model is not None:
         return pairs.load(p, base_model, registry)
     directory = p if p.is_dir() else p.parent
-    if (p.is_dir() or p.name in (MANIFEST_NAME, WEIGHTS_NAME)) and _surgered_hf(directory):
+    if (p.is_dir() or p.name in (MANIFEST_NAME, WEIGHTS_NAME)) and surgered_hf(directory):
         return _load_hf(directory, registry)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory")
@@ -323,7 +287,7 @@ def load(
     )
 
 
-def _surgered_hf(directory: Path) -> bool:
+def surgered_hf(directory: Path) -> bool:
     """A Hugging Face directory tnsurgery wrote (a manifest beside its config), or that
     ``save_pretrained`` wrote from one (its config's tnsurgery entry)."""
     config = directory / hf_entry.CONFIG_NAME

@@ -24,6 +24,10 @@ from tnsurgery.errors import OutputError
 from tnsurgery.io.files import HF_WEIGHT_SUFFIXES, MANIFEST_NAME, MAX_MANIFEST_BYTES
 from tnsurgery.manifest import MANIFEST_FORMAT
 
+# what a Hugging Face input directory holds that an output must not copy: the weights'
+# indexes (the output writes its own) and a manifest
+SKIPPED = {MANIFEST_NAME, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
 CHUNK = 1 << 20
 
 
@@ -170,7 +174,7 @@ def copy_input_dir(src: Path, dst: Path) -> list[str]:
         for item in sorted(here.iterdir()):
             if item.name.startswith(".") and item.is_dir():  # .git, .cache: not the model's
                 continue
-            if top and (item.name.endswith(HF_WEIGHT_SUFFIXES) or item.name == MANIFEST_NAME):
+            if top and (item.name.endswith(HF_WEIGHT_SUFFIXES) or item.name in SKIPPED):
                 continue
             if item.is_symlink() and not (_inside(item, root) or _hub_blob(item, root)):
                 raise OutputError(

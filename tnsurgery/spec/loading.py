@@ -34,6 +34,7 @@ from tnsurgery.spec.bounds import (
     HugeInt,
     bounds_problem,
 )
+from tnsurgery.spec.evaluation import Evaluation
 from tnsurgery.spec.model import Budget, Calibration, Rule, Spec
 from tnsurgery.spec.resolve import PROBLEM, field_names, rule_label
 from tnsurgery.spec.training import (
@@ -108,8 +109,13 @@ def _format_one(loc: tuple, err: dict, raw: Any) -> str:
         where = rule_label(i, match)
         field_loc = loc[2:]
         owner = Rule
-    elif len(loc) >= 2 and loc[0] in ("budget", "calibration", "training"):
-        owner = {"budget": Budget, "calibration": Calibration, "training": Training}[loc[0]]
+    elif len(loc) >= 2 and loc[0] in ("budget", "calibration", "training", "evaluation"):
+        owner = {
+            "budget": Budget,
+            "calibration": Calibration,
+            "training": Training,
+            "evaluation": Evaluation,
+        }[loc[0]]
         if loc[0] == "training" and len(loc) >= 3:
             owner = {
                 "distill": DistillOptions,

@@ -34,6 +34,7 @@ from pydantic_core import InitErrorDetails
 from tnsurgery.matching import pattern_problem, type_name_problem
 from tnsurgery.plugins import get_registry
 from tnsurgery.spec.bounds import bounds_problem
+from tnsurgery.spec.evaluation import Evaluation
 from tnsurgery.spec.resolve import plain, problem, resolve, rule_label
 from tnsurgery.spec.training import Training
 from tnsurgery.transform import Transform
@@ -175,6 +176,21 @@ class Calibration(BaseModel):
         "earlier errors (GPTQ / SVD-LLM v2 style): one more pass over the data per group "
         "of layers sharing an input. Transforms with a refit: factorize (Linear).",
     )
+    pipeline: Literal["auto", "blocks", "whole"] = Field(
+        "auto",
+        description="How a model read from a Hugging Face checkpoint directory is calibrated: "
+        "'blocks' (the samples run through the embeddings once, then one block at a time is "
+        "read, its targets' input statistics collected, surgered and refitted, its outputs "
+        "becoming the next block's inputs: peak memory one block plus the hidden states), "
+        "'whole' (the model in memory), or 'auto' (blocks when the model has a block stack). "
+        "A model given in memory is always calibrated whole.",
+    )
+    blocks: str | None = Field(
+        None,
+        description="The block stack, as the name of its module list with '.*' "
+        "(e.g. 'model.layers.*'); default: found from the model.",
+        max_length=1000,
+    )
 
 
 class Spec(BaseModel):
@@ -200,6 +216,11 @@ class Spec(BaseModel):
         None,
         description="Train after the transforms: distill from the original model "
         "(label-free) or fine-tune.",
+    )
+    evaluation: Evaluation | None = Field(
+        None,
+        description="Measure the surgered model and the original side by side after surgery "
+        "(and training): perplexity, cosine or accuracy, recorded in the manifest.",
     )
 
     @model_validator(mode="wrap")

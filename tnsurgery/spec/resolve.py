@@ -69,6 +69,7 @@ def resolve(
     """Check what the plugins define in ``raw``; returns each valid rule's parsed
     params and transform by rule index, and appends every problem to ``problems``."""
     _check_data(raw.get("calibration"), ("calibration", "data"), registry, problems)
+    _check_data(raw.get("evaluation"), ("evaluation", "data"), registry, problems)
     training = raw.get("training")
     _check_data(training, ("training", "data"), registry, problems)
     trainer = training.get("trainer") if isinstance(training, dict) else None

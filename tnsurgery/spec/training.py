@@ -193,6 +193,15 @@ class Training(BaseModel):
     tensorboard: str | None = Field(
         None, description="Also write the metrics as TensorBoard scalars to this directory."
     )
+    distributed: Literal["none", "fsdp"] = Field(
+        "none",
+        description="'fsdp': under torchrun (torchrun --nproc_per_node N -m tnsurgery "
+        "train ...), shard the model, the teacher and the optimizer state over the "
+        "processes (FSDP), each process taking a slice of every batch: the same steps and "
+        "global batch as one process, for models that do not fit one device; launched "
+        "without torchrun, one process trains as 'none' does. 'none': one process, or "
+        "under torchrun a full copy per process (DDP), each taking its own batches.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Training:
@@ -217,6 +226,11 @@ class Training(BaseModel):
                     problems.append(
                         f"'{name}' acts on surgered layers: it needs order 'compress_then_distill'"
                     )
+        if self.distributed == "fsdp":
+            if self.progressive_rank is not None:
+                problems.append("'progressive_rank' changes layer shapes: not with 'fsdp'")
+            if self.tt != TTOptions():
+                problems.append("'tt' tends whole TT cores: not with 'fsdp' (sharded cores)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

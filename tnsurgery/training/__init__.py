@@ -70,13 +70,17 @@ def train(
             ``training`` section, or a :class:`Training` / its dict.
         teacher: the original model (required for ``distill``); frozen here.
         registry: data sources, trainers and transforms (installed plugins by default).
-        progress: ``progress(step, steps, metrics)`` after each step.
+        progress: ``progress(step, steps, metrics)`` after each step (under
+            torchrun, in the process of rank 0 only).
         resume: continue from the latest checkpoint in ``checkpoint.dir`` if any.
 
     Returns:
         A :class:`TrainResult`; it is also recorded in the model's manifest
         under ``"training"``. ``training.trainer`` picks the loop: the built-in
-        one or a plugin's.
+        one or a plugin's. With ``training.distributed`` ``"fsdp"`` under torchrun,
+        the built-in loop trains sharded copies of ``model`` and ``teacher``
+        (:mod:`~tnsurgery.training.distributed`) and ends with the trained weights
+        in ``model`` on every process.
     """
     opts = training_options(spec_or_training, registry)
     registry = registry or get_registry()

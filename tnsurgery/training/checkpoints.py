@@ -96,11 +96,20 @@ def _log_lines(path: Path) -> Iterator[tuple[bytes, int]]:
 def save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) -> None:
     """Write ``directory/last.pt`` atomically: model, optimizer, loop state, the best
     state so far and the RNG states."""
+    write_checkpoint(directory, model.state_dict(), optimizer.state_dict(), state, best_state)
+
+
+def write_checkpoint(
+    directory: Path, model_state: dict, optimizer_state: dict, state: dict, best_state
+) -> None:
+    """:func:`save_checkpoint` of states already taken: a model's full ``state_dict``
+    and an optimizer's, keyed by parameter position (``Optimizer.state_dict``'s
+    format), e.g. gathered from the shards of an FSDP run."""
     check_own_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "state": {k: v for k, v in state.items() if k != "best_state"},
         "best_state": best_state,
         "rng": {
@@ -115,8 +124,11 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict, best_state) 
 
 def recipe(opts: Training) -> str:
     """The options a checkpoint must share with the run resuming it (all but the
-    length of the run and where it writes)."""
-    return opts.model_dump_json(exclude={"steps", "checkpoint", "log", "tensorboard"})
+    length of the run, where it writes, and whether it is sharded: an FSDP run
+    computes what one process does)."""
+    return opts.model_dump_json(
+        exclude={"steps", "checkpoint", "log", "tensorboard", "distributed"}
+    )
 
 
 def trim_log(path: str | None, step: int) -> None:

@@ -8,10 +8,17 @@
   padded tokens never compared;
 - :func:`pooled`: per-example vectors (sequence outputs mean-pooled over real
   tokens), for the ``cosine`` output loss and metric.
+
+Each loss is a sum over the batch divided by a statistic of the batch (a count of
+examples or tokens, a norm of the teacher's output). When several processes each
+hold a slice of the batch (FSDP), ``batch_sum`` sums such a statistic over the
+processes: each computes its share of the whole batch's loss, and the shares add
+up to it exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,18 +49,40 @@ def main_tensor(out: Any) -> torch.Tensor:
     raise UserInputError(f"training: the model returned no tensor ({type(out).__name__})")
 
 
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+BatchSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a statistic of this process's slice of a batch over the whole batch."""
+
+
+def normalized_mse(
+    student: torch.Tensor, teacher: torch.Tensor, batch_sum: BatchSum | None = None
+) -> torch.Tensor:
     """``‖s − t‖² / ‖t‖²`` (per batch): scale-free, so layers weigh alike."""
     s, t = student.float(), teacher.float()
-    return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
+    norm = t.square().sum()
+    if batch_sum is not None:
+        norm = batch_sum(norm)
+    return (s - t).square().sum() / norm.clamp_min(1e-12)
 
 
-def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher ‖ student) of softmaxes at ``temperature``, times ``temperature²``."""
+def kd_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    batch_sum: BatchSum | None = None,
+) -> torch.Tensor:
+    """KL(teacher ‖ student) of softmaxes at ``temperature``, times ``temperature²``
+    (the mean over the rows: examples, or real tokens)."""
     t = temperature
     log_p = F.log_softmax(student.float() / t, dim=-1)
     q = F.softmax(teacher.float() / t, dim=-1)
-    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+    if batch_sum is None:
+        return F.kl_div(log_p, q, reduction="batchmean") * t * t
+    return F.kl_div(log_p, q, reduction="sum") / _rows(log_p, batch_sum) * t * t
+
+
+def _rows(t: torch.Tensor, batch_sum: BatchSum) -> torch.Tensor:
+    """The number of rows (dim 0) of ``t`` and its like in the whole batch."""
+    return batch_sum(torch.tensor(float(t.shape[0]), device=t.device))
 
 
 class FeatureCapture:
@@ -93,11 +122,13 @@ def training_loss(
     labels: torch.Tensor | None,
     s_cap: FeatureCapture | None,
     t_cap: FeatureCapture | None,
+    batch_sum: BatchSum | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch and its parts (for the log), as ``opts`` says:
     ``distill``: the output loss (KL, normalized MSE or cosine) plus the feature loss
     of the modules ``s_cap``/``t_cap`` watch, mixed with the task loss by ``alpha``
-    when ``labels`` exist; ``finetune``: the task loss. Padded tokens never count."""
+    when ``labels`` exist; ``finetune``: the task loss. Padded tokens never count.
+    With ``batch_sum``, this process's share of the loss of a batch several share."""
     parts: dict[str, float] = {}
     if s_cap:
         s_cap.clear()
@@ -115,15 +146,22 @@ def training_loss(
             kind = "kl" if out.dim() == 2 else "mse"
         distill = out.new_zeros((), dtype=torch.float32)
         if kind == "kl":
-            distill = distill + kd_kl(unpadded(out, mask), unpadded(t_out, mask), d.temperature)
+            s, t = unpadded(out, mask), unpadded(t_out, mask)
+            distill = distill + kd_kl(s, t, d.temperature, batch_sum)
         elif kind == "mse":
-            distill = distill + normalized_mse(unpadded(out, mask), unpadded(t_out, mask))
+            s, t = unpadded(out, mask), unpadded(t_out, mask)
+            distill = distill + normalized_mse(s, t, batch_sum)
         elif kind == "cosine":
             a, b = pooled(out.float(), inputs), pooled(t_out.float(), inputs)
-            distill = distill + (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+            gaps = 1 - F.cosine_similarity(a, b, dim=-1)
+            distill = distill + (
+                gaps.mean() if batch_sum is None else gaps.sum() / _rows(a, batch_sum)
+            )
         if s_cap and t_cap and s_cap.outputs:
             feats = [
-                normalized_mse(unpadded(s_cap.outputs[n], mask), unpadded(t_cap.outputs[n], mask))
+                normalized_mse(
+                    unpadded(s_cap.outputs[n], mask), unpadded(t_cap.outputs[n], mask), batch_sum
+                )
                 for n in s_cap.outputs
                 if n in t_cap.outputs
             ]
@@ -133,7 +171,7 @@ def training_loss(
                 distill = distill + d.feature_weight * feat
         parts["distill_loss"] = float(distill.detach())
         if labels is not None:
-            task = task_loss(opts, out, labels)
+            task = task_loss(opts, out, labels, batch_sum)
             parts["task_loss"] = float(task.detach())
             total = d.alpha * distill + (1 - d.alpha) * task
         else:
@@ -141,16 +179,25 @@ def training_loss(
     else:
         if labels is None:
             raise UserInputError("training: mode 'finetune' needs labels (set 'labels')")
-        total = task_loss(opts, out, labels)
+        total = task_loss(opts, out, labels, batch_sum)
     return total, parts
 
 
-def task_loss(opts: Training, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (class indices) or MSE of ``out`` against ``labels``."""
+def task_loss(
+    opts: Training, out: torch.Tensor, labels: torch.Tensor, batch_sum: BatchSum | None = None
+) -> torch.Tensor:
+    """Cross-entropy (class indices) or MSE of ``out`` against ``labels`` (the mean
+    over the labels, or over the output's elements)."""
     labels = labels.to(out.device)
+    reduction = "mean" if batch_sum is None else "sum"
     if opts.loss == "mse":
-        return F.mse_loss(out.float(), labels.float().reshape(out.shape))
-    return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1).long())
+        flat = out.reshape(-1)
+        loss = F.mse_loss(out.float(), labels.float().reshape(out.shape), reduction=reduction)
+    else:
+        flat = labels.reshape(-1)
+        logits = out.float().reshape(-1, out.shape[-1])
+        loss = F.cross_entropy(logits, flat.long(), reduction=reduction)
+    return loss if batch_sum is None else loss / _rows(flat, batch_sum)
 
 
 def pooled(t: torch.Tensor, inputs: Any) -> torch.Tensor:

@@ -53,9 +53,13 @@ def lr_factor(opts: Training, step: int) -> float:
     return 1.0  # constant, and plateau (driven by evaluations)
 
 
-def batches_forever(opts: Training, model: nn.Module, registry, skip: int) -> Iterator[Any]:
-    """Cycle over the training data; ``skip`` batches are passed over (resume)."""
-    rank, world = rank_world()
+def batches_forever(
+    opts: Training, model: nn.Module, registry, skip: int, *, per_process: bool = True
+) -> Iterator[Any]:
+    """Cycle over the training data; ``skip`` batches are passed over (resume). Under
+    torch.distributed each process takes its own share of the batches (DDP), or with
+    ``per_process`` off every process gets every batch (FSDP, which slices each)."""
+    rank, world = rank_world() if per_process else (0, 1)
     epoch, seen = 0, 0
     while True:
         got = False

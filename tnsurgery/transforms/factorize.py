@@ -12,6 +12,7 @@ as the Linear of weight ``Wᵀ`` it computes, into a ``LowRankLinear``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +65,16 @@ class FactorizeParams(RankOptions):
     niter: int = Field(4, ge=0, le=20, description="Power iterations of the randomized SVD.")
     oversample: int = Field(16, ge=0, description="Extra columns sketched by the randomized SVD.")
     seed: int = Field(0, description="Seed of the randomized SVD (results are deterministic).")
+    rank_multiple: int | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        strict=True,
+        description="Round the rank to the nearest multiple of this (ties up; at least one "
+        "multiple, at most min(out, in)): GEMM kernels run thin factors at 8/16/32/64-aligned "
+        "ranks much faster than at odd ones ('tnsurgery bench' times both). The plan's "
+        "resolved settings show the rank asked (rank_asked) and the rank used (rank).",
+    )
     whiten: bool = Field(
         True,
         description="With a spec-level calibration: factorize W·L (L Lᵀ the layer's input "
@@ -80,6 +91,15 @@ class _Svd:
     v: torch.Tensor  # (n, k)
     method: str
     whitening: torch.Tensor | None = None  # L: the SVD is of W·L
+
+
+def align_rank(rank: int, multiple: int | None, full_rank: int) -> int:
+    """``rank`` rounded to the nearest multiple of ``multiple`` (halves up), at least one
+    multiple, at most ``full_rank``; ``rank`` itself when ``multiple`` is ``None``."""
+    if multiple is None:
+        return rank
+    aligned = multiple * max(1, math.floor(rank / multiple + 0.5))
+    return min(aligned, full_rank)
 
 
 def whitening_factor(ctx: Context, params: FactorizeParams, in_dim: int) -> torch.Tensor | None:
@@ -170,12 +190,18 @@ def plan(module: nn.Module, params: FactorizeParams, ctx: Context) -> Decision:
     else:
         rank = resolve_rank(params, full, per_rank, dense, fixed_params=bias)
     resolved = {**params.describe(), "rank": rank}
+    rounded = ""
+    if params.rank_multiple is not None:
+        asked, rank = rank, align_rank(rank, params.rank_multiple, full)
+        resolved = {**params.describe(), "rank_multiple": params.rank_multiple}
+        resolved.update(rank_asked=asked, rank=rank)
+        rounded = f" (rank {asked} rounded by rank_multiple {params.rank_multiple})"
     if rank * per_rank >= dense:
         return Decision(
             resolved=resolved,
             skip_reason=(
-                f"would not shrink: rank {rank} needs {rank * per_rank} weight params, "
-                f"dense has {dense}"
+                f"would not shrink: rank {rank}{rounded} needs {rank * per_rank} weight "
+                f"params, dense has {dense}"
             ),
         )
     dec = svd(w, rank, params, reuse)

@@ -1,1 +1,0 @@
-"""Evaluation where the user looks: perplexity, cosine, accuracy (placeholder)."""

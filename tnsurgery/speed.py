@@ -1,1 +1,0 @@
-"""Honest speed: each planned replacement timed against its original (placeholder)."""

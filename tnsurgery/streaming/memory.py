@@ -1,0 +1,70 @@
+"""Peak memory while a streamed surgery runs: the process's resident memory, sampled
+from ``/proc``, and CUDA's own counter."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["MemoryWatch"]
+
+
+class MemoryWatch:
+    """Peak memory of this process while the block runs, beyond what it was at its
+    start: ``peak_host_bytes``, its anonymous memory (what it allocated: tensors,
+    buffers; the shards' memory-mapped pages, which the kernel may drop at any time,
+    are not counted), ``peak_rss_bytes``, its whole resident memory (those pages
+    included), both sampled from ``/proc``; and the device's (CUDA's counter)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.peak = _memory()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _sample(self) -> None:
+        now = _memory()
+        self.peak = (max(self.peak[0], now[0]), max(self.peak[1], now[1]))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sample()
+
+    def __enter__(self) -> MemoryWatch:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def report(self) -> dict[str, int | None]:
+        """``peak_host_bytes``, ``peak_rss_bytes`` (beyond the start) and
+        ``peak_device_bytes`` (``None`` off CUDA)."""
+        self._sample()
+        device = None
+        if self.device.type == "cuda":
+            device = int(torch.cuda.max_memory_allocated(self.device))
+        return {
+            "peak_host_bytes": max(0, self.peak[0] - self.start[0]),
+            "peak_rss_bytes": max(0, self.peak[1] - self.start[1]),
+            "peak_device_bytes": device,
+        }
+
+
+def _memory() -> tuple[int, int]:
+    """``(anonymous, resident)`` bytes of this process (zeros where ``/proc`` is not)."""
+    found = {"RssAnon:": 0, "VmRSS:": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0] + ":"
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found["RssAnon:"], found["VmRSS:"]
