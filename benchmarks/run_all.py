@@ -33,8 +33,9 @@ RUNS = [  # record name, script, its arguments, minutes of a full run on the 2-c
     ("bench_digits_tt", "bench_digits_tt.py", [], 1),
     ("bench_defaults", "bench_defaults.py", [], 20),
     ("bench_recipes", "bench_recipes.py", [], 5),
-    ("bench_perplexity", "bench_perplexity.py", [], 20),
+    ("bench_perplexity", "bench_perplexity.py", [], 13),
     ("bench_tokens", "bench_tokens.py", [], 3),
+    ("bench_scale", "bench_scale.py", [], 25),
 ]
 
 

@@ -3,7 +3,8 @@
 The public API, in one place (``docs/architecture.md`` says which module holds what):
 
 - surgery: :func:`apply`, :func:`plan`, :func:`convert` (export QAT layers),
-  :func:`train` (the spec's training section alone);
+  :func:`train` (the spec's training section alone), :func:`apply_checkpoint` (a
+  Hugging Face checkpoint directory, streamed block by block);
 - files: :func:`load`, :func:`save`, :func:`get_manifest`;
 - the spec: :class:`Spec`, :func:`load_spec`;
 - for plugin authors: :data:`hookimpl`, :class:`Transform`, :class:`Decision`,
@@ -29,6 +30,7 @@ from tnsurgery.errors import (
 from tnsurgery.hookspecs import hookimpl
 from tnsurgery.io import install_hf, load, save
 from tnsurgery.spec import Spec, load_spec
+from tnsurgery.streaming import apply_checkpoint
 from tnsurgery.surgery import apply, convert, get_manifest, plan, train
 from tnsurgery.transform import Context, Decision, Transform
 
@@ -52,6 +54,7 @@ __all__ = [
     "UserInputError",
     "__version__",
     "apply",
+    "apply_checkpoint",
     "convert",
     "get_manifest",
     "hookimpl",

@@ -10,7 +10,8 @@ surgered block, on which the sequential refit re-solves each replacement for the
 inputs it now receives (:func:`refit_block`, through
 :func:`tnsurgery.calibration.refit_rule`). Each block's outputs on both streams then
 become the next block's inputs (:func:`advance`). Peak memory: one block (original
-and surgered) plus the two streams' hidden states.
+and surgered) plus the two streams' hidden states (on the device where they fit,
+else in host memory).
 """
 
 from __future__ import annotations
@@ -83,9 +84,25 @@ class Streams:
 
 
 def start(data: list[Any], captured: list[Captured]) -> Streams:
-    """Both streams at the first block's input."""
+    """Both streams at the first block's input, kept on the device where they fit
+    (both streams in at most a quarter of the device's free memory), else in host
+    memory, each batch moved to the device for its block's run."""
     hidden = [c.hidden for c in captured]
+    device = hidden[0].device
+    if device.type == "cuda":
+        needed = 2 * sum(h.numel() * h.element_size() for h in hidden)
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed > free // 4:
+            hidden = [h.to("cpu") for h in hidden]
     return Streams(data, captured, list(hidden), list(hidden))
+
+
+def _run(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+    """``run_block`` with the hidden states moved to the block's device and the output
+    kept where the stream is."""
+    ref = next(iter(block.parameters()), None)
+    device = ref.device if ref is not None else hidden.device
+    return run_block(block, call, hidden.to(device)).to(hidden.device)
 
 
 class _OnStream(nn.Module):
@@ -107,7 +124,7 @@ class _OnStream(nn.Module):
 
     def forward(self, index: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
         b = int(index)
-        return run_block(self._block, self._calls[b], self._hidden[b])
+        return _run(self._block, self._calls[b], self._hidden[b])
 
 
 def _indexed(streams: Streams, device: torch.device) -> list[dict[str, Any]]:
@@ -163,5 +180,5 @@ def advance(streams: Streams, i: int, original: nn.Module, work: nn.Module) -> N
     """Both streams through block ``i``: its outputs become the next block's inputs."""
     for b, cap in enumerate(streams.captured):
         call = cap.calls[i]
-        streams.original[b] = run_block(original, call, streams.original[b])
-        streams.surgered[b] = run_block(work, call, streams.surgered[b])
+        streams.original[b] = _run(original, call, streams.original[b])
+        streams.surgered[b] = _run(work, call, streams.surgered[b])
