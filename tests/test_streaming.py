@@ -404,3 +404,25 @@ def test_a_tied_head_is_refused_and_the_blocks_still_stream(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).logits, reference(**x).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hub_cache_snapshot_streams_and_a_link_out_is_refused(llama_dir, tmp_path):
+    """A Hugging Face hub cache snapshot links its shards to ``../../blobs/``: followed;
+    a shard linking anywhere else is refused, naming it."""
+    repo = tmp_path / "models--org--llama"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in llama_dir.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    spec = _spec("factorize", {"param_ratio": 0.5})
+    plan = streaming.apply_checkpoint(spec, snapshot, None, dry_run=True).plan
+    assert plan.totals()["replaced"] == 21
+    elsewhere = _copy(llama_dir, tmp_path / "elsewhere")
+    shard = sorted(elsewhere.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(ModelLoadError, match=f"{shard.name} is a symbolic link out"):
+        streaming.apply_checkpoint(spec, elsewhere, None, dry_run=True)

@@ -24,7 +24,8 @@ from torch import nn
 
 from tnsurgery.errors import ModelLoadError
 from tnsurgery.io.files import WEIGHTS_NAME, safetensors_errors, short
-from tnsurgery.io.manifests import TensorInfo, confined, read_header
+from tnsurgery.io.manifests import TensorInfo, read_header
+from tnsurgery.io.outputs import link_stays_inside
 from tnsurgery.io.skeleton import checkpoint_names
 
 __all__ = ["INDEX_NAME", "Checkpoint", "Weights", "has_checkpoint"]
@@ -75,6 +76,22 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+def _shard(directory: Path, name: str, index: Path) -> Path:
+    """The shard ``name`` of the index: a plain file name in ``directory`` (or a link
+    into the Hugging Face hub cache's blobs of the repository it is a snapshot of)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise ModelLoadError(
+            f"{index}: shard name {name!r} is not a file name of the index's own directory: "
+            "refused"
+        )
+    path = directory / name
+    if path.is_symlink() and not link_stays_inside(path, directory):
+        raise ModelLoadError(
+            f"{index}: shard {name} is a symbolic link out of {directory}: refused"
+        )
+    return path
+
+
 @dataclass
 class Checkpoint:
     """The safetensors weights of a model directory, read lazily (see the module
@@ -96,7 +113,7 @@ class Checkpoint:
         if index_path.is_file():
             weight_map = _read_index(index_path)
             names = sorted(set(weight_map.values()))
-            shards = [confined(directory, n, index_path, f"weight_map ({n})") for n in names]
+            shards = [_shard(directory, n, index_path) for n in names]
             for shard in shards:
                 if not shard.is_file():
                     raise ModelLoadError(
