@@ -145,18 +145,43 @@ def test_calibrated_equals_in_memory(llama_dir, tmp_path, pipeline, sequential):
         assert manifest["plan"]["calibration"]["sequential"]["refitted"] > 0
 
 
-def test_a_budget_is_allocated_on_the_whole_model(llama_dir, tmp_path):
-    cal = {"data": {"source": "random", "shape": [12], "vocab_size": 96}, "samples": 8}
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_budget_is_allocated_block_by_block(llama_dir, tmp_path, calibrated):
+    """A first pass over the blocks gathers each layer's error curve and its block's
+    sensitivity; the allocation meets the budget, and beats a uniform ratio by far."""
+    cal = {"data": {"source": "random", "shape": [12], "vocab_size": 96}, "samples": 16}
     rule = {"match": LAYERS, "types": ["Linear"], "transform": "factorize", "params": {}}
-    spec = {"version": 1, "rules": [rule], "budget": {"params": 0.5}, "calibration": cal}
-    result = streaming.apply_checkpoint(spec, llama_dir, None, dry_run=True)
-    assert result.plan.pipeline == "whole" and "budget" in result.plan.streaming["why"]
-    blocks = {**spec, "calibration": {**cal, "pipeline": "blocks"}}
-    with pytest.raises(
-        tnsurgery.UserInputError, match="pipeline is 'blocks' but the spec has a budget"
-    ):
-        streaming.apply_checkpoint(blocks, llama_dir, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    spec = {"version": 1, "rules": [rule], "budget": {"params": 0.5}}
+    uniform = _spec("factorize", {"param_ratio": 0.5})
+    if calibrated:
+        spec["calibration"] = uniform["calibration"] = cal
+    x = _ids()
+    result = streaming.apply_checkpoint(spec, llama_dir, tmp_path / "out", sample_input=x)
+    assert result.plan.pipeline == "blocks"
+    report = result.plan.budget
+    assert report["achieved"] <= 0.5 + 1e-9 and report["achieved"] > 0.45
+    assert report["sensitivity"].startswith("output error of the layer's block")
+    assert len({layer["param_ratio"] for layer in report["layers"]}) > 1  # not uniform
+    flat = streaming.apply_checkpoint(uniform, llama_dir, tmp_path / "flat", sample_input=x)
+    assert result.plan.output_error < 0.8 * flat.plan.output_error
+    # what the plan says is what was written: the manifest's budget and the layers' ranks
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["plan"]["budget"]["layers"] == report["layers"]
+    loaded = tnsurgery.load(tmp_path / "out")
+    ratio = {layer["name"]: layer["param_ratio"] for layer in report["layers"]}
+    for name, r in ratio.items():
+        module = loaded.get_submodule(name)
+        dense = module.in_features * module.out_features
+        kept = sum(p.numel() for p in module.parameters() if p.dim() == 2)
+        assert kept <= r * dense + max(module.in_features, module.out_features)
+    # the whole pipeline keeps the in-memory budget exactly
+    whole = {**spec, "calibration": {**cal, "pipeline": "whole"}}
+    memory = surgery.apply(
+        transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval(), whole, x
+    )
+    again = streaming.apply_checkpoint(whole, llama_dir, tmp_path / "whole", sample_input=x)
+    assert again.plan.pipeline == "whole"
+    assert again.plan.budget["layers"] == surgery.get_manifest(memory)["plan"]["budget"]["layers"]
 
 
 def test_the_block_stack_can_be_named(llama_dir, tmp_path):

@@ -77,7 +77,7 @@ class LayerCurve:
     sensitivity_ratio: float | None = None  # the candidate it was measured at
 
 
-def _output_vector(output: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+def output_vector(output: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Every float tensor of ``output``, flattened, without padded positions."""
     leaves = [unpadded(t.detach(), mask).double().flatten() for _, t in float_leaves(output)]
     return torch.cat(leaves) if leaves else torch.zeros(1, dtype=torch.float64)
@@ -112,7 +112,7 @@ def allocate(
     mask = padding_mask(sample_input)
     if sample_input is not None:
         with eval_mode(model):
-            reference = _output_vector(call_model(model, sample_input), mask)
+            reference = output_vector(call_model(model, sample_input), mask)
     damping = spec.calibration.damping if spec.calibration is not None else None
     curves: list[LayerCurve] = []
     excluded: list[dict[str, Any]] = []
@@ -123,19 +123,19 @@ def allocate(
             if name in seen:
                 continue
             seen.add(name)
-            why = _shared(name, aliases, tied)
+            why = shared_reason(name, aliases, tied)
             module = modules[name]
             curve = None
             if why is None:
                 stats = calib.stats.get(name) if calib is not None else None
                 extras = {"input_stats": stats, "damping": damping if stats is not None else None}
                 shape = shapes.get(name)
-                curve, why = _curve(module, name, index, rule, transform, kind, shape, extras)
+                curve, why = layer_curve(module, name, index, rule, transform, kind, shape, extras)
             if curve is None:
                 excluded.append({"name": name, "rule_index": index, "reason": why})
                 continue
             if reference is not None:
-                curve.sensitivity, curve.sensitivity_ratio = _sensitivity(
+                curve.sensitivity, curve.sensitivity_ratio = sensitivity(
                     model,
                     curve,
                     fraction,
@@ -148,6 +148,25 @@ def allocate(
                     mask,
                 )
             curves.append(curve)
+    what = "output error on the sample input" if reference is not None else "none"
+    return assign(spec, curves, excluded, what, calib is not None)
+
+
+def assign(
+    spec: Spec,
+    curves: list[LayerCurve],
+    excluded: list[dict[str, Any]],
+    sensitivity_what: str,
+    calibrated: bool,
+) -> tuple[dict[tuple[int, str], BaseModel], dict[str, Any]]:
+    """The allocation over ``curves`` (each layer's candidates and sensitivity, however
+    they were gathered: :func:`allocate` on a model in memory, or block by block when a
+    checkpoint is streamed): the params of each target and the report (see
+    :func:`allocate`); ``sensitivity_what`` says what the sensitivities measured."""
+    budget = spec.budget
+    kind = "params" if budget.params is not None else "flops"
+    fraction = budget.params if budget.params is not None else budget.flops
+    rule_ids = budget.rules if budget.rules is not None else list(range(len(spec.rules)))
     chosen = _greedy(curves, fraction)
     overrides, layers = {}, []
     for curve, cand in zip(curves, chosen, strict=True):
@@ -171,8 +190,8 @@ def allocate(
         "kind": kind,
         "fraction": fraction,
         "rules": rule_ids,
-        "sensitivity": "output error on the sample input" if reference is not None else "none",
-        "error": "output error on the calibration data" if calib is not None else "weight error",
+        "sensitivity": sensitivity_what,
+        "error": "output error on the calibration data" if calibrated else "weight error",
         "cost_before": before,
         "cost_after": after,
         "achieved": after / before if before else None,
@@ -182,7 +201,11 @@ def allocate(
     return overrides, report
 
 
-def _shared(name: str, aliases: dict[str, list[str]], tied: dict[str, list[str]]) -> str | None:
+def shared_reason(
+    name: str, aliases: dict[str, list[str]], tied: dict[str, list[str]]
+) -> str | None:
+    """Why target ``name`` is left out of a budget (another name of the same module, or
+    tied parameters), or ``None``."""
     if aliases.get(name):
         return f"the same module is also registered as {', '.join(aliases[name])}"
     if tied.get(name):
@@ -217,7 +240,7 @@ def _rank_params(rule, ratio: float) -> BaseModel:
     return params
 
 
-def _curve(
+def layer_curve(
     module, name, index, rule, transform, kind, input_shape, extras=None
 ) -> tuple[LayerCurve | None, str | None]:
     """The layer's candidates, or ``None`` and why it is left out of the budget.
@@ -271,7 +294,7 @@ def _layer_error(decision) -> float | None:
     return decision.predicted_error
 
 
-def _sensitivity(
+def sensitivity(
     model, curve, fraction, module, rule, transform, sample_input, reference, extras, mask
 ) -> tuple[float | None, float | None]:
     """Output damage per unit of squared layer error (the curve's own error measure),
@@ -310,7 +333,7 @@ def _sensitivity(
         parent._modules[attr] = new
         try:
             with eval_mode(model):
-                out = _output_vector(call_model(model, sample_input), mask)
+                out = output_vector(call_model(model, sample_input), mask)
         except Exception as exc:
             raise SurgeryError(
                 f"{what}: the model failed with the layer replaced: {type(exc).__name__}: {exc}"

@@ -81,8 +81,7 @@ def _shard(directory: Path, name: str, index: Path) -> Path:
     into the Hugging Face hub cache's blobs of the repository it is a snapshot of)."""
     if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
         raise ModelLoadError(
-            f"{index}: shard name {name!r} is not a file name of the index's own directory: "
-            "refused"
+            f"{index}: shard name {name!r} is not a file name of the index's own directory: refused"
         )
     path = directory / name
     if path.is_symlink() and not link_stays_inside(path, directory):
@@ -204,6 +203,8 @@ class Weights:
         for name, p in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(id(p), []).append(name)
         self.filled: dict[int, nn.Parameter] = {}  # id of a meta parameter -> its tensor
+        self.meta_of: dict[int, nn.Parameter] = {}  # id of a filled parameter -> its meta one
+        self.restore: dict[int, nn.Parameter] = {}  # what the last forget() dropped
 
     def key(self, p: nn.Parameter) -> str | None:
         """The checkpoint's name of parameter ``p`` (any name of a tied one)."""
@@ -264,6 +265,7 @@ class Weights:
                 t = self.ckpt.tensor(key).to(device)
                 new = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
                 self.filled[id(p)] = new
+                self.meta_of[id(new)] = p
                 self.names.setdefault(id(new), self.names.get(id(p), []))
                 m._parameters[pname] = new
             for bname, b in list(m._buffers.items()):
@@ -276,8 +278,20 @@ class Weights:
                 elif b.device != torch.device(device) and b.device.type != "meta":
                     m._buffers[bname] = b.to(device)
 
+    def unfill(self, module: nn.Module) -> None:
+        """Put back the meta parameters :meth:`fill` replaced in ``module`` (its
+        buffers are kept): the module can be read again later."""
+        self.forget(module)  # (while its parameters are still the filled ones)
+        for m in module.modules():
+            for pname, p in list(m._parameters.items()):
+                meta = self.restore.pop(id(p), None) if p is not None else None
+                if meta is not None:
+                    m._parameters[pname] = meta
+
     def forget(self, module: nn.Module) -> None:
         """Drop what :meth:`fill` kept of ``module``'s parameters (it is being freed)."""
         ids = {id(p) for p in module.parameters()}
+        self.restore = {}
         for k in [k for k, v in self.filled.items() if id(v) in ids]:
-            del self.filled[k]
+            real = self.filled.pop(k)
+            self.restore[id(real)] = self.meta_of.pop(id(real))

@@ -4,16 +4,19 @@ The model is never loaded whole. Its skeleton is built from ``config.json`` with
 every parameter on the meta device (:mod:`tnsurgery.io.skeleton`); the checkpoint's
 index and shard headers are read and checked against it (:mod:`tnsurgery.io.checkpoint`);
 then, with pipeline ``"blocks"``, the modules outside the block stack are read, and
-each block in turn is read, surgered (every rule, in order, on its targets), run on
-the sample input beside the original block (the output error, block by block), and
-written out (:mod:`tnsurgery.io.shards`) before the next is read: peak memory is the
-modules outside the stack, one block (twice: original and surgered) and one output
-shard. Tensors no rule touches are copied through in their stored dtype.
+each block in turn is read, surgered (every rule, in order, on its targets; with a
+calibration, on statistics gathered block by block: :mod:`.calibrated`; with a
+budget, ranks allocated after a first pass over the blocks: :mod:`.budgeted`), run
+on the sample input beside the original block (the output error, block by block),
+and written out (:mod:`tnsurgery.io.shards`) before the next is read: peak memory is
+the modules outside the stack, one block (twice: original and surgered) and one
+output shard. Tensors no rule touches are copied through in their stored dtype.
 
-Specs that need the whole model at once (calibration, budget, training, a fused
-module to split) or a model with no single block stack (an encoder-decoder) take
-pipeline ``"whole"``: the model is read from the shards into memory and
-:func:`tnsurgery.surgery.apply` runs on it; the output is written the same way.
+Specs that need the whole model at once (training, evaluation, a fused module to
+split), rules selecting modules outside the stack, or a model with no single block
+stack (an encoder-decoder) take pipeline ``"whole"``: the model is read from the
+shards into memory and :func:`tnsurgery.surgery.apply` runs on it; the output is
+written the same way.
 The plan and the manifest say which pipeline ran (``pipeline``) and what it cost
 (``streaming``: seconds, peak host and device memory, shards).
 """
@@ -66,8 +69,8 @@ class StreamResult:
 
 def choose_pipeline(spec: Spec, model: nn.Module) -> tuple[str, BlockStack | None, str]:
     """``("blocks" | "whole", the stack, why)`` for ``spec`` on the skeleton ``model``:
-    blocks unless the spec needs the whole model (a budget, training, evaluation, a
-    fused attention to split), the model has no single block stack, or a rule selects
+    blocks unless the spec needs the whole model (training, evaluation, a fused
+    attention to split), the model has no single block stack, or a rule selects
     modules outside it; ``calibration.pipeline`` "whole" asks for the whole model,
     "blocks" for the blocks (an error, saying why, where they cannot run)."""
     cal = spec.calibration
@@ -75,7 +78,6 @@ def choose_pipeline(spec: Spec, model: nn.Module) -> tuple[str, BlockStack | Non
     if asked == "whole":
         return "whole", None, "calibration.pipeline is 'whole': the model is read whole"
     needs = [
-        (spec.budget is not None, "the spec has a budget (allocated over the whole model)"),
         (spec.training is not None, "the spec trains"),
         (getattr(spec, "evaluation", None) is not None, "the spec evaluates"),
         (any(isinstance(m, nn.MultiheadAttention) for m in model.modules()), "fused attention"),

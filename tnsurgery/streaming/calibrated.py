@@ -32,7 +32,16 @@ from tnsurgery.plugins import Registry
 from tnsurgery.spec import Spec
 from tnsurgery.transform import Transform
 
-__all__ = ["Streams", "advance", "block_stats", "calibration_batches", "refit_block", "start"]
+__all__ = [
+    "OnStream",
+    "Streams",
+    "advance",
+    "block_stats",
+    "calibration_batches",
+    "refit_block",
+    "run_on",
+    "start",
+]
 
 
 def calibration_batches(spec: Spec, model: nn.Module, registry: Registry) -> list[Any]:
@@ -97,7 +106,7 @@ def start(data: list[Any], captured: list[Captured]) -> Streams:
     return Streams(data, captured, list(hidden), list(hidden))
 
 
-def _run(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+def run_on(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
     """``run_block`` with the hidden states moved to the block's device and the output
     kept where the stream is."""
     ref = next(iter(block.parameters()), None)
@@ -105,7 +114,7 @@ def _run(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tenso
     return run_block(block, call, hidden.to(device)).to(hidden.device)
 
 
-class _OnStream(nn.Module):
+class OnStream(nn.Module):
     """A block at its full name inside an empty root (so its modules keep their names
     in the model), whose forward runs the block on one stream's hidden states of
     calibration batch ``index``."""
@@ -124,7 +133,7 @@ class _OnStream(nn.Module):
 
     def forward(self, index: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
         b = int(index)
-        return _run(self._block, self._calls[b], self._hidden[b])
+        return run_on(self._block, self._calls[b], self._hidden[b])
 
 
 def _indexed(streams: Streams, device: torch.device) -> list[dict[str, Any]]:
@@ -149,7 +158,7 @@ def block_stats(
     """The input second moments of ``targets`` (full names, inside block ``i`` named
     ``name``) on the original stream."""
     t0 = time.perf_counter()
-    root = _OnStream(name, original, _calls(streams, i), streams.original)
+    root = OnStream(name, original, _calls(streams, i), streams.original)
     result = collect(root, targets, _indexed(streams, device), keep_batches=True)
     streams.seconds += time.perf_counter() - t0
     streams.stats_layers += len(result.stats)
@@ -171,8 +180,8 @@ def refit_block(
     """The sequential refit of rule ``index``'s replacements in block ``i``: the
     original block on the original stream, the surgered one on the surgered stream."""
     calls = _calls(streams, i)
-    root_o = _OnStream(name, original, calls, streams.original)
-    root_s = _OnStream(name, work, calls, streams.surgered)
+    root_o = OnStream(name, original, calls, streams.original)
+    root_s = OnStream(name, work, calls, streams.surgered)
     refit_rule(root_o, root_s, transform, index, todo, stats, damping, None, streams.report)
 
 
@@ -180,5 +189,5 @@ def advance(streams: Streams, i: int, original: nn.Module, work: nn.Module) -> N
     """Both streams through block ``i``: its outputs become the next block's inputs."""
     for b, cap in enumerate(streams.captured):
         call = cap.calls[i]
-        streams.original[b] = _run(original, call, streams.original[b])
-        streams.surgered[b] = _run(work, call, streams.surgered[b])
+        streams.original[b] = run_on(original, call, streams.original[b])
+        streams.surgered[b] = run_on(work, call, streams.surgered[b])

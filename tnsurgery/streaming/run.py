@@ -2,7 +2,8 @@
 shards, and the plan and manifest being made. Pipeline ``"blocks"``: the modules
 outside the stack are read once; each block is read, surgered rule by rule (with its
 targets' input statistics on the calibration data, and the sequential refit, when
-the spec calibrates), run beside the original on the sample input, written, freed.
+the spec calibrates; with each target's params from a budget's first pass), run
+beside the original on the sample input, written, freed.
 Pipeline ``"whole"``: the model is read whole and :func:`tnsurgery.surgery.apply`
 runs on it. Both write through the same :class:`~tnsurgery.io.shards.ShardWriter`.
 """
@@ -41,6 +42,7 @@ from tnsurgery.plan import Plan, TargetPlan
 from tnsurgery.plugins import Registry, get_plugin_manager
 from tnsurgery.replacing import build, bytes_after, decide, refusal
 from tnsurgery.spec import Spec
+from tnsurgery.streaming.budgeted import allocate_blocks
 from tnsurgery.streaming.calibrated import (
     advance,
     block_stats,
@@ -82,6 +84,7 @@ class Run:
             model_bytes_before=sum(ckpt.nbytes(k) for k in weights.key_of.values()),
         )
         self.built: dict[tuple[int, str], nn.Module] = {}
+        self.overrides: dict[tuple[int, str], Any] = {}  # a budget's params per target
         self.aliases: dict[str, str] = {}
         self.written: set[str] = set()
 
@@ -118,6 +121,11 @@ class Run:
         data = calibration_batches(spec, model, self.registry) if cal is not None else None
         if data is not None and sample_input is None:  # as surgery.apply: the first batch
             sample_input = data[0]
+        if spec.budget is not None:  # a first pass over the blocks: statistics, then ranks
+            self.overrides, self.plan.budget = allocate_blocks(
+                model, spec, self.weights, self.device, stack, targets, sample_input, data,
+                lambda batch: self._capture(stack, batch),
+            )  # fmt: skip
         get_plugin_manager().hook.before_surgery(model=model, plan=self.plan)
         captured = streams = None
         total = len(stack.blocks)
@@ -242,14 +250,16 @@ class Run:
         if tp.reason:
             tp.status = "refuse"
             return None
-        params = rule.parsed_params
+        params = self.overrides.get((index, name), rule.parsed_params)
         damping = self.spec.calibration.damping if stats is not None else None
         ctx = Context(name=name, input_shape=tp.input_shape, input_stats=stats, damping=damping)
         decision = decide(transform, module, params, ctx)
         decision.params = params
         tp.resolved = decision.resolved
         if decision.skip_reason:
-            tp.status, tp.reason = "skip", decision.skip_reason
+            kept = getattr(params, "param_ratio", None) == 1.0 and (index, name) in self.overrides
+            tp.status = "skip"
+            tp.reason = "kept dense by the spec's budget" if kept else decision.skip_reason
             return None
         fill_plan(tp, module, decision)
         new = build(transform, module, tp, decision)
