@@ -30,6 +30,7 @@ from tnsurgery.hooks import hooked
 from tnsurgery.io.checkpoint import Weights
 from tnsurgery.spec import Spec
 from tnsurgery.streaming.calibrated import OnStream, block_stats, run_on, start
+from tnsurgery.streaming.memory import give_back
 from tnsurgery.targets import RuleTargets
 from tnsurgery.tracing import sharing
 
@@ -111,6 +112,7 @@ def allocate_blocks(
             for b, cap in enumerate(streams.captured):
                 streams.original[b] = run_on(block, cap.calls[i], streams.original[b])
         weights.unfill(block)
+        give_back()
     what = SENSITIVITY if sample is not None else "none"
     return assign(spec, curves, excluded, what, spec.calibration is not None)
 

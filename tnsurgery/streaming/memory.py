@@ -3,11 +3,13 @@ from ``/proc``, and CUDA's own counter."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 
 import torch
 
-__all__ = ["MemoryWatch"]
+__all__ = ["MemoryWatch", "give_back"]
 
 
 class MemoryWatch:
@@ -68,3 +70,24 @@ def _memory() -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     return found["RssAnon:"], found["VmRSS:"]
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def give_back() -> None:
+    """Return the memory freed since the last call to the system (glibc's
+    ``malloc_trim``; nothing elsewhere). A block's tensors, once freed, otherwise stay
+    in the allocator's heap, and a streamed surgery's resident memory would grow with
+    the number of blocks although what it holds does not."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

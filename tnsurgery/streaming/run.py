@@ -50,6 +50,7 @@ from tnsurgery.streaming.calibrated import (
     refit_block,
     start,
 )
+from tnsurgery.streaming.memory import give_back
 from tnsurgery.swap import Swaps
 from tnsurgery.targets import (
     RuleTargets,
@@ -157,7 +158,8 @@ class Run:
             self._write(work.state_dict(prefix=bname + ".", keep_vars=True))
             self.weights.forget(original)
             work.to("meta")
-            del original
+            del original, work, stats, calls
+            give_back()  # (freed, the block's memory goes back to the system)
         if self.progress:
             self.progress(total, total, "modules outside the blocks")
         inside = stack.name + "."
