@@ -23,9 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnsurgery.hooks import hooked
 from tnsurgery.tracing import call_model
 
-__all__ = ["BlockStack", "Captured", "capture", "find_stack", "finish", "run_block"]
+__all__ = [
+    "BlockStack",
+    "Captured",
+    "capture",
+    "find_stack",
+    "finish",
+    "run_block",
+    "run_recorded",
+]
 
 
 @dataclass
@@ -194,6 +203,23 @@ def run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.
     with torch.no_grad():
         args, kwargs = call.on(hidden)
         return _hidden_of(block(*args, **kwargs))
+
+
+def run_recorded(
+    name: str, block: nn.Module, call: BlockCall, hidden: torch.Tensor, calls: dict[str, tuple]
+) -> torch.Tensor:
+    """:func:`run_block` on ``block`` (named ``name`` in the model); ``calls`` gets, for
+    each module inside it, ``(args, kwargs, output)`` of its first call."""
+
+    def make_hook(module_name: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            calls.setdefault(module_name, (args, kwargs, output))
+
+        return hook
+
+    inside = [(n, m) for n, m in block.named_modules(prefix=name) if n != name]
+    with hooked(inside, make_hook, with_kwargs=True):
+        return run_block(block, call, hidden)
 
 
 def finish(

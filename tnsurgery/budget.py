@@ -101,10 +101,7 @@ def allocate(
     params to use for that target; ``report`` is JSON-compatible (budget,
     totals, per-layer ratio, error and sensitivity) and goes in the manifest.
     """
-    budget = spec.budget
-    kind = "params" if budget.params is not None else "flops"
-    fraction = budget.params if budget.params is not None else budget.flops
-    rule_ids = budget.rules if budget.rules is not None else list(range(len(spec.rules)))
+    kind, fraction, rule_ids = terms(spec)
     aliases, tied = sharing(model)
     modules = dict(model.named_modules())
     shapes = _input_shapes(model, modules, sample_input)
@@ -152,6 +149,16 @@ def allocate(
     return assign(spec, curves, excluded, what, calib is not None)
 
 
+def terms(spec: Spec) -> tuple[str, float, list[int]]:
+    """``(kind, fraction, rule indices)`` of ``spec.budget``: ``"params"`` or
+    ``"flops"``, the fraction of it to keep, and the rules under it (default: all)."""
+    budget = spec.budget
+    kind = "params" if budget.params is not None else "flops"
+    fraction = budget.params if budget.params is not None else budget.flops
+    rule_ids = budget.rules if budget.rules is not None else list(range(len(spec.rules)))
+    return kind, fraction, rule_ids
+
+
 def assign(
     spec: Spec,
     curves: list[LayerCurve],
@@ -163,10 +170,7 @@ def assign(
     they were gathered: :func:`allocate` on a model in memory, or block by block when a
     checkpoint is streamed): the params of each target and the report (see
     :func:`allocate`); ``sensitivity_what`` says what the sensitivities measured."""
-    budget = spec.budget
-    kind = "params" if budget.params is not None else "flops"
-    fraction = budget.params if budget.params is not None else budget.flops
-    rule_ids = budget.rules if budget.rules is not None else list(range(len(spec.rules)))
+    kind, fraction, rule_ids = terms(spec)
     chosen = _greedy(curves, fraction)
     overrides, layers = {}, []
     for curve, cand in zip(curves, chosen, strict=True):

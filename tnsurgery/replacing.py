@@ -18,7 +18,15 @@ from tnsurgery.flops import module_flops
 from tnsurgery.plan import TargetPlan
 from tnsurgery.transform import Context, Decision, Transform
 
-__all__ = ["REFUSALS", "build", "bytes_after", "decide", "refusal"]
+__all__ = [
+    "REFUSALS",
+    "build",
+    "bytes_after",
+    "decide",
+    "new_target",
+    "record_decision",
+    "refusal",
+]
 
 # What a transform raises when the layer the spec asks for cannot be built (a value
 # that does not fit the module, a size beyond the machine): the spec is to change.
@@ -137,3 +145,39 @@ def bytes_after(module: nn.Module, decision: Decision) -> int | None:
         return None
     ref = next((p for p in module.parameters() if p.is_floating_point()), None)
     return decision.params_after * (ref.element_size() if ref is not None else 4)
+
+
+def new_target(index: int, rule, name: str, module: nn.Module, **fields) -> TargetPlan:
+    """The plan's row for target ``name`` of rule ``index`` (a
+    :class:`~tnsurgery.spec.Rule`), before anything is decided; ``fields``: more
+    :class:`TargetPlan` fields (call shapes)."""
+    return TargetPlan(
+        rule_index=index,
+        rule=rule.label(index),
+        name=name,
+        module_type=type(module).__name__,
+        transform=rule.transform,
+        params_before=sum(p.numel() for p in module.parameters()),
+        **fields,
+    )
+
+
+def record_decision(
+    tp: TargetPlan, module: nn.Module, decision: Decision, overridden: bool = False
+) -> bool:
+    """Record ``decision`` (its ``params`` set) in ``tp``: its resolved settings, then
+    either why the target is skipped (``False``; "kept dense by the spec's budget" when
+    a budget's override, ``overridden``, gave it ``param_ratio`` 1.0) or what its
+    replacement will be (``True``)."""
+    tp.resolved = decision.resolved
+    if decision.skip_reason:
+        kept = overridden and getattr(decision.params, "param_ratio", None) == 1.0
+        tp.status = "skip"
+        tp.reason = "kept dense by the spec's budget" if kept else decision.skip_reason
+        return False
+    tp.params_after = decision.params_after
+    tp.flops_after = decision.flops_after
+    tp.bytes_after = bytes_after(module, decision)
+    tp.predicted_error = decision.predicted_error
+    tp.predicted_output_error = decision.predicted_output_error
+    return True

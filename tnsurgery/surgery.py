@@ -44,9 +44,9 @@ from tnsurgery.manifest import (
     get_manifest,
     record,
 )
-from tnsurgery.plan import Plan, TargetPlan
+from tnsurgery.plan import Plan
 from tnsurgery.plugins import Registry, get_plugin_manager, get_registry
-from tnsurgery.replacing import build, bytes_after, decide, refusal
+from tnsurgery.replacing import build, decide, new_target, record_decision, refusal
 from tnsurgery.spec import Spec, load_spec
 from tnsurgery.swap import Swaps, copy_model, restored_on_failure
 from tnsurgery.targets import (
@@ -341,13 +341,11 @@ def _plan_pass(
     for name in targets.names:
         module = modules[name]
         call = traced.calls[name] if traced else None
-        tp = TargetPlan(
-            rule_index=index,
-            rule=rule.label(index),
-            name=name,
-            module_type=type(module).__name__,
-            transform=rule.transform,
-            params_before=sum(p.numel() for p in module.parameters()),
+        tp = new_target(
+            index,
+            rule,
+            name,
+            module,
             call_order=call.order if call else None,
             calls=call.calls if call else None,
             input_shape=call.input_shape if call else None,
@@ -372,18 +370,8 @@ def _plan_pass(
         params = prep.overrides.get((index, name), rule.parsed_params)
         decision = decide(transform, module, params, ctx)
         decision.params = params
-        tp.resolved = decision.resolved
-        if decision.skip_reason:
-            kept = getattr(params, "param_ratio", None) == 1.0 and (index, name) in prep.overrides
-            tp.status = "skip"
-            tp.reason = "kept dense by the spec's budget" if kept else decision.skip_reason
-            continue
-        tp.params_after = decision.params_after
-        tp.flops_after = decision.flops_after
-        tp.bytes_after = bytes_after(module, decision)
-        tp.predicted_error = decision.predicted_error
-        tp.predicted_output_error = decision.predicted_output_error
-        decisions[name] = decision
+        if record_decision(tp, module, decision, (index, name) in prep.overrides):
+            decisions[name] = decision
     return decisions
 
 

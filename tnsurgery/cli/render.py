@@ -152,3 +152,16 @@ def output_error_lines(
             + more
         )
     return lines
+
+
+def print_output_error(
+    error: float | None,
+    name: str | None,
+    measured_on: str | None,
+    errors: dict[str, float] | None = None,
+) -> None:
+    """What ``apply`` reports of its output error (:func:`output_error_lines`), or that it
+    was not measured."""
+    lines = output_error_lines("output error on the sample input", error, name, measured_on, errors)
+    for line in lines or ["output error: not measured (no sample input)"]:
+        out.print(shown(line), highlight=False)

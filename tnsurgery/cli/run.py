@@ -29,6 +29,7 @@ from tnsurgery.cli.render import (
     model_summary,
     output_error_lines,
     plan_table,
+    print_output_error,
     print_passes,
     progress_bar,
 )
@@ -217,15 +218,9 @@ def apply_cmd(
     print_passes(p)
     out.print(plan_table(p, title="Surgery"))
     out.print(model_summary(p), highlight=False)
-    lines = output_error_lines(
-        "output error on the sample input",
-        manifest["output_error"],
-        manifest["output_error_name"],
-        p.sample_input,
-        p.output_errors,
+    print_output_error(
+        manifest["output_error"], manifest["output_error_name"], p.sample_input, p.output_errors
     )
-    for line in lines or ["output error: not measured (no sample input)"]:
-        out.print(shown(line), highlight=False)
     for w in written:
         out.print(f"wrote {w}", highlight=False)
 

@@ -12,8 +12,8 @@ from tnsurgery.cli.inputs import check_spec_writes, default_output, load_teacher
 from tnsurgery.cli.render import (
     fmt_int,
     model_summary,
-    output_error_lines,
     plan_table,
+    print_output_error,
     print_passes,
     progress_bar,
 )
@@ -127,14 +127,8 @@ def _report(plan: Any, as_json: bool, manifest: dict | None, written: list[Path]
         line += f"; {s.get('shards_read')} shard headers read, no tensor data; nothing written"
     out.print(shown(line), highlight=False)
     if manifest is not None:
-        lines = output_error_lines(
-            "output error on the sample input",
-            plan.output_error,
-            plan.output_error_name,
-            plan.sample_input,
-            plan.output_errors,
+        print_output_error(
+            plan.output_error, plan.output_error_name, plan.sample_input, plan.output_errors
         )
-        for text in lines or ["output error: not measured (no sample input)"]:
-            out.print(shown(text), highlight=False)
     for w in written:
         out.print(f"wrote {w}", highlight=False)

@@ -157,11 +157,7 @@ class Checkpoint:
 
     def nbytes(self, name: str) -> int:
         """Bytes of one tensor, from the header."""
-        info = self.header[name]
-        n = 1
-        for d in info.shape:
-            n *= d
-        return n * torch.empty((), dtype=DTYPES.get(info.dtype, torch.float32)).element_size()
+        return self.header[name].nbytes
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The torch dtype of one tensor, from the header (``None`` for a dtype torch
@@ -228,9 +224,8 @@ class Weights:
                     f"{self.ckpt.directory}: the checkpoint has no tensor for {names[0]} of "
                     f"{cls}: is 'architectures' in config.json the model these weights belong to?"
                 )
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        state = self.model.state_dict(keep_vars=True)
-        for name, t in {**state, **params}.items():
+        # (every parameter, tied ones under each name, and the persistent buffers)
+        for name, t in self.model.state_dict(keep_vars=True).items():
             key = self.key_of.get(name)
             if key is None:
                 continue

@@ -28,7 +28,7 @@ def dry_run(
     every layer's size within what the file can hold, and (when every layer can be
     built on meta) every tensor's name and shape as the header says. ``base`` is left
     as it was."""
-    budget = 2 * sum(_nbytes(t) for t in header.values()) + (64 << 20)
+    budget = 2 * sum(t.nbytes for t in header.values()) + (64 << 20)
     largest = max((t.numel for t in header.values()), default=0)
     exact = True
     with Swaps(base) as swaps:
@@ -124,13 +124,6 @@ def _check_shapes(
             f"{key} the shape {list(shape)}, which {problem} {doc.weights.name}: the manifest "
             "and the weights do not agree"
         )
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
-
-
-def _nbytes(t: TensorInfo) -> int:
-    return t.numel * _DTYPE_BYTES.get(t.dtype, 1)
 
 
 def _new_bytes(probe: nn.Module, current: nn.Module | None) -> int:

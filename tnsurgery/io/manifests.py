@@ -40,6 +40,8 @@ from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 FILE_FIELDS = ("weights", "aliases", "files", "guards")  # about the files, not the model
 MAX_MANIFEST_DEPTH = 64  # nesting of a manifest's values (a real one: about 10)
 MAX_MANIFEST_VALUES = 1_000_000  # values in all (a real one: about 60 per layer)
+# bytes an element of each safetensors dtype takes
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
 
 
 def shape_problem(value: Any) -> str | None:
@@ -89,6 +91,11 @@ class TensorInfo:
     def numel(self) -> int:
         """Number of elements."""
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its data (a dtype not listed counts one byte an element)."""
+        return self.numel * DTYPE_BYTES.get(self.dtype, 1)
 
 
 def _decode(text: str | bytes, where: Path) -> Any:

@@ -38,18 +38,18 @@ class ShardWriter:
         self.written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.metadata: dict[str, str] = {"format": "pt"}
-        self.peak_pending_bytes = 0
+        self.names: set[str] = set()  # every tensor added
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor (copied to the CPU, contiguous); writes a shard when full."""
-        if name in self.pending or any(name in names for _, names in self.written):
+        if name in self.names:
             raise ValueError(f"tensor {name} written twice")
+        self.names.add(name)
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_shard_bytes:
             self.flush()
         self.pending[name] = tensor.detach().to("cpu").contiguous()
         self.pending_bytes += size
-        self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
 
     def flush(self) -> None:
         """Write the tensors held as one shard."""

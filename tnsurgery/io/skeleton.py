@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from tnsurgery.errors import ModelLoadError
@@ -166,19 +165,3 @@ def checkpoint_names(model: nn.Module, keys: list[str]) -> tuple[dict[str, str],
             converted.append(k)
         names[new] = k
     return names, converted
-
-
-def meta_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters (shared ones once), meta ones included."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
-
-
-def is_meta(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds no data (the meta device)."""
-    return t.device.type == "meta"

@@ -23,10 +23,16 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tnsurgery.blocks import BlockStack, Captured, run_block
-from tnsurgery.budget import assign, layer_curve, output_vector, sensitivity, shared_reason
+from tnsurgery.blocks import BlockStack, Captured, run_recorded
+from tnsurgery.budget import (
+    assign,
+    layer_curve,
+    output_vector,
+    sensitivity,
+    shared_reason,
+    terms,
+)
 from tnsurgery.calibration import padding_mask
-from tnsurgery.hooks import hooked
 from tnsurgery.io.checkpoint import Weights
 from tnsurgery.spec import Spec
 from tnsurgery.streaming.calibrated import OnStream, block_stats, run_on, start
@@ -52,10 +58,7 @@ def allocate_blocks(
 ) -> tuple[dict[tuple[int, str], BaseModel], dict[str, Any]]:
     """``(overrides, report)`` of ``spec.budget`` over the targets of its rules, from
     one pass over the blocks (see the module docstring); the blocks are left unread."""
-    budget = spec.budget
-    kind = "params" if budget.params is not None else "flops"
-    fraction = budget.params if budget.params is not None else budget.flops
-    rule_ids = budget.rules if budget.rules is not None else list(range(len(spec.rules)))
+    kind, fraction, rule_ids = terms(spec)
     damping = spec.calibration.damping if spec.calibration is not None else None
     aliases, tied = sharing(model)
     mask = padding_mask(sample_input) if sample_input is not None else None
@@ -78,11 +81,16 @@ def allocate_blocks(
             if stack.index_of(name) == i and name not in seen
         ]
         seen.update(name for _, name in here)
-        shapes: dict[str, tuple] = {}
+        calls: dict[str, tuple] = {}  # each module's first call on the sample input
         reference = None
         if sample is not None:
-            out = _run_recording(bname, block, sample.calls[i], hidden, shapes)
+            out = run_recorded(bname, block, sample.calls[i], hidden, calls)
             reference = output_vector(out, mask)
+        shapes = {
+            n: tuple(args[0].shape)
+            for n, (args, _, _) in calls.items()
+            if args and isinstance(args[0], torch.Tensor)
+        }
         stats = None
         if streams is not None:
             stats = block_stats(streams, i, bname, block, [n for _, n in here], device)
@@ -115,18 +123,3 @@ def allocate_blocks(
         give_back()
     what = SENSITIVITY if sample is not None else "none"
     return assign(spec, curves, excluded, what, spec.calibration is not None)
-
-
-def _run_recording(bname, block: nn.Module, call, hidden, shapes: dict[str, tuple]) -> Any:
-    """The block's output on ``hidden``; ``shapes`` gets each module's first input shape."""
-
-    def make(name: str):
-        def hook(mod, args, kwargs, out):
-            if args and isinstance(args[0], torch.Tensor):
-                shapes.setdefault(name, tuple(args[0].shape))
-
-        return hook
-
-    inside = [(n, m) for n, m in block.named_modules(prefix=bname) if n != bname]
-    with hooked(inside, make, with_kwargs=True):
-        return run_block(block, call, hidden.to(next(block.parameters()).device))

@@ -11,9 +11,9 @@ import copy
 import torch
 from torch import nn
 
-from tnsurgery.plan import Plan, TargetPlan
-from tnsurgery.replacing import decide
-from tnsurgery.streaming.run import fill_plan, param_count
+from tnsurgery.plan import Plan
+from tnsurgery.replacing import decide, new_target, record_decision
+from tnsurgery.streaming.run import param_count
 from tnsurgery.targets import (
     require_some,
     select_targets,
@@ -45,14 +45,7 @@ def dry_plan(model, spec, ckpt, weights, registry, allow_empty) -> Plan:
         plan.passes.append(t.pass_info())
         for name in t.names:
             module = model.get_submodule(name)
-            tp = TargetPlan(
-                rule_index=t.index,
-                rule=t.rule.label(t.index),
-                name=name,
-                module_type=type(module).__name__,
-                transform=t.rule.transform,
-                params_before=sum(p.numel() for p in module.parameters()),
-            )
+            tp = new_target(t.index, t.rule, name, module)
             tp.bytes_before = sum(p.numel() * p.element_size() for p in module.parameters())
             plan.targets.append(tp)
             if aliases.get(name) or tied.get(name):
@@ -71,11 +64,9 @@ def dry_plan(model, spec, ckpt, weights, registry, allow_empty) -> Plan:
             decision = decide(
                 t.transform, _zeros_like(module), params, Context(name, plan_only=True)
             )
-            tp.resolved = decision.resolved
-            if decision.skip_reason:
-                tp.status, tp.reason = "skip", decision.skip_reason
+            decision.params = params
+            if not record_decision(tp, module, decision):
                 continue
-            fill_plan(tp, module, decision)
             tp.predicted_error = tp.predicted_output_error = None  # (of zeros: meaningless)
     return plan
 

@@ -31,16 +31,15 @@ from tnsurgery.compare import (
     weight_error,
 )
 from tnsurgery.errors import SurgeryError
-from tnsurgery.hooks import hooked
 from tnsurgery.io import hf_entry
 from tnsurgery.io.checkpoint import Checkpoint, Weights
 from tnsurgery.io.files import MANIFEST_NAME
 from tnsurgery.io.outputs import file_records
 from tnsurgery.io.shards import ShardWriter
 from tnsurgery.manifest import Manifest
-from tnsurgery.plan import Plan, TargetPlan
+from tnsurgery.plan import Plan
 from tnsurgery.plugins import Registry, get_plugin_manager
-from tnsurgery.replacing import build, bytes_after, decide, refusal
+from tnsurgery.replacing import build, decide, new_target, record_decision, refusal
 from tnsurgery.spec import Spec
 from tnsurgery.streaming.budgeted import allocate_blocks
 from tnsurgery.streaming.calibrated import (
@@ -60,7 +59,7 @@ from tnsurgery.targets import (
     select_targets,
 )
 from tnsurgery.tracing import module_flops, sharing
-from tnsurgery.transform import Context, Decision
+from tnsurgery.transform import Context
 
 __all__ = ["Run"]
 
@@ -142,7 +141,7 @@ class Run:
                     streams = start(data, [self._capture(stack, b) for b in data])
             calls: dict[str, tuple] = {}
             if captured is not None:  # the original block first: what each target receives
-                h_next = self._run_original(bname, original, captured.calls[i], h_orig, calls)
+                h_next = block_run.run_recorded(bname, original, captured.calls[i], h_orig, calls)
             stats = None
             if streams is not None:
                 inside = [n for t in targets for n in t.names if stack.index_of(n) == i]
@@ -232,14 +231,7 @@ class Run:
         trace: the weights are read one block at a time)."""
         rule, transform = targets.rule, targets.transform
         module = self.model.get_submodule(name)
-        tp = TargetPlan(
-            rule_index=index,
-            rule=rule.label(index),
-            name=name,
-            module_type=type(module).__name__,
-            transform=rule.transform,
-            params_before=sum(p.numel() for p in module.parameters()),
-        )
+        tp = new_target(index, rule, name, module)
         if call is not None:  # (args, kwargs, output) of its call on the sample input
             tp.calls = 1
             tp.input_shape = tuple(call[0][0].shape) if call[0] else None
@@ -257,33 +249,14 @@ class Run:
         ctx = Context(name=name, input_shape=tp.input_shape, input_stats=stats, damping=damping)
         decision = decide(transform, module, params, ctx)
         decision.params = params
-        tp.resolved = decision.resolved
-        if decision.skip_reason:
-            kept = getattr(params, "param_ratio", None) == 1.0 and (index, name) in self.overrides
-            tp.status = "skip"
-            tp.reason = "kept dense by the spec's budget" if kept else decision.skip_reason
+        if not record_decision(tp, module, decision, (index, name) in self.overrides):
             return None
-        fill_plan(tp, module, decision)
         new = build(transform, module, tp, decision)
         tp.weight_error = weight_error(module, new)
         if tp.params_after is None:
             tp.params_after = sum(p.numel() for p in new.parameters())
         self.built[(index, name)] = new
         return new
-
-    def _run_original(self, bname, original, call, hidden, calls) -> torch.Tensor:
-        """The original block's output on ``hidden``; ``calls`` gets what each of its
-        targets received and returned (its first call)."""
-
-        def make_hook(name):
-            def hook(mod, args, kwargs, output):
-                calls.setdefault(name, (args, kwargs, output))
-
-            return hook
-
-        inside = [(n, m) for n, m in original.named_modules(prefix=bname) if n != bname]
-        with hooked(inside, make_hook, with_kwargs=True):
-            return block_run.run_block(original, call, hidden)
 
     def _run_surgered(self, bname, work, call, hidden, calls) -> torch.Tensor:
         """The surgered block's output on ``hidden``, and each replaced target's output
@@ -388,14 +361,6 @@ class Run:
         )
         manifest.attach(model)
         return data
-
-
-def fill_plan(tp: TargetPlan, module: nn.Module, decision: Decision) -> None:
-    tp.params_after = decision.params_after
-    tp.flops_after = decision.flops_after
-    tp.bytes_after = bytes_after(module, decision)
-    tp.predicted_error = decision.predicted_error
-    tp.predicted_output_error = decision.predicted_output_error
 
 
 def param_count(model: nn.Module) -> int:
