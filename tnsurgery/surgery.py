@@ -410,6 +410,9 @@ def build_manifest(
     built: dict[tuple[int, str], nn.Module],
     splits: list[FusedSplit],
 ) -> Manifest:
+    """The manifest of a surgery: the splits and the replacements ``built`` (their
+    layers' configs), what was not replaced and why, the output error, the plan and
+    the budget, after the model's earlier manifest (its history)."""
     replacements = split_records(splits)  # replayed first: their parts are replaced next
     for t in result.replaced():
         new = built[(t.rule_index, t.name)]

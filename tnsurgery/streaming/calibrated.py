@@ -132,6 +132,8 @@ class OnStream(nn.Module):
         self._calls, self._hidden = calls, hidden
 
     def forward(self, index: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
+        """The block's output on batch ``index`` of the stream (``attention_mask`` is
+        read by the hooks that leave padding out, not here)."""
         b = int(index)
         return run_on(self._block, self._calls[b], self._hidden[b])
 

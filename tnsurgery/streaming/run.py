@@ -91,6 +91,8 @@ class Run:
     # --------------------------------------------------------------- blocks
 
     def blocks(self, stack: BlockStack, sample_input: Any, allow_empty: bool) -> None:
+        """Pipeline ``"blocks"`` (see the module docstring): the plan, the output shards,
+        the output error block by block on ``sample_input`` (when given)."""
         model, spec = self.model, self.spec
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         targets = select_targets(model, spec)
@@ -364,6 +366,7 @@ class Run:
 
 
 def param_count(model: nn.Module) -> int:
+    """Parameters of ``model`` (meta ones included, shared ones once)."""
     return sum(p.numel() for p in model.parameters())
 
 
