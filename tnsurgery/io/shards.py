@@ -1,72 +1,153 @@
 """Weights written as shards while the surgery streams, as Hugging Face lays them out.
 
-:class:`ShardWriter` takes tensors as they are ready and writes a shard each time
-the tensors held reach ``max_shard_bytes`` (so it holds at most about one shard of
-output), under temporary names inside the output's temporary directory. On
-:meth:`ShardWriter.finish` the shards get their final names
-(``model-00001-of-00003.safetensors``) and ``model.safetensors.index.json`` is
-written; a single shard is ``model.safetensors``, with no index, as
-``save_pretrained`` writes it.
+:class:`ShardWriter` takes tensors as they are ready and writes each one to disk at
+once, so a streamed surgery holds no output in memory: only the block it works on.
+A safetensors file starts with a header naming every tensor and its offsets, which
+is known only when the shard is complete; so the tensors' bytes go to spool files
+beside it (one per element size), and when the tensors written reach
+``max_shard_bytes`` the shard is made: the header, then the spools copied after it
+(the largest elements first, so every tensor stays aligned to its element size, as
+``safetensors.torch.save_file`` aligns them). Everything is written under temporary
+names inside the output's temporary directory. On :meth:`ShardWriter.finish` the
+shards get their final names (``model-00001-of-00003.safetensors``) and
+``model.safetensors.index.json`` is written; a single shard is
+``model.safetensors``, with no index, as ``save_pretrained`` writes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
 from tnsurgery.io.checkpoint import INDEX_NAME
 from tnsurgery.io.files import WEIGHTS_NAME
 
-__all__ = ["DEFAULT_SHARD_BYTES", "ShardWriter"]
+__all__ = ["DEFAULT_SHARD_BYTES", "SAFETENSORS_DTYPES", "ShardWriter"]
 
 DEFAULT_SHARD_BYTES = 5 << 30  # save_pretrained's default ("5GB")
+
+#: torch dtype -> its name in a safetensors header (the format's names)
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+for _name, _tag in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):  # (torch >= 2.3)
+        SAFETENSORS_DTYPES[getattr(torch, _name)] = _tag
+
+_COPY_CHUNK = 16 << 20
 
 
 class ShardWriter:
     """Writes tensors into ``directory`` as shards of at most ``max_shard_bytes``
-    (a tensor larger than that is a shard of its own)."""
+    (a tensor larger than that is a shard of its own), each tensor's bytes on disk as
+    soon as it is added."""
 
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
+        self.written: list[tuple[Path, list[str]]] = []  # shards made: path, tensor names
         self.total_bytes = 0
         self.metadata: dict[str, str] = {"format": "pt"}
         self.names: set[str] = set()  # every tensor added
+        # the shard being filled: per element size, its spool file and its tensors
+        self._spools: dict[int, tuple[BinaryIO, Path]] = {}
+        self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}
+        self.pending_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to the CPU, contiguous); writes a shard when full."""
+        """Write one tensor's bytes (copied to the CPU, contiguous) to the shard being
+        filled; the shard is made first when this tensor would overflow it."""
         if name in self.names:
             raise ValueError(f"tensor {name} written twice")
+        tag = SAFETENSORS_DTYPES.get(tensor.dtype)
+        if tag is None:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
         self.names.add(name)
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+        if self.pending_bytes and self.pending_bytes + size > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu").contiguous()
+        width = t.element_size()
+        if width not in self._spools:
+            path = self.directory / f".shard-{len(self.written) + 1:05d}.spool{width}"
+            self._spools[width] = (open(path, "wb"), path)  # noqa: SIM115 - closed in flush
+            self._entries[width] = []
+        f, _ = self._spools[width]
+        if size:
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[width].append((name, tag, list(t.shape), size))
         self.pending_bytes += size
 
     def flush(self) -> None:
-        """Write the tensors held as one shard."""
-        if not self.pending:
+        """Make the shard from the tensors written since the last one: its header, then
+        its spools (largest elements first), then the spools are removed."""
+        if not self._entries:
             return
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        order = sorted(self._entries, reverse=True)
+        names: list[str] = []
+        for width in order:
+            for name, tag, shape, size in self._entries[width]:
+                header[name] = {
+                    "dtype": tag,
+                    "shape": shape,
+                    "data_offsets": [offset, offset + size],
+                }
+                offset += size
+                names.append(name)
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
         path = self.directory / f".shard-{len(self.written) + 1:05d}.safetensors"
-        save_file(self.pending, str(path), metadata=self.metadata)
-        self.written.append((path, list(self.pending)))
+        try:
+            with open(path, "wb") as out:
+                out.write(struct.pack("<Q", len(text)))
+                out.write(text)
+                for width in order:
+                    f, spool = self._spools[width]
+                    f.close()
+                    with open(spool, "rb") as src:
+                        shutil.copyfileobj(src, out, _COPY_CHUNK)
+        finally:
+            for f, spool in self._spools.values():
+                f.close()
+                spool.unlink(missing_ok=True)
+            self._spools, self._entries = {}, {}
+        self.written.append((path, names))
         self.total_bytes += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+        self.pending_bytes = 0
+
+    def close(self) -> None:
+        """Drop the shard being filled (its spools), as after a failure."""
+        for f, spool in self._spools.values():
+            f.close()
+            spool.unlink(missing_ok=True)
+        self._spools, self._entries, self.pending_bytes = {}, {}, 0
 
     def finish(self) -> list[str]:
-        """Write what is left, give the shards their final names and write the index;
+        """Make the last shard, give the shards their final names and write the index;
         returns the names of the files written (shards, then the index)."""
         self.flush()
         if not self.written:
-            save_file({}, str(self.directory / WEIGHTS_NAME), metadata=self.metadata)
+            _empty(self.directory / WEIGHTS_NAME, self.metadata)
             return [WEIGHTS_NAME]
         if len(self.written) == 1:
             os.replace(self.written[0][0], self.directory / WEIGHTS_NAME)
@@ -83,3 +164,9 @@ class ShardWriter:
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
         (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")
         return [*names, INDEX_NAME]
+
+
+def _empty(path: Path, metadata: dict[str, str]) -> None:
+    text = json.dumps({"__metadata__": metadata}, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text)

@@ -8,9 +8,9 @@ each block in turn is read, surgered (every rule, in order, on its targets; with
 calibration, on statistics gathered block by block: :mod:`.calibrated`; with a
 budget, ranks allocated after a first pass over the blocks: :mod:`.budgeted`), run
 on the sample input beside the original block (the output error, block by block),
-and written out (:mod:`tnsurgery.io.shards`) before the next is read: peak memory is
-the modules outside the stack, one block (twice: original and surgered) and one
-output shard. Tensors no rule touches are copied through in their stored dtype.
+and written out (:mod:`tnsurgery.io.shards`: each tensor on disk at once) before the
+next is read: peak memory is the modules outside the stack and one block (twice:
+original and surgered). Tensors no rule touches are copied through in their stored dtype.
 
 Specs that need the whole model at once (training, evaluation, a fused module to
 split), rules selecting modules outside the stack, or a model with no single block
@@ -203,10 +203,14 @@ def apply_checkpoint(
             )
             writer = ShardWriter(tmp, shard)
             run = Run(model, spec, ckpt, weights, registry, dev, writer, progress)
-            if pipeline == "blocks":
-                run.blocks(stack, sample_input, allow_empty)
-            else:
-                run.whole(sample_input, allow_empty, teacher)
+            try:
+                if pipeline == "blocks":
+                    run.blocks(stack, sample_input, allow_empty)
+                else:
+                    run.whole(sample_input, allow_empty, teacher)
+            except BaseException:
+                writer.close()  # (the temporary directory goes with the failure)
+                raise
             plan = run.plan
             plan.pipeline = pipeline
             if plan.output_error is not None:
