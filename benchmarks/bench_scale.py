@@ -22,7 +22,9 @@ Figures: wall time end to end (reading, surgery, writing the shards and the
 manifest), peak host memory beyond the start (anonymous memory: what tnsurgery
 allocates; the shards' memory-mapped pages are the kernel's cache and not counted;
 the resident total is given too), peak device memory, next to the time of copying
-the checkpoint's shards (the I/O floor).
+the checkpoint's shards (the I/O floor), and how much the anonymous memory grew
+from the end of the first block to the end of the last (a streamed run's memory
+should be flat from block to block).
 
     python benchmarks/bench_scale.py                  # 1B-shaped, CPU (about 15 min)
     python benchmarks/bench_scale.py --device cuda    # 7B-shaped, one GPU
@@ -131,10 +133,16 @@ def one(args) -> None:
     vocab = SHAPES[args.shape][4]
     x = {"input_ids": torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(1))}
     spec = spec_of(args.shape, args.one == "calibrated", args.device)
+    marks: list[int] = []  # anonymous memory as each block starts, and after the last
+
+    def progress(i: int, total: int, what: str) -> None:
+        marks.append(anon_bytes())
+
     t0 = time.perf_counter()
     result = streaming.apply_checkpoint(
-        spec, Path(args.ckpt), Path(args.target), sample_input=x, device=args.device
-    )
+        spec, Path(args.ckpt), Path(args.target), sample_input=x, device=args.device,
+        progress=progress,
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
     totals = result.plan.totals()
     print(
@@ -147,9 +155,20 @@ def one(args) -> None:
                 "params_after": totals["params_after"],
                 **{k: v for k, v in result.plan.streaming.items() if k.startswith("peak")},
                 "shards_written": result.plan.streaming["shards_written"],
+                # between blocks: from the end of the first block to the end of the last
+                "growth_between_blocks_bytes": marks[-1] - marks[1] if len(marks) > 2 else 0,
             }
         )
     )
+
+
+def anon_bytes() -> int:
+    """This process's anonymous resident memory (``RssAnon``), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_one(kind: str, ckpt: Path, args) -> dict:
@@ -210,7 +229,7 @@ def main() -> None:
         "runs",
         "Streamed surgery, end to end",
         "run | blocks | seconds | copy (I/O floor) s | peak host MiB | resident MiB | "
-        "device MiB | shard MiB | output error",
+        "device MiB | shard MiB | growth between blocks MiB | output error",
     )
     floors = {full: copy_seconds(full), half: copy_seconds(half)}
     results = {}
@@ -223,6 +242,7 @@ def main() -> None:
             kind, n, round(r["seconds"], 1), round(floors[ckpt], 1),
             round(r["peak_host_bytes"] / 2**20), round(r["peak_rss_bytes"] / 2**20),
             "-" if device is None else round(device / 2**20), shard >> 20,
+            round(r["growth_between_blocks_bytes"] / 2**20),
             round(r["output_error"], 4) if r["output_error"] is not None else "-",
         )  # fmt: skip
         print(f"  {kind} ({n} blocks): {r}", flush=True)
@@ -244,6 +264,12 @@ def main() -> None:
         a["peak_host_bytes"] <= 1.25 * b["peak_host_bytes"],
         f"{blocks} blocks {a['peak_host_bytes'] / 2**20:.0f} MiB, "
         f"{blocks // 2} blocks {b['peak_host_bytes'] / 2**20:.0f} MiB",
+    )
+    t.goal(
+        "calibrated memory flat from block to block (growth from the end of the first block "
+        "to the end of the last under 5 % of the peak)",
+        a["growth_between_blocks_bytes"] <= 0.05 * a["peak_host_bytes"],
+        f"{a['growth_between_blocks_bytes'] / 2**20:+.0f} MiB over {blocks - 1} blocks",
     )
     rec.data["runs"] = {f"{k}-{n}": v for (k, n), v in results.items()}
     rec.finish(args.out)
