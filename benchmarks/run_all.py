@@ -35,6 +35,7 @@ RUNS = [  # record name, script, its arguments, minutes of a full run on the 2-c
     ("bench_recipes", "bench_recipes.py", [], 5),
     ("bench_perplexity", "bench_perplexity.py", [], 13),
     ("bench_tokens", "bench_tokens.py", [], 3),
+    ("bench_batched", "bench_batched.py", [], 2),
     ("bench_scale", "bench_scale.py", [], 25),
 ]
 

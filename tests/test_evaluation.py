@@ -305,6 +305,32 @@ def test_cli_apply_writes_the_evaluation_and_eval_reads_the_output_back(work, tm
     assert code == 0 and "perplexity" in stdout and "ratio" in stdout and "window 64" in stdout
 
 
+def test_train_scores_the_trained_model_again_or_marks_the_old_figure_stale(work, tmp_path):
+    text = {"source": "text", "path": str(work["text"])}
+    spec = {"rules": [FFN], "evaluation": {"data": text, "window": 16}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    code, _, stderr = invoke("apply", tmp_path / "spec.json", work["gpt2"], "-o", tmp_path / "o")
+    assert code == 0, stderr
+    before = json.loads((tmp_path / "o" / "manifest.json").read_text())["evaluation"]
+    trains = {**spec, "training": {"data": text, "steps": 3, "batch_size": 4}}
+    (tmp_path / "train.json").write_text(json.dumps(trains))
+    args = ("train", tmp_path / "train.json", tmp_path / "o", "-o", tmp_path / "t", "--json")
+    code, stdout, stderr = invoke(*args)
+    assert code == 0, stderr
+    after = json.loads((tmp_path / "t" / "manifest.json").read_text())["evaluation"]
+    assert json.loads(stdout)["evaluation"] == after and "stale" not in after
+    trained = tnsurgery.load(tmp_path / "t")
+    assert after["surgered"] == pytest.approx(evaluate(trained, text, window=16).model, rel=1e-6)
+    assert after["surgered"] != pytest.approx(before["surgered"], rel=1e-6)
+    assert after["original"] == pytest.approx(before["original"], rel=1e-6)
+    # the API's train cannot score again without the data and the original: it says so
+    small = tnsurgery.load(tmp_path / "o")
+    tnsurgery.surgery.train(small, trains["training"], load(work["gpt2"]))
+    got = tnsurgery.get_manifest(small)["evaluation"]
+    assert got["surgered"] == before["surgered"]
+    assert got["stale"].startswith("measured before 3 training steps")
+
+
 def test_the_spec_section_is_validated():
     ok = load_spec({"rules": [FFN], "evaluation": {"data": {"source": "text", "path": "x"}}})
     assert ok.evaluation.metric == "auto" and ok.evaluation.samples is None

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 import tnsurgery
 from tnsurgery import streaming, surgery
 from tnsurgery.cli import cli
+from tnsurgery.compare import SampleInputError
 from tnsurgery.errors import ModelLoadError
 from tnsurgery.io.checkpoint import INDEX_NAME, Checkpoint
 
@@ -451,3 +452,39 @@ def test_a_hub_cache_snapshot_streams_and_a_link_out_is_refused(llama_dir, tmp_p
     shard.symlink_to(outside)
     with pytest.raises(ModelLoadError, match=f"{shard.name} is a symbolic link out"):
         streaming.apply_checkpoint(spec, elsewhere, None, dry_run=True)
+
+
+def test_large_allocations_are_mapped_during_the_run_and_the_threshold_set_after(
+    llama_dir, tmp_path, monkeypatch
+):
+    from tnsurgery.streaming import memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value, "mapped" if len(calls) == 0 else "after"))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim",))
+
+    monkeypatch.setattr(memory, "_LIBC", FakeLibc())
+    tnsurgery.apply_checkpoint(_spec("factorize", {"param_ratio": 0.5}), llama_dir, tmp_path / "o")
+    settings = [c for c in calls if c[0] != "trim"]
+    assert settings == [
+        (memory.M_MMAP_THRESHOLD, 1 << 20, "mapped"),
+        (memory.M_MMAP_THRESHOLD, 32 << 20, "after"),
+    ]
+    first, last = calls.index(settings[0]), calls.index(settings[1])
+    assert [c for c in calls[first:last] if c == ("trim",)]  # the blocks ran in between
+    # a run failing inside sets it back too; with no glibc nothing is called
+    calls.clear()
+    spec = _spec("factorize", {"param_ratio": 0.5})
+    with pytest.raises(SampleInputError):
+        tnsurgery.apply_checkpoint(spec, llama_dir, tmp_path / "p", sample_input="not ids")
+    assert [c for c in calls if c[0] != "trim"] == settings
+    assert not (tmp_path / "p").exists()
+    monkeypatch.setattr(memory, "_LIBC", None)
+    with memory.large_allocations_mapped():
+        pass

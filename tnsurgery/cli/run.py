@@ -37,6 +37,7 @@ from tnsurgery.cli.samples import check_sample, resolve_sample
 from tnsurgery.cli.speed import build_and_time, speed_table, summary_lines
 from tnsurgery.cli.streamed import apply_streamed, streamable
 from tnsurgery.errors import UserInputError
+from tnsurgery.evaluation import spec_reference
 from tnsurgery.manifest import get_manifest, record
 from tnsurgery.plan import Plan
 from tnsurgery.spec import load_spec
@@ -296,8 +297,15 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
         leave_process_group()
         if not main:
             return
+        evaluation = None
+        if s.evaluation is not None and original is not None:  # the trained model, again
+            reference = spec_reference(original.model, s.evaluation)
+            evaluation = reference.record(loaded.model)
+            record(loaded.model, "evaluation", evaluation)
         written = io.save_like_input(loaded.model, loaded, target, protect)
     summary = {**result.to_dict(), "written": [str(w) for w in written]}
+    if evaluation is not None:
+        summary["evaluation"] = evaluation
     if as_json:
         emit_json(summary)
         return
@@ -310,6 +318,12 @@ def train_cmd(spec, model, arch, trust_pickle, allow_class, teacher, teacher_arc
         out.print(
             f"  step {e['step']}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step"),
+            highlight=False,
+        )
+    if evaluation is not None:
+        out.print(
+            f"{evaluation['metric']}: {evaluation['surgered']:.4g} trained, "
+            f"{evaluation['original']:.4g} original",
             highlight=False,
         )
     for w in written:

@@ -46,7 +46,7 @@ from tnsurgery.plan import Plan
 from tnsurgery.plugins import Registry, get_registry
 from tnsurgery.spec import Spec, load_spec
 from tnsurgery.streaming.dry import dry_plan
-from tnsurgery.streaming.memory import MemoryWatch
+from tnsurgery.streaming.memory import MemoryWatch, large_allocations_mapped
 from tnsurgery.streaming.run import Run
 from tnsurgery.targets import select_targets
 from tnsurgery.tracing import sharing
@@ -172,7 +172,7 @@ def apply_checkpoint(
     started = time.perf_counter()
     config = read_config(source)
     model = empty_model(source, config)
-    with Checkpoint.open(source) as ckpt, MemoryWatch(dev) as watch:
+    with Checkpoint.open(source) as ckpt, MemoryWatch(dev) as watch, large_allocations_mapped():
         weights = Weights(model, ckpt)
         if weights.converted and not dry_run:  # (merged or split tensors: not a rename)
             model = load_model(source).model.to(dev)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-__all__ = ["MemoryWatch", "give_back"]
+__all__ = ["MemoryWatch", "give_back", "large_allocations_mapped"]
 
 
 class MemoryWatch:
@@ -91,3 +93,31 @@ def give_back() -> None:
     the number of blocks although what it holds does not."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+MAPPED_FROM = 1 << 20  # during a streamed run: allocations of 1 MiB and more are mapped
+GLIBC_MAX_THRESHOLD = 32 << 20  # where glibc's own sliding threshold ends (64-bit)
+
+
+@contextmanager
+def large_allocations_mapped() -> Iterator[None]:
+    """While the block runs, glibc serves every allocation of 1 MiB or more (a
+    tensor's storage) with its own mapping, unmapped when freed (``mallopt``'s
+    ``M_MMAP_THRESHOLD``; nothing elsewhere).
+
+    By default glibc raises that threshold each time a mapped chunk is freed, up to
+    32 MiB, and then serves tensors below it from its heap, where freed memory is
+    reused only by allocations that fit the holes: a streamed surgery's peak grew
+    by some 220 MiB over its first six 1B-shaped blocks (more holes each block)
+    before levelling off, and with a fixed threshold it is flat and lower
+    (``docs/benchmarks.md``, bench_scale). Afterwards the threshold is set to 32
+    MiB, the value glibc's own sliding threshold reaches once a large chunk
+    (a block's weights) has been freed, as it would have been without this."""
+    done = _LIBC is not None and hasattr(_LIBC, "mallopt")
+    done = done and _LIBC.mallopt(M_MMAP_THRESHOLD, MAPPED_FROM) == 1
+    try:
+        yield
+    finally:
+        if done:
+            _LIBC.mallopt(M_MMAP_THRESHOLD, GLIBC_MAX_THRESHOLD)

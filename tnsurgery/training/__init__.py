@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from tnsurgery.errors import UserInputError
-from tnsurgery.manifest import Manifest
+from tnsurgery.manifest import Manifest, get_manifest, record
 from tnsurgery.plugins import Registry, get_registry
 from tnsurgery.spec import (
     CheckpointOptions,
@@ -76,9 +76,13 @@ def train(
 
     Returns:
         A :class:`TrainResult`; it is also recorded in the model's manifest
-        under ``"training"``. ``training.trainer`` picks the loop: the built-in
-        one or a plugin's. With ``training.distributed`` ``"fsdp"`` under torchrun,
-        the built-in loop trains sharded copies of ``model`` and ``teacher``
+        under ``"training"``. An ``"evaluation"`` the manifest holds from before
+        (the surgered model scored by ``apply``) no longer describes the model: it
+        gets a ``"stale"`` note saying so (``tnsurgery train`` scores the trained
+        model again when the spec has an ``evaluation`` section).
+        ``training.trainer`` picks the loop: the built-in one or a plugin's. With
+        ``training.distributed`` ``"fsdp"`` under torchrun, the built-in loop trains
+        sharded copies of ``model`` and ``teacher``
         (:mod:`~tnsurgery.training.distributed`) and ends with the trained weights
         in ``model`` on every process.
     """
@@ -88,7 +92,18 @@ def train(
         trainer = registry.get_trainer(opts.trainer)
     except KeyError as exc:
         raise UserInputError(f"training: field 'trainer': {exc.args[0]}") from None
-    return trainer.train(model, opts, teacher, registry=registry, progress=progress, resume=resume)
+    result = trainer.train(
+        model, opts, teacher, registry=registry, progress=progress, resume=resume
+    )
+    _mark_evaluation_stale(model, result.steps)
+    return result
+
+
+def _mark_evaluation_stale(model: nn.Module, steps: int) -> None:
+    evaluation = (get_manifest(model) or {}).get("evaluation")
+    if isinstance(evaluation, dict) and steps:
+        note = f"measured before {steps} training steps; run 'tnsurgery eval' on this model"
+        record(model, "evaluation", {**evaluation, "stale": note})
 
 
 def builtin_train(model: nn.Module, spec_or_training: Any, teacher: nn.Module | None = None, **kw):
