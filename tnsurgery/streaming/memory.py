@@ -95,29 +95,34 @@ def give_back() -> None:
         _LIBC.malloc_trim(0)
 
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
-MAPPED_FROM = 1 << 20  # during a streamed run: allocations of 1 MiB and more are mapped
-GLIBC_MAX_THRESHOLD = 32 << 20  # where glibc's own sliding threshold ends (64-bit)
+M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+DURING = {M_MMAP_THRESHOLD: 1 << 20, M_TRIM_THRESHOLD: 128 << 10}
+# after: where glibc's sliding thresholds end once a large chunk has been freed
+AFTER = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 
 
 @contextmanager
 def large_allocations_mapped() -> Iterator[None]:
     """While the block runs, glibc serves every allocation of 1 MiB or more (a
-    tensor's storage) with its own mapping, unmapped when freed (``mallopt``'s
-    ``M_MMAP_THRESHOLD``; nothing elsewhere).
+    tensor's storage) with its own mapping, unmapped when freed, and gives back the
+    free memory above 128 KiB at the top of its heaps (``mallopt``'s
+    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``; nothing elsewhere).
 
-    By default glibc raises that threshold each time a mapped chunk is freed, up to
-    32 MiB, and then serves tensors below it from its heap, where freed memory is
-    reused only by allocations that fit the holes: a streamed surgery's peak grew
-    by some 220 MiB over its first six 1B-shaped blocks (more holes each block)
-    before levelling off, and with a fixed threshold it is flat and lower
-    (``docs/benchmarks.md``, bench_scale). Afterwards the threshold is set to 32
-    MiB, the value glibc's own sliding threshold reaches once a large chunk
-    (a block's weights) has been freed, as it would have been without this."""
-    done = _LIBC is not None and hasattr(_LIBC, "mallopt")
-    done = done and _LIBC.mallopt(M_MMAP_THRESHOLD, MAPPED_FROM) == 1
+    By default glibc raises both each time a mapped chunk is freed (to 32 and 64
+    MiB), then serves tensors below 32 MiB from its heaps, where freed memory is
+    reused only by allocations that fit the holes, and keeps up to 64 MiB free at
+    the top of each: a streamed surgery's peak grew by some 220 MiB over its first
+    six 1B-shaped blocks before levelling off (``docs/benchmarks.md``, bench_scale).
+    Afterwards both are set where glibc's own sliding thresholds end once a large
+    chunk (a block's weights) has been freed, as they would have been without this."""
+    libc = _LIBC if _LIBC is not None and hasattr(_LIBC, "mallopt") else None
+    if libc is not None:
+        for k, v in DURING.items():
+            libc.mallopt(k, v)
     try:
         yield
     finally:
-        if done:
-            _LIBC.mallopt(M_MMAP_THRESHOLD, GLIBC_MAX_THRESHOLD)
+        if libc is not None:
+            for k, v in AFTER.items():
+                libc.mallopt(k, v)
