@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tnsurgery.errors import OutputError
 
-__all__ = ["atomic_dir", "atomic_files", "sweep_stale", "temp_prefix"]
+__all__ = ["atomic_dir", "atomic_files", "remove_ours", "sweep_stale", "temp_prefix"]
 
 
 def temp_prefix(target: Path) -> str:
@@ -129,6 +129,8 @@ def atomic_files(*targets: Path) -> Iterator[list[Path]]:
         for tmp in temps:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        for t in targets:
+            remove_ours(t)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -145,6 +147,22 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return rc == 0
+
+
+def remove_ours(target: Path) -> None:
+    """Remove this process's temporary files and directories beside ``target``: also
+    one a signal (Ctrl-C, SIGTERM) interrupted between its creation and the line that
+    records it, which the writer's own cleanup does not know of."""
+    prefix = temp_prefix(target)
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            if not entry.name.startswith(prefix) or entry.suffix not in (".tmp", ".old"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 @contextmanager
@@ -189,3 +207,4 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        remove_ours(target)
