@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tnsurgery.errors import OutputError
 
-__all__ = ["atomic_dir", "atomic_files", "remove_ours", "sweep_stale", "temp_prefix"]
+__all__ = ["atomic_dir", "atomic_files", "ours", "remove_ours", "sweep_stale", "temp_prefix"]
 
 
 def temp_prefix(target: Path) -> str:
@@ -108,6 +108,7 @@ def atomic_files(*targets: Path) -> Iterator[list[Path]]:
     temporary files of killed earlier writers are removed first.
     """
     temps: list[Path] = []
+    before = {t: ours(t) for t in targets}
     try:
         with _as_output_error(targets):
             for t in targets:
@@ -130,7 +131,7 @@ def atomic_files(*targets: Path) -> Iterator[list[Path]]:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         for t in targets:
-            remove_ours(t)
+            remove_ours(t, before[t])
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -149,20 +150,31 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def remove_ours(target: Path) -> None:
-    """Remove this process's temporary files and directories beside ``target``: also
-    one a signal (Ctrl-C, SIGTERM) interrupted between its creation and the line that
-    records it, which the writer's own cleanup does not know of."""
+def ours(target: Path) -> set[str]:
+    """Names of this process's temporary files and directories beside ``target``."""
     prefix = temp_prefix(target)
-    with contextlib.suppress(OSError):
-        for entry in target.parent.iterdir():
-            if not entry.name.startswith(prefix) or entry.suffix not in (".tmp", ".old"):
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+    try:
+        return {
+            e.name
+            for e in target.parent.iterdir()
+            if e.name.startswith(prefix) and e.suffix in (".tmp", ".old")
+        }
+    except OSError:
+        return set()
+
+
+def remove_ours(target: Path, keep: set[str]) -> None:
+    """Remove this process's temporaries beside ``target`` but those in ``keep`` (the
+    ones there before the writer started): also one a signal (Ctrl-C, SIGTERM)
+    interrupted between its creation and the line that records it, which the writer's
+    own cleanup does not know of."""
+    for name in ours(target) - keep:
+        entry = target.parent / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 @contextmanager
@@ -174,6 +186,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     one, never none; elsewhere it is moved aside first.
     """
     tmp: Path | None = None
+    before = ours(target)
     try:
         with _as_output_error((target,)):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -207,4 +220,4 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        remove_ours(target)
+        remove_ours(target, before)

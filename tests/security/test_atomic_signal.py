@@ -40,15 +40,18 @@ def test_atomic_dir_removes_a_temp_dir_it_had_not_recorded(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_only_this_process_and_target_temporaries_are_removed(tmp_path):
+def test_only_this_process_and_target_new_temporaries_are_removed(tmp_path):
     target = tmp_path / "o.pt"
+    earlier = tmp_path / (atomic.temp_prefix(target) + "earlier.tmp")  # another writer's
+    earlier.write_text("x")
+    keep = atomic.ours(target)
     ours = tmp_path / (atomic.temp_prefix(target) + "abc.tmp")
     other_target = tmp_path / (atomic.temp_prefix(tmp_path / "p.pt") + "abc.tmp")
     other_process = tmp_path / ".o.pt.tnsurgery-1-abc.tmp"
     for p in (ours, other_target, other_process):
         p.write_text("x")
     (tmp_path / (atomic.temp_prefix(target) + "d.tmp")).mkdir()
-    atomic.remove_ours(target)
+    atomic.remove_ours(target, keep)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [other_target.name, other_process.name]
+        [earlier.name, other_target.name, other_process.name]
     )

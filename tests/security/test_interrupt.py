@@ -50,12 +50,19 @@ def temps(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".tnsurgery-" in p.name)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(d: Path, out: str) -> subprocess.Popen:
     env = {**os.environ, "TNSURGERY_DEBUG": ""}
     return subprocess.Popen(
         [TNSURGERY, "apply", "spec.json", "in.pt", "-o", out],
         cwd=d,
         env=env,
+        # Ctrl-C as a terminal sends it, whoever started the tests (a shell's background
+        # job, e.g. under nohup, has SIGINT ignored, and its children inherit that)
+        preexec_fn=_default_sigint,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
