@@ -118,3 +118,14 @@ def test_twice_and_unknown_dtype_refused_and_close_cleans(tmp_path):
 def test_empty_writer_writes_an_empty_file(tmp_path):
     assert ShardWriter(tmp_path).finish() == ["model.safetensors"]
     assert load_file(tmp_path / "model.safetensors") == {}
+
+
+def test_one_dtype_table_serves_the_writer_and_the_header_sizes():
+    from safetensors.torch import _TYPES  # safetensors' own names
+
+    from tnsurgery.io.manifests import DTYPE_BYTES, TensorInfo
+
+    for dtype, tag in SAFETENSORS_DTYPES.items():
+        assert _TYPES[tag] == dtype
+        assert DTYPE_BYTES[tag] == dtype.itemsize
+    assert TensorInfo((3, 2), "I16").nbytes == 12 and TensorInfo((2,), "C64").nbytes == 16

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
@@ -40,8 +41,28 @@ from tnsurgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 FILE_FIELDS = ("weights", "aliases", "files", "guards")  # about the files, not the model
 MAX_MANIFEST_DEPTH = 64  # nesting of a manifest's values (a real one: about 10)
 MAX_MANIFEST_VALUES = 1_000_000  # values in all (a real one: about 60 per layer)
-# bytes an element of each safetensors dtype takes
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
+#: torch dtype -> its name in a safetensors header (the format's names)
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+
+#: a safetensors dtype name -> bytes an element
+DTYPE_BYTES = {tag: dtype.itemsize for dtype, tag in SAFETENSORS_DTYPES.items()}
 
 
 def shape_problem(value: Any) -> str | None:

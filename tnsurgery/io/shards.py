@@ -27,30 +27,11 @@ import torch
 
 from tnsurgery.io.checkpoint import INDEX_NAME
 from tnsurgery.io.files import WEIGHTS_NAME
+from tnsurgery.io.manifests import SAFETENSORS_DTYPES
 
 __all__ = ["DEFAULT_SHARD_BYTES", "SAFETENSORS_DTYPES", "ShardWriter"]
 
 DEFAULT_SHARD_BYTES = 5 << 30  # save_pretrained's default ("5GB")
-
-#: torch dtype -> its name in a safetensors header (the format's names)
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-for _name, _tag in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):  # (torch >= 2.3)
-        SAFETENSORS_DTYPES[getattr(torch, _name)] = _tag
 
 _COPY_CHUNK = 16 << 20
 
@@ -114,29 +95,23 @@ class ShardWriter:
                 }
                 offset += size
                 names.append(name)
-        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
         path = self.directory / f".shard-{len(self.written) + 1:05d}.safetensors"
         try:
             with open(path, "wb") as out:
-                out.write(struct.pack("<Q", len(text)))
-                out.write(text)
+                out.write(_header_bytes(header))
                 for width in order:
                     f, spool = self._spools[width]
                     f.close()
                     with open(spool, "rb") as src:
                         shutil.copyfileobj(src, out, _COPY_CHUNK)
+            self.written.append((path, names))
+            self.total_bytes += self.pending_bytes
         finally:
-            for f, spool in self._spools.values():
-                f.close()
-                spool.unlink(missing_ok=True)
-            self._spools, self._entries = {}, {}
-        self.written.append((path, names))
-        self.total_bytes += self.pending_bytes
-        self.pending_bytes = 0
+            self.close()  # the spools, made into the shard or not
 
     def close(self) -> None:
-        """Drop the shard being filled (its spools), as after a failure."""
+        """Drop the shard being filled (its spools): after :meth:`flush` made it, or
+        after a failure."""
         for f, spool in self._spools.values():
             f.close()
             spool.unlink(missing_ok=True)
@@ -147,7 +122,9 @@ class ShardWriter:
         returns the names of the files written (shards, then the index)."""
         self.flush()
         if not self.written:
-            _empty(self.directory / WEIGHTS_NAME, self.metadata)
+            (self.directory / WEIGHTS_NAME).write_bytes(
+                _header_bytes({"__metadata__": self.metadata})
+            )
             return [WEIGHTS_NAME]
         if len(self.written) == 1:
             os.replace(self.written[0][0], self.directory / WEIGHTS_NAME)
@@ -166,7 +143,9 @@ class ShardWriter:
         return [*names, INDEX_NAME]
 
 
-def _empty(path: Path, metadata: dict[str, str]) -> None:
-    text = json.dumps({"__metadata__": metadata}, separators=(",", ":")).encode("utf-8")
+def _header_bytes(header: dict[str, object]) -> bytes:
+    """A safetensors file's start: the header's length (8 bytes, little-endian), then the
+    header as JSON padded with spaces so that the data starts 8-byte aligned."""
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text)
+    return struct.pack("<Q", len(text)) + text
