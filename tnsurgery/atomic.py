@@ -57,13 +57,18 @@ def sweep_stale(target: Path) -> list[Path]:
         m = pattern.match(entry.name)
         if not m or _alive(int(m.group(1))):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
+        _remove(entry)
         removed.append(entry)
     return removed
+
+
+def _remove(entry: Path) -> None:
+    """Remove a temporary file or directory (a link is removed, not followed)."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            entry.unlink()
 
 
 def _umask() -> int:
@@ -169,12 +174,7 @@ def remove_ours(target: Path, keep: set[str]) -> None:
     interrupted between its creation and the line that records it, which the writer's
     own cleanup does not know of."""
     for name in ours(target) - keep:
-        entry = target.parent / name
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
+        _remove(target.parent / name)
 
 
 @contextmanager
