@@ -1,7 +1,7 @@
 """Benchmark: one batched decomposition over same-shaped matrices against one per matrix
 (not part of the test suite).
 
-    python benchmarks/bench_batched.py                  # about 2 minutes on 2 cores
+    python benchmarks/bench_batched.py                  # under a minute on 2 cores
     python benchmarks/bench_batched.py --quick          # smoke check
     python benchmarks/bench_batched.py --device cuda    # on a GPU (record bench_batched_cuda)
 
@@ -9,8 +9,8 @@ A transformer block holds several matrices of one shape (a Llama block: 4 attent
 projections ``hidden²``, gate and up ``inter × hidden``). Factorizing them is a
 truncated SVD each; the question is whether one batched call over the group (a
 batched Gram product, one ``torch.linalg.eigh`` over the stack, a batched product for
-the other side) is faster than the calls one matrix at a time that
-``tnsurgery.decompositions.svd.gram_svd`` makes. Both compute the same factors (the
+the other side: ``tnsurgery.decompositions.svd.gram_svd`` given the stack) is faster
+than calling it on one matrix at a time, as surgery does. Both compute the same factors (the
 table checks it); the weights have a trained-like spectrum (``s_k ∝ (1+k)^-0.5``).
 Times are medians of interleaved rounds, in float32 (what surgery decomposes in).
 """
@@ -50,18 +50,6 @@ def trained_like(count: int, rows: int, cols: int, device: torch.device) -> torc
         s = (1 + torch.arange(k, dtype=torch.float32)) ** -0.5
         out.append((u * s) @ v.mT)
     return torch.stack(out).to(device)
-
-
-def batched_gram_svd(a: torch.Tensor, rank: int):
-    """:func:`gram_svd` over a stack ``(b, m, n)`` in one call per step."""
-    wide = a.shape[-2] <= a.shape[-1]
-    g = a @ a.mT if wide else a.mT @ a
-    _, evecs = torch.linalg.eigh(g)
-    basis = evecs.flip(-1)[..., :rank]
-    other = a.mT @ basis if wide else a @ basis
-    s = other.norm(dim=-2)
-    other = other / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
-    return (basis, s, other) if wide else (other, s, basis)
 
 
 def one_by_one(a: torch.Tensor, rank: int):
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         def bat(a=a, rank=rank):
-            out = batched_gram_svd(a, rank)
+            out = gram_svd(a, rank)  # the stack in one call per step
             sync()
             return out
 

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 import tnsurgery
 from tnsurgery import io
+from tnsurgery.builtins.corpora import corpus_sentences
 from tnsurgery.cli import cli
 from tnsurgery.evaluation import evaluate, perplexity, windows
 from tnsurgery.spec import load_spec
@@ -221,8 +222,6 @@ def minilm_dir() -> Path:
 
 
 def test_minilm_cosine_is_1_to_itself_and_below_1_to_a_surgered_copy(minilm_dir, tmp_path):
-    from tnsurgery.builtins.corpora import corpus_sentences
-
     sentences = corpus_sentences("everyday")[:24]
     (tmp_path / "s.txt").write_text("\n".join(sentences))
     code, stdout, _ = invoke(

@@ -21,6 +21,7 @@ from conftest import (
 from torch import nn
 
 from tnsurgery import surgery
+from tnsurgery.decompositions.svd import gram_svd
 from tnsurgery.errors import SpecError
 from tnsurgery.layers import LowRankConv2d, LowRankLinear
 from tnsurgery.spec import load_spec
@@ -646,3 +647,15 @@ def test_rank_multiple_survives_a_budget():
     ranks = [t.resolved["rank"] for t in p.replaced()]
     assert ranks and all(r % 8 == 0 for r in ranks)
     assert all("rank_asked" in t.resolved for t in p.replaced())
+
+
+def test_gram_svd_of_a_stack_equals_one_matrix_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 20, 12), (3, 12, 20)):  # tall and wide
+        stack = torch.randn(*shape, generator=g, dtype=torch.float64)
+        u, s, v = gram_svd(stack, 5)
+        for i, a in enumerate(stack):
+            ui, si, vi = gram_svd(a, 5)
+            torch.testing.assert_close(s[i], si)
+            # the same rank-5 approximation (singular vectors are defined up to sign)
+            torch.testing.assert_close((u[i] * s[i]) @ v[i].mT, (ui * si) @ vi.mT)

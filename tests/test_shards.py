@@ -8,8 +8,9 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import _TYPES, load_file, save_file  # _TYPES: safetensors' own names
 
+from tnsurgery.io.manifests import DTYPE_BYTES, TensorInfo
 from tnsurgery.io.shards import SAFETENSORS_DTYPES, ShardWriter
 
 
@@ -121,10 +122,6 @@ def test_empty_writer_writes_an_empty_file(tmp_path):
 
 
 def test_one_dtype_table_serves_the_writer_and_the_header_sizes():
-    from safetensors.torch import _TYPES  # safetensors' own names
-
-    from tnsurgery.io.manifests import DTYPE_BYTES, TensorInfo
-
     for dtype, tag in SAFETENSORS_DTYPES.items():
         assert _TYPES[tag] == dtype
         assert DTYPE_BYTES[tag] == dtype.itemsize

@@ -27,6 +27,7 @@ from tnsurgery.cli import cli
 from tnsurgery.compare import SampleInputError
 from tnsurgery.errors import ModelLoadError
 from tnsurgery.io.checkpoint import INDEX_NAME, Checkpoint
+from tnsurgery.streaming import memory
 
 transformers = pytest.importorskip("transformers")
 
@@ -457,8 +458,6 @@ def test_a_hub_cache_snapshot_streams_and_a_link_out_is_refused(llama_dir, tmp_p
 def test_large_allocations_are_mapped_during_the_run_and_the_threshold_set_after(
     llama_dir, tmp_path, monkeypatch
 ):
-    from tnsurgery.streaming import memory
-
     calls = []
 
     class FakeLibc:

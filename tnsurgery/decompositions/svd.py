@@ -52,12 +52,13 @@ def gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of the smaller Gram matrix (``A Aᵀ`` or ``Aᵀ A``), largest first.
 
     Returns ``(eigenvalues, eigenvectors)``: the squared singular values of
-    ``A`` and its left (if ``A`` is wide) or right (if tall) singular vectors.
+    ``A`` and its left (if ``A`` is wide) or right (if tall) singular vectors. A
+    stack of same-shaped matrices ``(..., m, n)`` is decomposed in one call.
     """
-    wide = a.shape[0] <= a.shape[1]
+    wide = a.shape[-2] <= a.shape[-1]
     g = a @ a.mT if wide else a.mT @ a
     evals, evecs = torch.linalg.eigh(g)
-    return evals.flip(0).clamp_min(0), evecs.flip(1)
+    return evals.flip(-1).clamp_min(0), evecs.flip(-1)
 
 
 def gram_svd(
@@ -70,14 +71,15 @@ def gram_svd(
     rank-``r`` approximation up to the accuracy of that subspace. The
     singular values are the norms of that product, not square roots of the
     eigenvalues, which keeps small ones accurate. Several times faster than
-    LAPACK's SVD on the sizes of neural-network layers.
+    LAPACK's SVD on the sizes of neural-network layers. A stack ``(..., m, n)`` gives
+    stacked factors.
     """
     evals, evecs = eig if eig is not None else gram_eigh(a)
-    basis = evecs[:, :rank]
-    wide = a.shape[0] <= a.shape[1]
+    basis = evecs[..., :rank]
+    wide = a.shape[-2] <= a.shape[-1]
     other = a.mT @ basis if wide else a @ basis  # (n, r) or (m, r): the other side, scaled by S
-    s = other.norm(dim=0)
-    other = other / s.clamp_min(torch.finfo(s.dtype).tiny)
+    s = other.norm(dim=-2)
+    other = other / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
     return (basis, s, other) if wide else (other, s, basis)
 
 
